@@ -1,0 +1,341 @@
+"""The one typed config: schema, YAML loading, layering and `--set` overrides.
+
+Layering, lowest first: built-in profile < `--config FILE.yaml` < `--set key=value`.
+The keys under `training` are Hugging Face `TrainingArguments` names and the keys
+under `lora` are PEFT `LoraConfig` names, as in the tuning guide. Keys set by the
+user (file or `--set`) are "pinned": the auto-tuner never moves them.
+
+This module must stay light: `probe.py` imports it, so no torch here.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from autotune.errors import AutotuneError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_MODEL = "HKUSTAudio/Llasa-1B"
+DEFAULT_CODEC = "HKUSTAudio/xcodec2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(DEFAULT_MODEL, description="Hub id or local folder of the Llasa base model; `tiny` builds the offline demo model.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model repository. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    load_in_4bit: bool = Field(False, description="Load the frozen base weights as bitsandbytes NF4 (QLoRA). Needs CUDA and bitsandbytes.")
+
+
+class DataSection(_Section):
+    codec: str = Field(DEFAULT_CODEC, description="XCodec2 hub id or local folder used to encode audio; `tiny` is the offline test codec.")
+    max_length: int = Field(2048, gt=8, description="Longest sample in tokens, prompt included. Longer samples are skipped and listed, never truncated.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share held out for validation when no validation set is given.")
+    split_seed: int = Field(42, description="Seed of the reproducible train/validation split.")
+    packing: bool = Field(False, description="Padding-free batches: pack samples into rows without cross-sample attention.")
+    max_errors_shown: int = Field(50, gt=0, description="Cap on malformed lines listed before stopping.")
+
+
+class TrainingSection(_Section):
+    """Hugging Face `TrainingArguments` keys plus the guide's early-stopping extras."""
+
+    per_device_train_batch_size: int = Field(1, gt=0, description="Micro-batch per GPU.")
+    per_device_eval_batch_size: int | None = Field(None, gt=0, description="Eval micro-batch; defaults to the training micro-batch.")
+    gradient_accumulation_steps: int = Field(8, gt=0, description="Micro-batches per optimizer step.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (Ampere and newer, compute capability >= 8.0).")
+    fp16: bool = Field(False, description="float16 mixed precision (Volta/Turing).")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, about a third slower.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor", "sgd"] = Field(
+        "adamw_torch", description="Optimizer name as in `TrainingArguments.optim`.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra schedule arguments, e.g. `{num_cycles: 2}` for cosine_with_restarts.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (L2 regularisation).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    num_train_epochs: float = Field(3.0, gt=0, description="Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to validate (the guide's `evaluation_strategy`).")
+    eval_steps: int = Field(50, gt=0, description="Validate every this many optimizer steps.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every this many optimizer steps.")
+    save_total_limit: int | None = Field(3, gt=0, description="Checkpoints kept on disk (the best is always kept).")
+    logging_steps: int = Field(10, gt=0, description="Log the loss every this many optimizer steps.")
+    logging_dir: str | None = Field(None, description="TensorBoard folder; defaults to `<output>/logs`.")
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers: `tensorboard` or `none`.")
+    load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint by `metric_for_best_model` at the end.")
+    metric_for_best_model: str = Field("eval_loss", description="Metric that picks the best checkpoint.")
+    greater_is_better: bool = Field(False, description="Whether a larger metric is better.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
+    dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster GPU copies.")
+    group_by_length: bool = Field(True, description="Batch samples of similar length together to reduce padding.")
+    seed: int = Field(42, description="Training seed.")
+    use_early_stopping: bool = Field(True, description="Stop when the metric stops improving (needs validation).")
+    early_stopping_patience: int = Field(5, gt=0, description="Evaluations without improvement before stopping.")
+    early_stopping_threshold: float = Field(0.001, ge=0, description="Smallest improvement that counts.")
+    lean_loss: bool = Field(True, description="Speech-only chunked cross-entropy that never holds full fp32 logits.")
+    nan_patience: int = Field(3, gt=0, description="Consecutive non-finite steps before rolling back to the last good checkpoint.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "TrainingSection":
+        if self.bf16 and self.fp16:
+            raise ValueError("`training.bf16` and `training.fp16` are both true: choose one")
+        return self
+
+
+class LoraSection(_Section):
+    """PEFT `LoraConfig` keys."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), description="Linear layers that get adapters.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one module, e.g. [q_proj, v_proj]")
+        return value
+
+
+class AutotuneSection(_Section):
+    memory_fraction: float = Field(0.9, gt=0, le=1, description="Planned peak must stay under this share of the GPU's memory.")
+    dry_run_steps: int = Field(2, gt=0, description="Optimizer steps per dry-run attempt (the first warms up).")
+    max_attempts: int = Field(12, gt=0, description="Upper bound on dry-run attempts.")
+    time_plans: bool = Field(True, description="When several plans fit, time them and keep the fastest.")
+    oom_retries: int = Field(2, ge=0, description="Mid-training out-of-memory recoveries before giving up.")
+    vram_limit_gib: float | None = Field(None, gt=0, description="Cap this process's GPU memory (GiB), as if the card were smaller.")
+
+
+class SamplesSection(_Section):
+    every_n_steps: int | None = Field(None, gt=0, description="Generate audio samples every N steps; default: at each evaluation.")
+    num_texts: int = Field(2, ge=0, description="Validation texts spoken at each sampling (0 turns samples off).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (Llasa's recommendation).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    repetition_penalty: float = Field(1.2, gt=0, description="Repetition penalty.")
+    max_new_tokens: int = Field(2048, gt=0, description="Longest generated speech, in tokens (50 per second).")
+    reference_audio: str | None = Field(None, description="Optional speaker prompt clip (voice cloning).")
+    reference_text: str | None = Field(None, description="Transcript of `reference_audio`.")
+
+
+class Config(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    autotune: AutotuneSection = Field(default_factory=AutotuneSection)
+    samples: SamplesSection = Field(default_factory=SamplesSection)
+    eval_data_dir: str | None = Field(None, description="Validation set (file or folder); overrides the automatic split.")
+
+    @property
+    def effective_batch_size_per_process(self) -> int:
+        return self.training.per_device_train_batch_size * self.training.gradient_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- layering ---
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`lora.r=16` -> ("lora.r", 16). The value parses as a YAML scalar or flow list."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise AutotuneError(f"`--set {item}` must look like `section.key=value`, for example `--set lora.r=16`")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise AutotuneError(f"`--set {item}`: the value is not valid YAML ({_first_line(exc)})") from None
+    # YAML 1.1 reads `5e-5` as a string; the guide writes rates that way.
+    if isinstance(value, str):
+        value = _maybe_float(value)
+    return key, value
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    """Read a user config with `yaml.safe_load` (never executes tags)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise AutotuneError(f"config file `{path}` does not exist: check the path given to `--config`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutotuneError(f"cannot read config file `{path}` ({_first_line(exc)}): pass a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise AutotuneError(f"`{path}` is not valid YAML: {_first_line(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise AutotuneError(f"`{path}` must hold a mapping of sections (`training:`, `lora:` ...), got a {type(data).__name__}")
+    return _floatify(data)
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """Leaf keys of a nested mapping, dotted (`training.bf16`)."""
+    keys: set[str] = set()
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not name.endswith("lr_scheduler_kwargs"):
+            keys |= dotted_keys(value, name + ".")
+        else:
+            keys.add(name)
+    return keys
+
+
+class Resolved(BaseModel):
+    """A validated config and which of its keys the user pinned."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    config: Config
+    pinned: set[str]
+    notes: list[str] = []
+
+
+def resolve_config(profile_values: dict[str, Any] | None = None,
+                   user_yaml: dict[str, Any] | None = None,
+                   sets: list[str] | None = None) -> Resolved:
+    """Layer profile < user YAML < `--set`, validate once, report every error together."""
+    notes: list[str] = []
+    user = _normalise_aliases(copy.deepcopy(user_yaml or {}), notes)
+    for item in sets or []:
+        key, value = parse_set(item)
+        if key == "training.evaluation_strategy":
+            key = "training.eval_strategy"
+            notes.append("`evaluation_strategy` is the old name of `eval_strategy`; it was read as `eval_strategy`.")
+        set_dotted(user, key, value)
+    merged = deep_merge(profile_values or {}, user)
+    config = validate(merged)
+    pinned = dotted_keys(user)
+    # Choosing one precision pins the other off, or the tuner could turn both on.
+    if "training.bf16" in pinned or "training.fp16" in pinned:
+        pinned |= {"training.bf16", "training.fp16"}
+    return Resolved(config=config, pinned=pinned, notes=notes)
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
+                            details=problems) from None
+
+
+def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    training = tree.get("training")
+    if isinstance(training, dict) and "evaluation_strategy" in training:
+        value = training.pop("evaluation_strategy")
+        training.setdefault("eval_strategy", value)
+        notes.append("`evaluation_strategy` is the old name of `eval_strategy`; it was read as `eval_strategy`.")
+    return tree
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    key = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        options = _field_names(err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), options, n=1, cutoff=0.6)
+        hint = f" (did you mean `{'.'.join(loc[:-1] + [close[0]])}`?)" if close else (
+            f" (allowed: {', '.join(options)})" if options else "")
+        return f"unknown key `{key}`{hint}"
+    value = err.get("input")
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    shown = "" if isinstance(value, dict) else f", got `{_short(value)}`"
+    return f"`{key}`: {message[0].lower() + message[1:]}{shown}"
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(" ".join(text[:3]).split()) if text else type(exc).__name__
+
+
+# YAML 1.1 wants a dot in a float (`5.0e-5`); people write `5e-5`.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _maybe_float(text: str) -> Any:
+    if not _EXPONENT_FLOAT.match(text.strip()):
+        return text
+    number = float(text)
+    return number if math.isfinite(number) else text
+
+
+def _floatify(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _floatify(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_floatify(v) for v in tree]
+    if isinstance(tree, str):
+        return _maybe_float(tree)
+    return tree
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
