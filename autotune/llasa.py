@@ -1,0 +1,200 @@
+"""Llasa's token layout and prompt, and the tiny offline stand-ins.
+
+Llasa = Llama-3 text vocabulary + 8 special tokens + 65,536 speech tokens
+`<|s_0|>`..`<|s_65535|>`. Ids are always read from the tokenizer; speech codes
+map to ids by offset from `<|s_0|>`, never by tokenizing 65k strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from autotune.errors import AutotuneError
+
+TINY = "tiny"
+NUM_SPEECH_TOKENS = 65536
+LLASA_SPECIALS = [
+    "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>",
+    "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>",
+    "<|SPEECH_GENERATION_START|>", "<|SPEECH_GENERATION_END|>",
+    "<|SPEECH_UNDERSTANDING_START|>", "<|SPEECH_UNDERSTANDING_END|>",
+]
+USER_PREFIX = "Convert the text to speech:"
+_MARK = "\u2063TEXT\u2063"  # invisible separator: never in a real transcript
+
+# Llama-3's chat template without the system-date preamble; HF trims after the
+# final message when `continue_final_message=True`.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def speech_token(code: int) -> str:
+    return f"<|s_{code}|>"
+
+
+@dataclass(frozen=True)
+class LlasaTokens:
+    """The ids the pipeline needs, read from a tokenizer."""
+
+    speech_offset: int          # id of <|s_0|>
+    speech_start: int           # <|SPEECH_GENERATION_START|>
+    speech_end: int             # <|SPEECH_GENERATION_END|>
+    text_start: int             # <|TEXT_UNDERSTANDING_START|>
+    text_end: int               # <|TEXT_UNDERSTANDING_END|>
+    pad: int
+
+    def code_to_id(self, code: int) -> int:
+        return self.speech_offset + code
+
+    def is_speech_id(self, token_id: int) -> bool:
+        return self.speech_offset <= token_id < self.speech_offset + NUM_SPEECH_TOKENS
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "LlasaTokens":
+        unk = getattr(tokenizer, "unk_token_id", None)
+        names = LLASA_SPECIALS + [speech_token(0), speech_token(NUM_SPEECH_TOKENS - 1)]
+        ids = {}
+        missing = []
+        for name in names:
+            token_id = tokenizer.convert_tokens_to_ids(name)
+            if token_id is None or (unk is not None and token_id == unk):
+                missing.append(name)
+            ids[name] = token_id
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise AutotuneError(f"the tokenizer lacks Llasa's tokens ({shown}): this is not a Llasa model; "
+                                "use `HKUSTAudio/Llasa-1B` (or -3B, -8B), a local copy of it, or `--model tiny`")
+        first, last = ids[speech_token(0)], ids[speech_token(NUM_SPEECH_TOKENS - 1)]
+        if last - first != NUM_SPEECH_TOKENS - 1:
+            raise AutotuneError(f"the tokenizer's speech tokens are not contiguous (<|s_0|>={first}, "
+                                f"<|s_65535|>={last}): codes cannot be mapped by offset; use an unmodified Llasa tokenizer")
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else ids["<|SPEECH_GENERATION_END|>"]
+        return cls(speech_offset=first, speech_start=ids["<|SPEECH_GENERATION_START|>"],
+                   speech_end=ids["<|SPEECH_GENERATION_END|>"], text_start=ids["<|TEXT_UNDERSTANDING_START|>"],
+                   text_end=ids["<|TEXT_UNDERSTANDING_END|>"], pad=pad)
+
+
+def chat_messages(text: str, reference_text: str | None = None, reference_ids: str = "") -> list[dict[str, str]]:
+    """Llasa's chat: user asks for speech, assistant starts with SPEECH_GENERATION_START.
+
+    With a reference clip (voice cloning) its transcript precedes the text and its
+    speech tokens follow SPEECH_GENERATION_START, as in Llasa's own inference code.
+    """
+    full = f"{reference_text} {text}" if reference_text else text
+    return [
+        {"role": "user", "content": f"{USER_PREFIX}<|TEXT_UNDERSTANDING_START|>{full}<|TEXT_UNDERSTANDING_END|>"},
+        {"role": "assistant", "content": f"<|SPEECH_GENERATION_START|>{reference_ids}"},
+    ]
+
+
+class PromptBuilder:
+    """Prompt ids for a transcript, from the tokenizer's chat template.
+
+    The template is rendered once around a marker; the transcript is tokenized on
+    its own between two special tokens, so `prefix + tokens(text) + suffix` equals
+    the full template's tokenization (a test checks this) at a fraction of the cost.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.tokens = LlasaTokens.from_tokenizer(tokenizer)
+        if getattr(tokenizer, "chat_template", None) is None:
+            tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+        rendered = tokenizer.apply_chat_template(chat_messages(_MARK), tokenize=False, continue_final_message=True)
+        before, _, after = rendered.partition(_MARK)
+        self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False)["input_ids"]
+        self.suffix_ids: list[int] = tokenizer(after, add_special_tokens=False)["input_ids"]
+
+    def text_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return self.prefix_ids + self.text_ids([text])[0] + self.suffix_ids
+
+    @property
+    def overhead(self) -> int:
+        return len(self.prefix_ids) + len(self.suffix_ids)
+
+
+# An upper bound on the template's tokens around the transcript for a Llama-3
+# tokenizer we cannot read (its system preamble with dates included).
+ESTIMATED_TEMPLATE_TOKENS = 64
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Conservative token count without the tokenizer: byte-level BPE never
+    produces more tokens than the text has UTF-8 bytes."""
+    return len(text.encode("utf-8"))
+
+
+# ------------------------------------------------------------ tiny model ---
+
+TINY_TEXT_VOCAB = 512  # bytes + chat specials + reserved fillers, like Llama-3's reserved range
+TINY_SEED = 0
+
+
+@lru_cache(maxsize=1)
+def build_tiny_tokenizer():
+    """An offline tokenizer with Llasa's layout: text vocabulary, then the 8
+    specials, then `<|s_0|>`..`<|s_65535|>`. Byte-level, so any UTF-8 text
+    (Japanese included) round-trips. It is a stand-in: it is not Llama-3's BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = list(bytes_to_unicode().values())
+    chat_specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                     "<|eot_id|>", "<|finetune_right_pad_id|>"]
+    text_tokens = byte_chars + chat_specials
+    text_tokens += [f"<|reserved_special_token_{i}|>" for i in range(TINY_TEXT_VOCAB - len(text_tokens))]
+    all_tokens = text_tokens + LLASA_SPECIALS + [speech_token(i) for i in range(NUM_SPEECH_TOKENS)]
+    vocab = {token: i for i, token in enumerate(all_tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>", name_or_path=TINY)
+    # Registered as special so the template's markers are never split into bytes.
+    tokenizer.add_special_tokens({"additional_special_tokens": chat_specials[2:4] + LLASA_SPECIALS})
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    tokenizer.model_max_length = 4096
+    return tokenizer
+
+
+def tiny_model_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    tok = build_tiny_tokenizer()
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5)
+
+
+def build_tiny_model(dtype=None):
+    """A tiny random Llama with Llasa's token layout, built from a fixed seed so an
+    adapter trained on it loads onto it again. It produces no meaningful speech."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = tiny_model_config(len(build_tiny_tokenizer()))
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.config.name_or_path = TINY
+    model.name_or_path = TINY
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
