@@ -1,0 +1,292 @@
+"""Tests of autotune.codec: real code on CPU, with the tiny random XCodec2 and synthetic audio."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from autotune.codec import (
+    CODEBOOK_SIZE,
+    DEFAULT_CODEC_ID,
+    TINY_CODEC,
+    Codec,
+    build_tiny_codec,
+    encode_files,
+    load_audio,
+    load_codec,
+    resample,
+    write_wav,
+)
+from autotune.errors import AutotuneError
+
+SR = 16_000
+
+
+def tone(seconds: float, sr: int = SR, freq: float = 440.0, seed: int = 0) -> np.ndarray:
+    """A sine with a little noise, so clips differ and the codec sees something speech-like in level."""
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    noise = np.random.default_rng(seed).standard_normal(n)
+    return (0.4 * np.sin(2 * np.pi * freq * t) + 0.02 * noise).astype(np.float32)
+
+
+def peak_frequency(wave: np.ndarray, sr: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
+    return float(np.argmax(spectrum) * sr / wave.size)
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    return build_tiny_codec()
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def test_tiny_codec_has_the_real_codecs_rates(codec: Codec) -> None:
+    assert codec.sampling_rate == 16_000
+    assert codec.codes_per_second == 50
+    assert codec.hop_length == 320
+    assert codec.codebook_size == CODEBOOK_SIZE == 65_536
+    assert codec.codec_id.startswith(f"{TINY_CODEC}-")
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(1.0, 50), (2.5, 125)])
+def test_encode_gives_50_codes_per_second_and_decode_320_samples_per_code(
+    codec: Codec, seconds: float, expected: int
+) -> None:
+    codes = codec.encode(tone(seconds))
+    assert len(codes) == expected
+    assert all(isinstance(c, int) and 0 <= c < 65_536 for c in codes)
+    # The tiny model is re-initialised so that frames spread over the codebook.
+    assert len(set(codes)) > expected // 4
+
+    audio = codec.decode(codes)
+    assert audio.dtype == np.float32
+    assert audio.shape == (expected * 320,)
+    assert np.isfinite(audio).all()
+    assert codec.decode(np.asarray(codes, dtype=np.int64)).shape == (expected * 320,)
+
+
+@pytest.mark.parametrize("num_samples", [319, 16_319, 12_345])
+def test_code_count_follows_the_models_rounding(codec: Codec, num_samples: int) -> None:
+    wave = tone(num_samples / SR)
+    assert wave.size == num_samples
+    assert len(codec.encode(wave)) == codec.num_codes(num_samples) == (num_samples + 1) // 320
+
+
+def test_codes_depend_on_the_audio(codec: Codec) -> None:
+    assert codec.encode(tone(1.0, freq=220.0, seed=1)) != codec.encode(tone(1.0, freq=3000.0, seed=2))
+
+
+def test_tiny_codec_is_deterministic_and_leaves_the_rng_alone(codec: Codec) -> None:
+    import torch
+
+    state = torch.get_rng_state()
+    again = build_tiny_codec()
+    assert torch.equal(state, torch.get_rng_state())
+    assert again.codec_id == codec.codec_id
+    wave = tone(1.0, seed=3)
+    assert again.encode(wave) == codec.encode(wave)
+    assert load_codec(TINY_CODEC).codec_id == codec.codec_id
+
+
+def test_too_short_audio_and_bad_codes_are_refused(codec: Codec) -> None:
+    with pytest.raises(AutotuneError, match="too short"):
+        codec.encode(np.zeros(100, dtype=np.float32))
+    with pytest.raises(ValueError, match="0..65535"):
+        codec.decode([0, 65_536])
+    with pytest.raises(ValueError, match="mono"):
+        codec.encode(np.zeros((2, 16_000), dtype=np.float32))
+    assert codec.decode([]).shape == (0,)
+
+
+def test_features_match_transformers_extractor(codec: Codec) -> None:
+    """Our torchaudio-free port against transformers' own extractor, where torchaudio is installed."""
+    pytest.importorskip("torchaudio")
+    from autotune.codec import _featurize
+
+    wave = tone(1.3)
+    reference = codec.feature_extractor(wave, sampling_rate=SR, return_tensors="pt")
+    ours = _featurize(wave, codec.feature_extractor, codec.device)
+    for name, value in reference.items():
+        assert ours[name].shape == value.shape, name
+        assert np.allclose(ours[name].float().numpy(), value.float().numpy(), atol=1e-4), name
+
+
+# --------------------------------------------------------------------------- load_codec
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub reads the variable once at import, so patch its constant as well.
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_load_codec_from_a_saved_folder(codec: Codec, tmp_path: Path, offline: None) -> None:
+    folder = tmp_path / "xcodec2"
+    codec.model.save_pretrained(folder)
+    codec.feature_extractor.save_pretrained(folder)
+    loaded = load_codec(str(folder))
+    assert loaded.codec_id != codec.codec_id
+    wave = tone(1.0, seed=4)
+    assert loaded.encode(wave) == codec.encode(wave)
+
+
+def test_load_codec_missing_folder_says_what_to_do(tmp_path: Path, offline: None) -> None:
+    missing = tmp_path / "no-such-codec"
+    with pytest.raises(AutotuneError) as info:
+        load_codec(str(missing))
+    message = info.value.one_line()
+    assert f"could not load the codec `{missing}`" in message
+    assert "no such folder" in message
+    assert "--codec tiny" in message
+
+
+def test_load_codec_empty_folder_and_unknown_hub_id(tmp_path: Path, offline: None) -> None:
+    with pytest.raises(AutotuneError, match="could not load the codec .*config.json.*--codec tiny"):
+        load_codec(str(tmp_path))
+    with pytest.raises(AutotuneError) as info:
+        load_codec("no-such-org/no-such-codec")
+    assert "could not load the codec `no-such-org/no-such-codec` (" in str(info.value)
+    assert "--codec PATH" in str(info.value)
+    assert DEFAULT_CODEC_ID == "HKUSTAudio/xcodec2-hf"
+
+
+# --------------------------------------------------------------------------- audio I/O
+
+
+def test_load_audio_mixes_stereo_to_mono_and_resamples(tmp_path: Path) -> None:
+    sr = 22_050
+    left = tone(1.0, sr=sr, freq=440.0)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, sr, subtype="FLOAT")
+
+    wave = load_audio(path)
+    assert wave.dtype == np.float32
+    assert wave.ndim == 1
+    assert wave.size == round(left.size * SR / sr)
+    assert abs(peak_frequency(wave, SR) - 440.0) < 2.0
+    # Averaging a tone with silence halves it: 0.4 -> 0.2 amplitude.
+    assert 0.18 < np.abs(wave[2000:-2000]).max() < 0.23
+
+
+@pytest.mark.parametrize(("sr", "freq"), [(8_000, 1_000.0), (22_050, 440.0), (44_100, 3_000.0), (48_000, 5_000.0)])
+def test_resample_keeps_frequency_amplitude_and_length(sr: int, freq: float) -> None:
+    n = int(2.5 * sr) + 7
+    x = np.sin(2 * np.pi * freq * np.arange(n) / sr).astype(np.float32)
+    y = resample(x, sr, SR)
+    assert y.size == round(n * SR / sr)
+    assert abs(peak_frequency(y, SR) - freq) < 2.0
+    expected = np.sin(2 * np.pi * freq * np.arange(y.size) / SR)
+    inner = slice(800, y.size - 800)  # away from the zero-padded ends
+    assert np.abs(y[inner] - expected[inner]).max() < 1e-3
+
+
+def test_resample_removes_what_16khz_cannot_hold() -> None:
+    sr = 44_100
+    x = np.sin(2 * np.pi * 10_000.0 * np.arange(2 * sr) / sr).astype(np.float32)
+    y = resample(x, sr, SR)
+    # A 10 kHz tone would alias to 6 kHz at full strength (rms 0.707) without the low-pass.
+    assert np.sqrt(np.mean(y[800:-800] ** 2)) < 1e-3
+    assert np.array_equal(resample(x, sr, sr), x)
+
+
+def test_write_wav_is_16_bit_mono_and_round_trips(tmp_path: Path) -> None:
+    wave = tone(0.5)
+    wave[0] = 3.0  # out of range: clipped, not wrapped
+    path = tmp_path / "sub" / "out.wav"
+    write_wav(path, wave)
+    info = sf.info(path)
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (SR, 1, "PCM_16", wave.size)
+    back = load_audio(path)
+    assert back[0] == pytest.approx(1.0, abs=1e-4)
+    assert np.abs(back[1:] - wave[1:]).max() < 1e-4
+
+
+def test_load_audio_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(AutotuneError, match=f"^{missing}: audio file is missing$"):
+        load_audio(missing)
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not audio at all" * 40)
+    with pytest.raises(AutotuneError, match=f"^{garbage}: cannot read audio \\(.+\\)$"):
+        load_audio(garbage)
+
+
+# --------------------------------------------------------------------------- encode_files
+
+
+def _write_clips(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    one, long = folder / "one.wav", folder / "long.flac"
+    sf.write(one, tone(1.0, seed=5), SR)
+    sf.write(long, tone(2.5, seed=6), SR)
+    stereo = folder / "stereo22k.wav"
+    left = tone(1.0, sr=22_050, seed=7)
+    sf.write(stereo, np.stack([left, 0.5 * left], axis=1), 22_050)
+    return [one, long, stereo]
+
+
+def test_encode_files_caches_and_reencodes_changed_files(codec: Codec, tmp_path: Path) -> None:
+    paths = _write_clips(tmp_path / "audio")
+    cache = tmp_path / "cache"
+
+    first = encode_files(paths, codec, cache, progress=True)
+    assert (first.encoded, first.from_cache) == (3, 0)
+    assert [len(first[p]) for p in paths] == [50, 125, 50]
+    assert all(0 <= c < 65_536 for codes in first.values() for c in codes)
+    entries = sorted(cache.glob("*.json"))
+    assert len(entries) == 3
+    assert not [p for p in cache.iterdir() if p.suffix != ".json"]  # no temporary files left
+    payload = json.loads(entries[0].read_text())
+    assert payload["codec_id"] == codec.codec_id
+
+    second = encode_files(paths, codec, cache, progress=False)
+    assert (second.encoded, second.from_cache) == (0, 3)
+    assert dict(second) == dict(first)
+
+    sf.write(paths[0], tone(1.0, freq=900.0, seed=8), SR)
+    third = encode_files(paths, codec, cache, progress=False)
+    assert (third.encoded, third.from_cache) == (1, 2)
+    assert third[paths[0]] != first[paths[0]]
+    assert third[paths[1]] == first[paths[1]]
+
+
+def test_encode_files_reports_every_bad_file_at_once(codec: Codec, tmp_path: Path) -> None:
+    good = _write_clips(tmp_path / "audio")[0]
+    missing = tmp_path / "audio" / "missing.wav"
+    garbage = tmp_path / "audio" / "garbage.wav"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    cache = tmp_path / "cache"
+
+    with pytest.raises(AutotuneError) as info:
+        encode_files([missing, good, garbage], codec, cache, progress=False)
+    error = info.value
+    assert str(error).startswith("2 of 3 audio files could not be encoded")
+    assert error.details[0] == f"{missing}: audio file is missing"
+    assert error.details[1].startswith(f"{garbage}: cannot read audio (")
+    assert len(error.details) == 2
+
+    # The good file was cached before the error was raised.
+    again = encode_files([good], codec, cache, progress=False)
+    assert (again.encoded, again.from_cache) == (0, 1)
+
+
+def test_a_corrupt_cache_entry_is_encoded_again(codec: Codec, tmp_path: Path) -> None:
+    path = _write_clips(tmp_path / "audio")[0]
+    cache = tmp_path / "cache"
+    encode_files([path], codec, cache, progress=False)
+    (entry,) = cache.glob("*.json")
+    entry.write_text("{not json")
+    again = encode_files([path], codec, cache, progress=False)
+    assert (again.encoded, again.from_cache) == (1, 0)
+    assert len(again[path]) == 50
