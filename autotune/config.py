@@ -24,7 +24,7 @@ from autotune.errors import AutotuneError
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_MODEL = "HKUSTAudio/Llasa-1B"
-DEFAULT_CODEC = "HKUSTAudio/xcodec2"
+DEFAULT_CODEC = "HKUSTAudio/xcodec2-hf"  # transformers-format XCodec2
 
 
 class _Section(BaseModel):
@@ -91,6 +91,12 @@ class TrainingSection(_Section):
     @classmethod
     def _listify(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false; `TrainingArguments` spells it "no".
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _one_precision(self) -> "TrainingSection":
@@ -251,6 +257,7 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
             key = "training.eval_strategy"
             notes.append("`evaluation_strategy` is the old name of `eval_strategy`; it was read as `eval_strategy`.")
         set_dotted(user, key, value)
+    _precision_choice_turns_other_off(user)
     merged = deep_merge(profile_values or {}, user)
     config = validate(merged)
     pinned = dotted_keys(user)
@@ -278,12 +285,27 @@ def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]
     return tree
 
 
+def _precision_choice_turns_other_off(user: dict[str, Any]) -> None:
+    # `fp16: true` alone must not collide with a profile's `bf16: true` (or the reverse).
+    training = user.get("training")
+    if isinstance(training, dict):
+        for chosen, other in (("bf16", "fp16"), ("fp16", "bf16")):
+            if training.get(chosen) is True and other not in training:
+                training[other] = False
+
+
+# Names people use for a field (PEFT's docs say "rank"); typos of these get a hint too.
+_COMMON_NAMES = {("lora",): {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}}
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
     key = ".".join(loc) or "config"
     if err["type"] == "extra_forbidden":
         options = _field_names(err["loc"][:-1])
-        close = difflib.get_close_matches(str(err["loc"][-1]), options, n=1, cutoff=0.6)
+        common = {k: v for k, v in _COMMON_NAMES.get(tuple(loc[:-1]), {}).items() if v in options}
+        close = difflib.get_close_matches(str(err["loc"][-1]), options + list(common), n=1, cutoff=0.6)
+        close = [common.get(name, name) for name in close]
         hint = f" (did you mean `{'.'.join(loc[:-1] + [close[0]])}`?)" if close else (
             f" (allowed: {', '.join(options)})" if options else "")
         return f"unknown key `{key}`{hint}"

@@ -347,7 +347,7 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
 
         codec = codec_loader()
         encoded = encode_files([s.audio for s in need_audio], codec, cache_dir, progress=progress)
-        codes_by_path, report.encoded, report.from_cache = encoded.codes, encoded.encoded, encoded.from_cache
+        codes_by_path, report.encoded, report.from_cache = encoded, encoded.encoded, encoded.from_cache
         for s in need_audio:
             s.codes = np.asarray(codes_by_path[s.audio], dtype=np.int32)
 

@@ -107,10 +107,14 @@ def apply_lora(model, *, r: int, lora_alpha: int, lora_dropout: float, target_mo
 def set_gradient_checkpointing(model, enabled: bool) -> None:
     if enabled:
         model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(base, "is_gradient_checkpointing", False):
+        name = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        if getattr(base, name, False):
             base.gradient_checkpointing_disable()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.use_cache = False

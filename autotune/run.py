@@ -1,0 +1,546 @@
+"""The driver of `train.py`, top to bottom:
+
+    check_output_dir -> probe_and_recommend -> load_data -> first_screen
+    -> dry_run (with --auto) -> train -> finish
+
+Each step is a named function here; the work lives in the modules they call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from autotune.config import Config, dump_yaml, load_yaml_file
+from autotune.errors import AutotuneError
+
+# PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
+# offline and its warning only confuses.
+warnings.filterwarnings("ignore", message="Unable to fetch remote file")
+warnings.filterwarnings("ignore", message="Could not find a config file in")
+# transformers 5 renamed gradient -> activation checkpointing; PEFT still calls the old names.
+warnings.filterwarnings("ignore", message=".*checkpointing.* is deprecated and will be removed in v6", category=FutureWarning)
+
+RUN_MARKER = "run_config.yaml"   # what makes a folder "a run"
+CHECKPOINT_HEADROOM_BYTES = 512 * 1024 ** 2
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    console: Console
+    output_dir: Path
+    is_main: bool = True
+    processes: int = 1
+    local_rank: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------- the driver ---
+
+def run(args: argparse.Namespace) -> int:
+    ctx = make_context(args)
+    if args.sweep:
+        from autotune.sweep import run_sweep
+
+        return run_sweep(ctx)
+    if not args.check_data:
+        check_output_dir(ctx)
+    rec = probe_and_recommend(ctx)
+    config = rec.config
+    tokenizer, builder = load_tokenizer_for_data(ctx, config)
+    data = load_data(ctx, config, builder)
+    if args.check_data:
+        return report_data(ctx, data)
+    first_screen(ctx, rec, data)
+    from autotune.dryrun import Plan
+
+    plan = Plan.from_config(config, ctx.processes)
+    dry = None
+    if args.auto or args.dry_run:
+        dry = dry_run(ctx, rec, data, builder, plan)
+        plan = dry.plan
+    if args.dry_run:
+        return 0
+    return train(ctx, rec, plan, dry, data, tokenizer, builder)
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    quiet = args.json
+    console = Console(stderr=quiet, quiet=rank != 0)
+    output = Path(args.output_dir) if args.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Context(args, console, output, is_main=rank == 0, processes=processes,
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ---------------------------------------------------------- output folder ---
+
+def check_output_dir(ctx: Context) -> None:
+    """Before any model loads: writable, room for a checkpoint, not someone else's run."""
+    out, args = ctx.output_dir, ctx.args
+    if out.exists() and not out.is_dir():
+        raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
+    existing = out.is_dir() and any(out.iterdir())
+    if existing and not (args.resume or args.overwrite or args.dry_run):
+        what = "a run" if (out / RUN_MARKER).exists() else "files"
+        raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue it, `--overwrite` to replace it, "
+                            "or choose another `--output-dir`")
+    if args.resume and args.resume == "latest" and not (out / RUN_MARKER).exists():
+        raise AutotuneError(f"`--resume`: `{out}` holds no run to resume; pass the run's `--output-dir` or a checkpoint path")
+    if existing and args.overwrite and ctx.is_main and not args.resume:
+        if not (out / RUN_MARKER).exists() and any(p.suffix in (".wav", ".jsonl", ".csv") for p in out.rglob("*")):
+            raise AutotuneError(f"`{out}` looks like data, not a run: refusing to overwrite it; choose another `--output-dir`")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write-test"
+        probe_file.write_text("ok")
+        probe_file.unlink()
+    except OSError as exc:
+        raise AutotuneError(f"cannot write to `{out}` ({exc.strerror or exc}): choose a writable `--output-dir`") from None
+    free = shutil.disk_usage(out).free
+    if free < CHECKPOINT_HEADROOM_BYTES:
+        raise AutotuneError(f"only {free / 2**20:.0f} MiB free under `{out}`: a checkpoint needs at least "
+                            f"{CHECKPOINT_HEADROOM_BYTES / 2**20:.0f} MiB; free space or choose another `--output-dir`")
+
+
+# ------------------------------------------------------ probe and config ---
+
+def cli_sets(args: argparse.Namespace) -> list[str]:
+    """Flags that are shorthands for config keys; they pin like `--set`."""
+    sets = []
+    if args.model:
+        sets.append(f"model.name_or_path={json.dumps(args.model)}")
+    if args.codec:
+        sets.append(f"data.codec={json.dumps(args.codec)}")
+    if args.trust_remote_code:
+        sets.append("model.trust_remote_code=true")
+    if args.val:
+        sets.append(f"eval_data_dir={json.dumps(args.val)}")
+    if args.vram_limit is not None:
+        sets.append(f"autotune.vram_limit_gib={args.vram_limit}")
+    return sets + list(args.sets)
+
+
+def probe_and_recommend(ctx: Context):
+    from autotune.hardware import probe
+    from autotune.profiles import recommend
+
+    result = probe()
+    gpus = result.gpus
+    if gpus:
+        gpus = _gpus_this_run_uses(ctx, gpus)
+    user_yaml = load_yaml_file(ctx.args.config) if ctx.args.config else None
+    rec = recommend(gpus, user_yaml=user_yaml, sets=cli_sets(ctx.args))
+    rec.warnings = list(result.warnings) + rec.warnings
+    if not gpus and result.reason:
+        rec.reasons.insert(0, f"no GPU: {result.reason}")
+    vram_limit = rec.config.autotune.vram_limit_gib
+    if vram_limit is not None and not gpus:
+        rec.warnings.append("`--vram-limit` has no effect without a GPU")
+    return rec
+
+
+def _gpus_this_run_uses(ctx: Context, gpus):
+    """One process per GPU under DDP; a single process uses the first visible GPU."""
+    if ctx.processes > 1:
+        return gpus[: ctx.processes]
+    return gpus[:1]
+
+
+# ------------------------------------------------------------------- data ---
+
+def load_tokenizer_for_data(ctx: Context, config: Config):
+    """The model's tokenizer (needed to count prompt tokens exactly). For
+    `--check-data` a tokenizer that is not on disk is no error: lengths are then
+    estimated conservatively."""
+    from autotune.llasa import PromptBuilder
+    from autotune.model import load_tokenizer
+
+    name = config.model.name_or_path
+    try:
+        tokenizer = load_tokenizer(name, trust_remote_code=config.model.trust_remote_code,
+                                   local_only=ctx.args.check_data)
+    except AutotuneError:
+        if not ctx.args.check_data:
+            raise
+        ctx.notes.append(f"the tokenizer of `{name}` is not available locally: prompt lengths are conservative "
+                         "estimates (UTF-8 bytes + 64 template tokens)")
+        return None, None
+    return tokenizer, PromptBuilder(tokenizer)
+
+
+def codec_cache_dir(ctx: Context) -> Path:
+    # Next to the runs, not inside the user's data folder, shared by every run.
+    return ctx.output_dir.parent / ".codec-cache"
+
+
+def load_data(ctx: Context, config: Config, builder):
+    from autotune.data import load_dataset
+
+    def codec_loader():
+        from autotune.codec import load_codec
+
+        return load_codec(config.data.codec, device="cuda" if _cuda() else "cpu")
+
+    return load_dataset(ctx.args.data, max_length=config.data.max_length, val_fraction=config.data.val_fraction,
+                        split_seed=config.data.split_seed, eval_data=config.eval_data_dir, prompt_builder=builder,
+                        codec_loader=codec_loader, cache_dir=codec_cache_dir(ctx),
+                        max_errors_shown=config.data.max_errors_shown, progress=ctx.is_main and not ctx.args.json)
+
+
+def report_data(ctx: Context, data) -> int:
+    summary = data.summary()
+    if ctx.args.json:
+        print(json.dumps(summary, ensure_ascii=False, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="Data", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("layout", summary["layout"])
+    table.add_row("samples", f"{summary['train_samples']} train, {summary['val_samples']} validation ({summary['val_source']})")
+    table.add_row("audio", f"{summary['audio_seconds'] / 3600:.2f} h ({summary['audio_seconds']:.0f} s)")
+    p = summary["token_percentiles"]
+    table.add_row("tokens", f"p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {summary['max_tokens']}"
+                  + ("" if summary["token_count_exact"] else " (estimated)"))
+    if summary["longest"]:
+        table.add_row("longest", f"{summary['longest']['source']} ({summary['longest']['tokens']} tokens)")
+    table.add_row("skipped", str(len(summary["skipped"])))
+    ctx.console.print(table)
+    for item in summary["skipped"][:20]:
+        ctx.console.print(f"  skipped {item['source']}: {item['reason']}")
+    for note in ctx.notes:
+        ctx.console.print(f"[yellow]! {note}[/yellow]")
+    return 0
+
+
+# ------------------------------------------------------------ first screen ---
+
+def first_screen(ctx: Context, rec, data) -> None:
+    from autotune.probe_report import gpu_table, settings_table
+
+    c = ctx.console
+    if rec.gpus:
+        c.print(gpu_table(rec.gpus))
+    else:
+        c.print("[bold]No GPU[/bold]: training on the CPU (fine for `--model tiny`, far too slow for Llasa)")
+    c.print(settings_table(rec, "Plan from the profile" + (" (the dry run may change it)" if ctx.args.auto else "")))
+    for reason in rec.reasons:
+        c.print(f"  - {reason}")
+    for warning in rec.warnings + ctx.notes:
+        c.print(f"  [yellow]! {warning}[/yellow]")
+    s = data.summary()
+    c.print(f"data: {s['train_samples']} train / {s['val_samples']} validation samples, "
+            f"{s['audio_seconds'] / 60:.1f} min of audio, longest {s['max_tokens']} tokens, {len(s['skipped'])} skipped")
+    if rec.config.model.name_or_path == "tiny":
+        c.print("[yellow]--model tiny: a tiny random model for the offline demo; it produces no meaningful speech[/yellow]")
+
+
+# ---------------------------------------------------------------- dry run ---
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_for(ctx: Context) -> str:
+    return f"cuda:{ctx.local_rank}" if _cuda() else "cpu"
+
+
+def apply_vram_limit(config: Config, device: str, fraction_of_limit: float = 1.0) -> int | None:
+    """Cap the process's share of the GPU; returns the cap in bytes (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    limit = config.autotune.vram_limit_gib
+    cap = min(total, int(limit * 2**30)) if limit else total
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap * fraction_of_limit / total), index)
+    return int(cap * fraction_of_limit)
+
+
+def dry_run(ctx: Context, rec, data, builder, start):
+    from autotune.data import LlasaCollator, build_examples
+    from autotune.dryrun import RealMeasure, search
+    from autotune.model import load_base_model
+    from autotune.profiles import bitsandbytes_installed
+
+    config = rec.config
+    device = device_for(ctx)
+    budget = apply_vram_limit(config, device, config.autotune.memory_fraction)
+    examples = build_examples(data.train, builder)
+    collator = LlasaCollator(builder.tokens.pad)
+
+    def load_base(precision: str, four_bit: bool):
+        return load_base_model(config.model.name_or_path, precision=precision,
+                               attn_implementation=config.model.attn_implementation,
+                               trust_remote_code=config.model.trust_remote_code, load_in_4bit=four_bit, device=device)
+
+    measure = RealMeasure(load_base=load_base, examples=examples, collator=collator, device=device,
+                          steps=config.autotune.dry_run_steps, learning_rate=config.training.learning_rate,
+                          lora_dropout=config.lora.lora_dropout)
+    cuda = device.startswith("cuda")
+    ctx.console.print(f"[bold]Dry run[/bold] on {device}: longest batch "
+                      f"{max(len(e['input_ids']) for e in examples)} tokens per row"
+                      + (f", budget {budget / 2**30:.1f} GiB ({config.autotune.memory_fraction:.0%})" if budget else ""))
+
+    def log(attempt):
+        mark = "[green]fits[/green]" if attempt.ok else "[red]no[/red]"
+        peak = f"{attempt.peak_bytes / 2**30:.2f} GiB" if attempt.peak_bytes else "-"
+        tps = f"{attempt.tokens_per_second:,.0f} tok/s" if attempt.tokens_per_second else ""
+        ctx.console.print(f"  {mark} {attempt.plan.label()}  peak {peak} {tps}  ({attempt.why})"
+                          + (f": {attempt.error}" if attempt.error else ""))
+
+    result = search(start, measure, pinned=rec.resolved.pinned, max_attempts=config.autotune.max_attempts,
+                    time_plans=config.autotune.time_plans and cuda,
+                    ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed()},
+                    budget_bytes=budget, log=log)
+    del measure
+    from autotune.dryrun import free_cuda_memory
+
+    free_cuda_memory()
+    if cuda:
+        apply_vram_limit(config, device, 1.0)  # training gets the whole (limited) card back
+    record = result.to_dict()
+    record["device"] = device
+    if ctx.args.json:
+        print(json.dumps(record, indent=2))
+    show_attempts(ctx, result)
+    if ctx.is_main and not ctx.args.check_data:
+        from autotune.trainer import write_json
+
+        write_json(ctx.output_dir / "autotune.json", record)
+    return result
+
+
+def show_attempts(ctx: Context, result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Dry run: {len(result.attempts)} attempts in {result.seconds:.1f} s", title_justify="left")
+    for column in ("#", "plan", "why", "fits", "peak GiB", "tokens/s", "error"):
+        table.add_column(column)
+    for i, a in enumerate(result.attempts, 1):
+        table.add_row(str(i), a.plan.label(), a.why, "yes" if a.ok else "no",
+                      f"{a.peak_bytes / 2**30:.2f}" if a.peak_bytes else "-",
+                      f"{a.tokens_per_second:,.0f}" if a.tokens_per_second else "-", a.error or "")
+    ctx.console.print(table)
+    ctx.console.print(f"chosen: {result.reason}")
+
+
+# ------------------------------------------------------------------ train ---
+
+def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
+    from autotune import trainer as T
+    from autotune.data import LlasaCollator, build_examples, split_record
+
+    config = plan.apply(rec.config)
+    out = ctx.output_dir
+    if ctx.is_main:
+        (out / RUN_MARKER).write_text(dump_yaml(config), encoding="utf-8")
+        T.write_json(out / "split.json", split_record(data))
+    if data.skipped:
+        ctx.console.print(f"[yellow]skipped {len(data.skipped)} samples longer than {config.data.max_length} tokens "
+                          "(listed in split.json)[/yellow]")
+    kept = [s for s in data.train if s.num_tokens <= config.data.max_length]
+    train_set = T.ExampleDataset(build_examples(kept, builder))
+    val_set = T.ExampleDataset(build_examples(data.val, builder)) if data.val else None
+    collator = LlasaCollator(builder.tokens.pad)
+
+    resume_from = resolve_resume(ctx)
+    recoveries: list[dict[str, Any]] = []
+    started = time.time()
+    device = device_for(ctx)
+    apply_vram_limit(config, device)
+    while True:
+        outcome = _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resume_from, device,
+                              val_texts=[s.text for s in data.val])
+        if outcome.oom_error is None:
+            break
+        # Out of memory mid-training: next rung, same effective batch, from the newest checkpoint.
+        from autotune.dryrun import free_cuda_memory, next_rung
+
+        free_cuda_memory()
+        step = next_rung(plan, rec.resolved.pinned, {"cuda": True})
+        if step is None or len(recoveries) >= config.autotune.oom_retries:
+            raise AutotuneError(f"out of memory during training ({outcome.oom_error}) and no recovery is left "
+                                f"after {len(recoveries)} retries: lower `training.per_device_train_batch_size` or use "
+                                "`--auto`; checkpoints so far are kept in the output folder")
+        why, plan = step
+        config = plan.apply(config)
+        resume_from = T.newest_checkpoint(out)
+        recoveries.append({"error": outcome.oom_error, "rung": why, "plan": plan.to_dict(),
+                           "resumed_from": str(resume_from) if resume_from else None})
+        ctx.console.print(f"[yellow]out of memory during training: retrying with {why} ({plan.label()}), "
+                          f"from {resume_from or 'the start'}[/yellow]")
+    return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer)
+
+
+@dataclass
+class Outcome:
+    trainer: Any = None
+    throughput: Any = None
+    early: Any = None
+    oom_error: str | None = None
+    interrupted: bool = False
+
+
+def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resume_from, device,
+                val_texts: list[str]) -> Outcome:
+    from autotune import trainer as T
+    from autotune.dryrun import is_oom
+    from autotune.model import apply_lora, load_base_model
+
+    precision = plan.precision
+    base = load_base_model(config.model.name_or_path, precision=precision,
+                           attn_implementation=config.model.attn_implementation,
+                           trust_remote_code=config.model.trust_remote_code, load_in_4bit=plan.load_in_4bit, device=device)
+    model = apply_lora(base, r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.lora_dropout,
+                       target_modules=config.lora.target_modules, bias=config.lora.bias,
+                       gradient_checkpointing=config.training.gradient_checkpointing, quantized=plan.load_in_4bit)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(T.tensorboard_dir(config, ctx.output_dir))
+    args = T.training_arguments(config, ctx.output_dir, has_eval=val_set is not None and len(val_set) > 0,
+                                use_cpu=not device.startswith("cuda"), notes=ctx.notes)
+    trainer = T.LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                             data_collator=collator, callbacks=T.callbacks_for(config, args.eval_strategy != "no"),
+                             lean_loss=config.training.lean_loss)
+    throughput = T.ThroughputCallback(trainer, ctx.processes)
+    early = T.EarlyStopRecorder()
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar shows the same, on one line
+    trainer.add_callback(throughput)
+    trainer.add_callback(early)
+    trainer.add_callback(T.RichProgressCallback(ctx.console))
+    from autotune.samples import maybe_add_sample_callback
+
+    maybe_add_sample_callback(trainer, config, ctx.output_dir, tokenizer, val_texts, ctx.console)
+    if resume_from:
+        ctx.console.print(f"resuming from [bold]{resume_from}[/bold] (optimizer, scheduler, RNG and data position restored)")
+    error = None
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        error = " ".join(str(exc).split())[:200]
+    if error is not None:
+        # Outside the handler, so the failed step's tensors can be freed.
+        for cb in list(trainer.callback_handler.callbacks):
+            if isinstance(cb, T.RichProgressCallback) and cb.progress is not None:
+                cb.progress.stop()
+        del trainer, model, base
+        return Outcome(oom_error=error)
+    return Outcome(trainer, throughput, early)
+
+
+def resolve_resume(ctx: Context) -> Path | None:
+    from autotune.trainer import newest_checkpoint
+
+    arg = ctx.args.resume
+    if not arg:
+        return None
+    if arg == "latest":
+        found = newest_checkpoint(ctx.output_dir)
+        if found is None:
+            ctx.console.print(f"[yellow]--resume: no complete checkpoint in {ctx.output_dir}; starting from step 0[/yellow]")
+        return found
+    path = Path(arg)
+    if not (path / "trainer_state.json").is_file():
+        raise AutotuneError(f"`--resume {arg}` is not a complete checkpoint (no trainer_state.json): "
+                            f"pass a `checkpoint-N` folder, or `--resume` alone for the newest in `{ctx.output_dir}`")
+    return path
+
+
+# ----------------------------------------------------------------- finish ---
+
+def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, tokenizer) -> int:
+    from autotune import trainer as T
+
+    trainer = outcome.trainer
+    history = trainer.state.log_history
+    out = ctx.output_dir
+    findings = T.diagnose(history, config)
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    peak = None
+    import torch
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    summary = {
+        "profile": {"name": rec.profile.name, "title": rec.profile.title},
+        "gpus": [g.to_dict() for g in rec.gpus],
+        "plan": plan.to_dict(),
+        "dry_run": dry.to_dict() if dry else None,
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "best_eval_loss": trainer.state.best_metric,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "stopped_early_at": outcome.early.stopped_early_at,
+        "tokens_per_second": outcome.throughput.overall(),
+        "peak_gpu_bytes": peak,
+        "wall_seconds": round(wall_seconds, 2),
+        "oom_recoveries": recoveries,
+        "diagnosis": [f.to_dict() for f in findings],
+        "notes": ctx.notes,
+    }
+    if ctx.is_main:
+        trainer.model.save_pretrained(str(out))  # adapter_model.safetensors + adapter_config.json
+        (out / "resolved_config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+        summary["loss_plot"] = "loss.png" if T.plot_losses(history, out / "loss.png") else None
+        if ctx.args.merge:
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(str(out / "merged"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out / "merged"))
+            summary["merged"] = "merged"
+        T.write_json(out / "run_summary.json", summary)
+    final_table(ctx, summary, findings)
+    return 0
+
+
+def final_table(ctx: Context, summary: dict[str, Any], findings) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    def fmt(value, spec=".4f"):
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title="Run summary", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("output", str(ctx.output_dir))
+    table.add_row("steps", f"{summary['steps']} of {summary['max_steps']}"
+                  + (f" (early stop at {summary['stopped_early_at']})" if summary["stopped_early_at"] else ""))
+    table.add_row("final train loss", fmt(summary["final_train_loss"]))
+    table.add_row("final eval loss", fmt(summary["final_eval_loss"]))
+    table.add_row("best eval loss", fmt(summary["best_eval_loss"]))
+    table.add_row("tokens/s", fmt(summary["tokens_per_second"], ",.0f"))
+    table.add_row("peak GPU memory", "-" if summary["peak_gpu_bytes"] is None else f"{summary['peak_gpu_bytes'] / 2**30:.2f} GiB")
+    table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+    table.add_row("plan", f"batch {summary['plan']['per_device_train_batch_size']} x "
+                  f"{summary['plan']['gradient_accumulation_steps']} = {summary['plan']['effective_batch_size']} effective")
+    ctx.console.print(table)
+    for f in findings:
+        ctx.console.print(f"[yellow]{f.kind}[/yellow]: {escape(f.message)}\n  try: {escape(' '.join(f.remedies))}")
+    ctx.console.print(f"adapter: {ctx.output_dir}/adapter_model.safetensors  "
+                      f"(PeftModel.from_pretrained(base, '{ctx.output_dir}'))")

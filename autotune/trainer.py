@@ -1,0 +1,339 @@
+"""HF Trainer assembly: arguments, the lean-loss trainer, callbacks, outputs, diagnosis."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from autotune.config import Config
+from autotune.errors import AutotuneError
+
+
+# --------------------------------------------------------------- datasets ---
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Pre-built examples; `lengths` feeds the length-grouped sampler without a pass over the data."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]):
+        self.examples = examples
+        self.lengths = [len(e["input_ids"]) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.examples[index]
+
+
+# -------------------------------------------------------------- arguments ---
+
+def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_cpu: bool,
+                       notes: list[str]) -> TrainingArguments:
+    """The config's `training` section as `TrainingArguments`, with the checks HF
+    would otherwise raise as a traceback turned into one-line errors."""
+    t = config.training
+    eval_on = has_eval and t.eval_strategy != "no"
+    if not has_eval and t.eval_strategy != "no":
+        notes.append("no validation samples: validation, early stopping and best-model selection are off")
+    load_best = t.load_best_model_at_end and eval_on
+    if load_best and t.eval_strategy == "steps" and t.save_steps % t.eval_steps:
+        raise AutotuneError(f"`training.save_steps` ({t.save_steps}) must be a multiple of `training.eval_steps` "
+                            f"({t.eval_steps}) when `training.load_best_model_at_end` is true: "
+                            f"e.g. `--set training.save_steps={t.eval_steps * max(1, t.save_steps // t.eval_steps)}`")
+    report_to = [r for r in t.report_to if r != "none"]
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise AutotuneError("`report_to: tensorboard` needs tensorboard: `pip install tensorboard`, "
+                                "or `--set training.report_to=none`") from None
+    optim = {"adamw_8bit": "adamw_bnb_8bit"}.get(t.optim, t.optim)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        bf16=t.bf16, fp16=t.fp16,
+        **_checkpointing_args(t.gradient_checkpointing),
+        optim=optim,
+        # transformers 5 reads a float below 1 in `warmup_steps` as the ratio.
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler_type, lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        eval_strategy=t.eval_strategy if eval_on else "no",
+        eval_steps=t.eval_steps if eval_on else None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
+        report_to=report_to or "none",
+        load_best_model_at_end=load_best,
+        metric_for_best_model=t.metric_for_best_model if eval_on else None,
+        greater_is_better=t.greater_is_better if eval_on else None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=t.dataloader_pin_memory and not use_cpu,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        seed=t.seed, data_seed=t.seed,
+        use_cpu=use_cpu,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        disable_tqdm=True,
+    )
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """transformers renamed gradient_checkpointing to activation_checkpointing in 5.x."""
+    import inspect
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def tensorboard_dir(config: Config, output_dir: Path) -> Path:
+    return Path(config.training.logging_dir) if config.training.logging_dir else output_dir / "logs"
+
+
+# ------------------------------------------------------------------ trainer ---
+
+class LlasaTrainer(Trainer):
+    """HF Trainer with the speech-only lean loss and a count of real (non-padding) tokens."""
+
+    # The lean loss returns sum / num_items_in_batch: already normalised over the accumulated batch.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 4096, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lean_loss = lean_loss
+        self.lean_chunk_size = lean_chunk_size
+        self.tokens_seen = 0  # non-padding training tokens on this process
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        if not self.lean_loss:
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from autotune.loss import compute_lean_loss
+
+        loss, _count = compute_lean_loss(model, inputs, chunk_size=self.lean_chunk_size,
+                                         num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:
+            # A mean over this micro-batch: the Trainer must still divide by accumulation.
+            self.loss_is_scaled_for_ga = False
+        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+
+# ---------------------------------------------------------------- callbacks ---
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second` (non-padding, all processes) to each log line."""
+
+    def __init__(self, trainer: LlasaTrainer, processes: int):
+        self.trainer = trainer
+        self.processes = processes
+        self.start = None
+        self.last_time = None
+        self.last_tokens = 0
+        self.rates: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = self.trainer.tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self.last_time is None:
+            return
+        now = time.perf_counter()
+        tokens = self.trainer.tokens_seen
+        if now > self.last_time and tokens > self.last_tokens:
+            rate = (tokens - self.last_tokens) * self.processes / (now - self.last_time)
+            logs["tokens_per_second"] = round(rate, 1)
+            self.rates.append(rate)
+        self.last_time, self.last_tokens = now, tokens
+
+    def overall(self) -> float | None:
+        if self.start is None:
+            return None
+        elapsed = time.perf_counter() - self.start
+        return self.trainer.tokens_seen * self.processes / elapsed if elapsed > 0 else None
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with loss, learning rate, tokens/s and ETA (main process only)."""
+
+    def __init__(self, console):
+        self.console = console
+        self.progress = None
+        self.task = None
+        self.fields = {"loss": "-", "lr": "-", "tps": "-", "eval": "-"}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if "loss" in logs:
+            self.fields["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.fields["lr"] = f"{logs['learning_rate']:.2e}"
+        if "tokens_per_second" in logs:
+            self.fields["tps"] = f"{logs['tokens_per_second']:,.0f}"
+        if "eval_loss" in logs:
+            self.fields["eval"] = f"{logs['eval_loss']:.4f}"
+        self.progress.update(self.task, **self.fields)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None
+
+
+class EarlyStopRecorder(TrainerCallback):
+    """Remembers whether early stopping ended the run (for the summary)."""
+
+    def __init__(self):
+        self.stopped_early_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop and state.global_step < state.max_steps:
+            self.stopped_early_at = state.global_step
+
+
+def callbacks_for(config: Config, has_eval: bool) -> list[TrainerCallback]:
+    t = config.training
+    if t.use_early_stopping and has_eval and t.eval_strategy != "no":
+        return [EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience,
+                                      early_stopping_threshold=t.early_stopping_threshold)]
+    return []
+
+
+# ---------------------------------------------------------------- diagnosis ---
+
+@dataclass
+class Finding:
+    kind: str
+    message: str
+    remedies: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "set": " ".join(self.remedies)}
+
+
+def diagnose(log_history: list[dict[str, Any]], config: Config, min_evals: int = 3) -> list[Finding]:
+    """The guide's troubleshooting section, applied to the logged curves."""
+    t, lora = config.training, config.lora
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    findings: list[Finding] = []
+    if len(evals) >= min_evals:
+        tail = evals[-min_evals:]
+        best = min(e for _, e in evals)
+        eval_rising = all(b[1] > a[1] for a, b in zip(tail, tail[1:]))
+        train_tail = [loss for step, loss in train if step >= tail[0][0]]
+        train_falling = len(train_tail) >= 2 and train_tail[-1] < train_tail[0]
+        if eval_rising and train_falling:
+            findings.append(Finding(
+                "overfitting", f"train loss falls while eval loss rose over the last {min_evals} evaluations "
+                f"({tail[0][1]:.4f} -> {tail[-1][1]:.4f})",
+                [f"--set lora.lora_dropout={max(0.1, lora.lora_dropout)}",
+                 f"--set training.weight_decay={max(0.05, t.weight_decay)}",
+                 "--set training.use_early_stopping=true",
+                 f"--set training.num_train_epochs={max(1, int(t.num_train_epochs // 2))}",
+                 f"--set training.learning_rate={t.learning_rate / 2:g}"]))
+        elif evals[0][1] - best < max(t.early_stopping_threshold, 1e-3):
+            findings.append(Finding(
+                "eval_not_improving", f"eval loss did not improve ({evals[0][1]:.4f} at first, best {best:.4f})",
+                [f"--set lora.r={min(lora.r * 2, 128)}", f"--set lora.lora_alpha={min(lora.lora_alpha * 2, 256)}",
+                 "--set lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                 f"--set training.learning_rate={min(t.learning_rate * 2, 1e-4) if t.learning_rate < 1e-4 else 5e-5:g}"]))
+    if len(train) >= 6:
+        losses = [loss for _, loss in train[1:]]  # the first logged step is before any update
+        diffs = [b - a for a, b in zip(losses, losses[1:])]
+        flips = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0)
+        swing = max(losses) - min(losses)
+        level = sum(losses) / len(losses)
+        jumps = any(d > 0.5 * max(level, 1e-8) for d in diffs)
+        if (flips >= 0.7 * (len(diffs) - 1) and swing > 0.2 * level) or jumps:
+            findings.append(Finding(
+                "unstable", f"the training loss oscillates ({flips} direction changes in {len(losses)} logs, "
+                f"range {min(losses):.3f}..{max(losses):.3f})",
+                [f"--set training.learning_rate={t.learning_rate / 5:g}", "--set training.max_grad_norm=0.5",
+                 f"--set training.warmup_ratio={max(0.1, t.warmup_ratio)}",
+                 f"--set training.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}"]))
+    if any(not math.isfinite(h.get("loss", 0.0)) for h in log_history):
+        findings.append(Finding("nan", "the loss became NaN or infinite",
+                                [f"--set training.learning_rate={t.learning_rate / 10:g}", "--set training.max_grad_norm=0.5",
+                                 "--set training.warmup_ratio=0.1"]))
+    return findings
+
+
+# ------------------------------------------------------------------ outputs ---
+
+def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
+    """loss.png for people who do not open TensorBoard. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomic: a kill mid-write leaves the old file, never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` (one with trainer_state.json, written last by HF)."""
+    best = None
+    for path in output_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            if best is None or int(suffix) > best[0]:
+                best = (int(suffix), path)
+    return best[1] if best else None

@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Fine-tune Llasa with LoRA on your GPU: `python train.py --data dataset/ --auto`.
+
+probe -> profile -> config -> dry run -> plan -> train. Every step is a named
+function in `autotune.run`.
+"""
+
+from __future__ import annotations
+
+from autotune.cli import ArgumentParser, add_config_args, run_main
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="train.jsonl [+ val.jsonl], a single .jsonl, or an LJSpeech folder (metadata.csv + wavs/)")
+    p.add_argument("--val", metavar="PATH", help="validation set (file or folder); same as `eval_data_dir`")
+    p.add_argument("--auto", action="store_true",
+                   help="run the OOM-backoff dry run on the real model and the longest batch, then train with its plan")
+    p.add_argument("--dry-run", action="store_true", help="only run the dry run and report the plan; train nothing")
+    p.add_argument("--check-data", action="store_true",
+                   help="validate the data and report counts, hours and lengths; loads no model weights")
+    p.add_argument("--json", action="store_true", help="with --check-data or --dry-run: print one JSON object")
+    add_config_args(p)
+    p.add_argument("--model", metavar="ID|PATH|tiny",
+                   help="base model (default HKUSTAudio/Llasa-1B); `tiny` builds the offline demo model")
+    p.add_argument("--codec", metavar="ID|PATH|tiny", help="XCodec2 used to encode audio and decode samples")
+    p.add_argument("--output-dir", metavar="DIR", help="where the run goes (default runs/<timestamp>)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in --output-dir, or from the given checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
+    p.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in (merged/)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model repository")
+    p.add_argument("--vram-limit", type=float, metavar="GIB",
+                   help="cap this process's GPU memory, as on a smaller card (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="grid search over values of a key, e.g. `--sweep lora.r=8,16,32`; repeatable")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from autotune.run import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
