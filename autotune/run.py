@@ -48,7 +48,9 @@ class Context:
 
 # ------------------------------------------------------------- the driver ---
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
+    """One whole run. `plan_cache` (used by the sweep) maps a memory shape to a
+    dry-run result, so trials that differ only in e.g. the learning rate share one."""
     ctx = make_context(args)
     if args.sweep:
         from autotune.sweep import run_sweep
@@ -68,11 +70,23 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.from_config(config, ctx.processes)
     dry = None
     if args.auto or args.dry_run:
-        dry = dry_run(ctx, rec, data, builder, plan)
+        key = memory_shape(plan)
+        if plan_cache is not None and key in plan_cache:
+            dry = plan_cache[key]
+            ctx.console.print(f"dry run: reusing the plan measured for the same memory shape ({dry.plan.label()})")
+        else:
+            dry = dry_run(ctx, rec, data, builder, plan)
+            if plan_cache is not None:
+                plan_cache[key] = dry
         plan = dry.plan
     if args.dry_run:
         return 0
     return train(ctx, rec, plan, dry, data, tokenizer, builder)
+
+
+def memory_shape(plan) -> str:
+    """What decides memory: everything in the plan (the learning rate is not in it)."""
+    return repr(sorted(plan.to_dict().items()))
 
 
 def make_context(args: argparse.Namespace) -> Context:
