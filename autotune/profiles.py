@@ -48,10 +48,12 @@ def load_profiles(directory: Path = PROFILES_DIR) -> list[Profile]:
     for path in paths:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-            profile = Profile.model_validate({**(raw or {}), "source": str(path)})
+            if not isinstance(raw, dict):
+                raise ValueError(f"must hold a mapping (`name:`, `title:`, `match:`, `settings:`), got a {type(raw).__name__}")
+            profile = Profile.model_validate({**raw, "source": str(path)})
             for pattern in profile.match.names:
                 re.compile(pattern)
-        except (OSError, yaml.YAMLError, ValidationError, re.error) as exc:
+        except (OSError, ValueError, yaml.YAMLError, ValidationError, re.error) as exc:
             raise AutotuneError(f"profile `{path}` is invalid: {' '.join(str(exc).split())[:300]}") from None
         try:
             validate(profile.settings)
@@ -87,8 +89,10 @@ def match_profile(gpus: list[GpuInfo], profiles: list[Profile]) -> Match:
     gpu_profiles = [p for p in profiles if not p.match.cpu]
     for profile in gpu_profiles:
         if any(re.search(pattern, who, re.IGNORECASE) for pattern in profile.match.names):
-            if decider.is_mig_slice:
-                break  # a slice has a fraction of the card's memory: decide by memory
+            if decider.is_mig_slice or "laptop" in who.lower():
+                # A slice has a fraction of the card's memory, and a laptop part shares
+                # the desktop card's name with less memory: decide by memory.
+                break
             return Match(profile, [f"`{who}`{many} matches profile `{profile.name}` ({profile.title}) by name"], warnings)
 
     tiers = sorted((p for p in gpu_profiles if p.match.min_vram_gib is not None),
@@ -207,6 +211,13 @@ def recommend(gpus: list[GpuInfo], *, user_yaml: dict[str, Any] | None = None, s
     training = resolved.config.training
     for key in sorted(resolved.pinned):
         reasons.append(f"`{key}` pinned by you")
+    if "training.optim" in resolved.pinned and training.optim in EIGHT_BIT:
+        # The table's 8-bit optimizer falls back above; a pinned one is kept, so say it cannot run here.
+        bnb = bitsandbytes_installed() if bnb_available is None else bnb_available
+        if not gpus or not bnb:
+            why = "there is no GPU" if not gpus else "bitsandbytes is not installed (`pip install bitsandbytes`)"
+            warnings.append(f"`training.optim` is pinned to {training.optim} but {why}, so training would fail: "
+                            "use `--set training.optim=adamw_torch`")
     if training.bf16 and gpus and any(g.cc is not None and g.cc < (8, 0) for g in gpus):
         warnings.append("`training.bf16` is set but this GPU has no native bf16 (compute capability < 8.0): it will be slow or fail")
     return Recommendation(gpus, match.profile, resolved, reasons, warnings)
