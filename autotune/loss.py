@@ -290,14 +290,16 @@ def lean_cross_entropy(
 def _unwrap_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers `*ForCausalLM` under a PEFT wrapper (or the model itself)."""
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        # Calling the decoder directly would skip the wrapper's forward, and
-        # with it DDP's gradient synchronisation.
-        raise AutotuneError(
-            f"the lean loss cannot run under {type(model).__name__}",
-            details=["train on one GPU, or turn the lean loss off"],
-        )
+        model = model.module
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+class _HiddenPassthrough(nn.Module):
+    """Stands in for the output head: the model then returns its hidden states."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
 
 
 def _resolve_head(base: nn.Module) -> nn.Linear:
@@ -331,29 +333,33 @@ def compute_lean_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     use_liger: bool | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Run the decoder and the lean loss; returns (loss, number of labelled tokens).
+    """Run the model with its head bypassed, then the lean loss; returns
+    (loss, number of labelled tokens).
 
-    `model` is a `*ForCausalLM` (Llama), optionally PEFT-wrapped. `inputs`
-    needs `labels` and `input_ids` (or `inputs_embeds`); `attention_mask` and
-    `position_ids` are passed through when present. LoRA layers, gradient
-    checkpointing and `enable_input_require_grads` hooks all live inside the
-    decoder, so calling it directly keeps them in the graph.
+    `model` is a `*ForCausalLM` (Llama), optionally PEFT-wrapped and optionally
+    inside DDP. The call goes through the outermost wrapper's forward, so DDP's
+    gradient synchronisation, LoRA, gradient checkpointing and the
+    `enable_input_require_grads` hooks all stay in the graph; only the output
+    head is swapped for a pass-through for the duration of the call, so the
+    "logits" that come back are the final hidden states.
     """
     if "labels" not in inputs:
         raise AutotuneError("compute_lean_loss needs `labels` in the batch")
     base = _unwrap_causal_lm(model)
-    decoder = getattr(base, "model", None)
-    if not isinstance(decoder, nn.Module):
-        raise AutotuneError(
-            f"cannot find the decoder of {type(base).__name__} (expected a `.model` attribute)"
-        )
+    if not hasattr(base, "set_output_embeddings"):
+        raise AutotuneError(f"cannot bypass the output head of {type(base).__name__}")
     head = _resolve_head(base)
-    decoder_kwargs: dict[str, Any] = {"use_cache": False}
+    forward_kwargs: dict[str, Any] = {"use_cache": False}
     for key in ("input_ids", "inputs_embeds", "attention_mask", "position_ids"):
         if inputs.get(key) is not None:
-            decoder_kwargs[key] = inputs[key]
-    outputs = decoder(**decoder_kwargs)
-    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state
+            forward_kwargs[key] = inputs[key]
+    original = base.get_output_embeddings()
+    base.set_output_embeddings(_HiddenPassthrough())
+    try:
+        outputs = model(**forward_kwargs)
+    finally:
+        base.set_output_embeddings(original)
+    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.logits
     return _lean_loss_and_count(
         hidden,
         head.weight,
