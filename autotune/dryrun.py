@@ -118,10 +118,13 @@ def _rebatch(plan: Plan, micro: int) -> Plan:
 
 
 def _halve_batch(plan: Plan, ctx: dict) -> Plan | None:
+    """About half the micro-batch: the largest divisor of the per-process batch
+    not above ceil(micro / 2), so the effective batch stays exact."""
     per_process = plan.per_device_train_batch_size * plan.gradient_accumulation_steps
-    target = max(1, plan.per_device_train_batch_size // 2)
-    micro = target if per_process % target == 0 else _smaller_divisor(per_process, plan.per_device_train_batch_size)
-    return _rebatch(plan, micro) if micro and micro < plan.per_device_train_batch_size else None
+    if plan.per_device_train_batch_size <= 1:
+        return None
+    micro = _smaller_divisor(per_process, (plan.per_device_train_batch_size + 1) // 2 + 1)
+    return _rebatch(plan, micro) if micro else None
 
 
 def _checkpointing(plan: Plan, ctx: dict) -> Plan | None:

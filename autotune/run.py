@@ -56,6 +56,9 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
         from autotune.sweep import run_sweep
 
         return run_sweep(ctx)
+    from autotune.data import find_layout
+
+    find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
     if not args.check_data:
         check_output_dir(ctx)
     rec = probe_and_recommend(ctx)

@@ -1,5 +1,346 @@
-"""Audio samples during training (filled in by the Listen-to-the-result work)."""
+"""Listen to the result: speech samples from the model, during training and after.
+
+`generate_codes` turns a transcript into XCodec2 codes with the model (Llasa's
+prompt, sampling, the new tokens up to SPEECH_GENERATION_END). `SampleCallback`
+does that for a few validation texts at each evaluation (or every
+`samples.every_n_steps` steps), decodes them with the codec and writes
+`<output>/samples/step-N/<i>.wav` plus TensorBoard audio. `synthesize.py` uses
+`generate_codes` on a trained adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from autotune.errors import AutotuneError
+from autotune.llasa import LlasaTokens, PromptBuilder
+
+__all__ = [
+    "GeneratedSpeech",
+    "SampleCallback",
+    "codes_from_new_ids",
+    "generate_codes",
+    "maybe_add_sample_callback",
+    "prompt_ids",
+]
+
+
+# ------------------------------------------------------------- generation ---
+
+def prompt_ids(builder: PromptBuilder, text: str, *, reference_text: str | None = None,
+               reference_codes: Sequence[int] | None = None) -> list[int]:
+    """Llasa's generation prompt: the chat template (continued final message) ending
+    with <|SPEECH_GENERATION_START|>, exactly as training builds it.
+
+    With a reference clip (voice cloning) its transcript precedes the text and its
+    speech ids follow SPEECH_GENERATION_START, as in `llasa.chat_messages`. The
+    speech ids are added by offset rather than by tokenizing `<|s_N|>` strings,
+    which gives the same ids as the template for Llasa's tokenizer and also works
+    for tokenizers where the speech tokens are not registered as added tokens.
+    """
+    full = f"{reference_text} {text}" if reference_text else text
+    ids = builder.prompt_ids(full)
+    if reference_codes:
+        ids = ids + [builder.tokens.code_to_id(int(c)) for c in reference_codes]
+    return ids
+
+
+def codes_from_new_ids(new_ids: Sequence[int], tokens: LlasaTokens) -> tuple[list[int], int, int]:
+    """Post-process generated ids: keep those before <|SPEECH_GENERATION_END|>,
+    map speech ids to codes by offset and drop everything else.
+
+    Returns `(codes, dropped, generated)`: `generated` is the number of new tokens
+    before END (END itself and anything after it are not counted), `dropped` how
+    many of them were not speech tokens, so `generated == len(codes) + dropped`.
+    """
+    codes: list[int] = []
+    dropped = 0
+    generated = 0
+    for token_id in new_ids:
+        token_id = int(token_id)
+        if token_id == tokens.speech_end:
+            break
+        generated += 1
+        if tokens.is_speech_id(token_id):
+            codes.append(token_id - tokens.speech_offset)
+        else:
+            dropped += 1
+    return codes, dropped, generated
+
+
+def _prompt_builder(tokenizer: Any) -> PromptBuilder:
+    # The builder renders the template once; keep it on the tokenizer object.
+    builder = getattr(tokenizer, "_autotune_prompt_builder", None)
+    if builder is None or builder.tokenizer is not tokenizer:
+        builder = PromptBuilder(tokenizer)
+        try:
+            tokenizer._autotune_prompt_builder = builder
+        except AttributeError:  # a tokenizer that refuses new attributes: rebuild each time
+            pass
+    return builder
+
+
+def _model_device(model: Any):
+    import torch
+
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return torch.device("cpu")
+
+
+def generate_codes(model: Any, tokenizer: Any, text: str, *, temperature: float = 0.8, top_p: float = 1.0,
+                   repetition_penalty: float = 1.2, max_new_tokens: int = 2048, reference_text: str | None = None,
+                   reference_codes: Sequence[int] | None = None,
+                   seed: int | None = None) -> tuple[list[int], int, int]:
+    """Speak `text` with a Llasa model (plain or PEFT): sampled XCodec2 codes.
+
+    Returns `(codes, dropped, generated)` as `codes_from_new_ids` describes; the
+    codes (each in 0..65535) are only the new speech, never the reference clip's.
+    With `seed` the sampling is reproducible and the caller's random state (CPU
+    and the model's CUDA device) is left as it was; without it the global
+    generator is used. The model is put in eval mode for the call and returned
+    to train mode if it was training.
+    """
+    import torch
+
+    if not text or not text.strip():
+        raise AutotuneError("the text to speak is empty")
+    builder = _prompt_builder(tokenizer)
+    tokens = builder.tokens
+    ids = prompt_ids(builder, text, reference_text=reference_text, reference_codes=reference_codes)
+    device = _model_device(model)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    attention_mask = torch.ones_like(input_ids)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=float(temperature),
+                  top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+                  max_new_tokens=int(max_new_tokens), eos_token_id=tokens.speech_end, pad_token_id=tokens.pad,
+                  use_cache=True)
+
+    was_training = bool(getattr(model, "training", False))
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.no_grad():
+            if seed is None:
+                output = model.generate(**kwargs)
+            else:
+                with torch.random.fork_rng(devices=fork_devices):
+                    torch.manual_seed(int(seed))
+                    output = model.generate(**kwargs)
+    finally:
+        if was_training:
+            model.train()
+    sequence = output[0] if not hasattr(output, "sequences") else output.sequences[0]
+    new_ids = sequence[len(ids):].tolist()
+    return codes_from_new_ids(new_ids, tokens)
+
+
+# --------------------------------------------------------------- callback ---
+
+@dataclass
+class _Reference:
+    audio: str
+    text: str
+    codes: list[int] | None = None
+
+
+@dataclass(eq=False)
+class SampleCallback(TrainerCallback):
+    """Speaks the first validation texts at each evaluation, or every
+    `every_n_steps` optimizer steps when that is set (main process only).
+
+    Writes `<output_dir>/samples/step-N/<i>.wav` (16 kHz mono) and `codes.json`
+    (texts, codes and counts), logs `samples/<i>` audio and the scalars
+    `samples/generated_tokens` and `samples/dropped_ids` (totals over the texts)
+    to TensorBoard when it is on. The codec is loaded once, on the CPU so the
+    training's GPU memory plan holds, at the first sampling; if it cannot be
+    loaded a single warning is printed and the codes are still generated,
+    counted and written to codes.json. With evaluation off and no
+    `every_n_steps`, the final step is sampled.
+    """
+
+    output_dir: Path
+    tokenizer: Any
+    texts: list[str]
+    codec_id: str
+    console: Any = None
+    every_n_steps: int | None = None
+    temperature: float = 0.8
+    top_p: float = 1.0
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = 2048
+    reference: _Reference | None = None
+    tensorboard: Any = None          # transformers' TensorBoardCallback, whose tb_writer we borrow
+    codec_device: str = "cpu"
+    codec: Any = field(default=None, init=False)
+    codec_error: str | None = field(default=None, init=False)
+    _codec_tried: bool = field(default=False, init=False)
+    sampled_steps: list[int] = field(default_factory=list, init=False)
+
+    # -- when ---------------------------------------------------------------
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.every_n_steps is None:
+            self._sample(args, state, kwargs.get("model"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if self.every_n_steps is not None:
+            if step > 0 and step % self.every_n_steps == 0:
+                self._sample(args, state, kwargs.get("model"))
+        elif _evaluation_off(args) and (step >= state.max_steps or control.should_training_stop):
+            # No evaluations to hang samples on: speak the final model once.
+            self._sample(args, state, kwargs.get("model"))
+
+    # -- what ---------------------------------------------------------------
+
+    def _sample(self, args, state, model) -> None:
+        step = int(state.global_step)
+        if not state.is_world_process_zero or model is None or step in self.sampled_steps:
+            return
+        self.sampled_steps.append(step)
+        codec = self._get_codec()
+        reference_codes = self.reference.codes if self.reference is not None else None
+        reference_text = self.reference.text if reference_codes else None
+        folder = self.output_dir / "samples" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        writer = getattr(self.tensorboard, "tb_writer", None) if self.tensorboard is not None else None
+        records = []
+        seconds = 0.0
+        for i, text in enumerate(self.texts):
+            codes, dropped, generated = generate_codes(
+                model, self.tokenizer, text, temperature=self.temperature, top_p=self.top_p,
+                repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+                reference_text=reference_text, reference_codes=reference_codes,
+                seed=_sample_seed(args.seed, step, i))
+            record = {"index": i, "text": text, "generated_tokens": generated, "dropped_ids": dropped,
+                      "codes": codes, "wav": None}
+            if codec is not None:
+                wave = codec.decode(codes)
+                from autotune.codec import SAMPLING_RATE, write_wav
+
+                path = folder / f"{i}.wav"
+                write_wav(path, wave, SAMPLING_RATE)
+                record["wav"] = path.name
+                seconds += wave.size / SAMPLING_RATE
+                if writer is not None and wave.size:
+                    import numpy as np
+                    import torch
+
+                    clipped = torch.from_numpy(np.clip(wave, -1.0, 1.0)).reshape(1, -1)
+                    writer.add_audio(f"samples/{i}", clipped, step, sample_rate=SAMPLING_RATE)
+                    writer.add_text(f"samples/{i}/text", text, step)
+            records.append(record)
+        total_generated = sum(r["generated_tokens"] for r in records)
+        total_dropped = sum(r["dropped_ids"] for r in records)
+        payload = {"step": step, "codec": self.codec_id, "decoded": codec is not None,
+                   "reference_audio": self.reference.audio if reference_codes else None, "samples": records}
+        (folder / "codes.json").write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+        if writer is not None:
+            writer.add_scalar("samples/generated_tokens", total_generated, step)
+            writer.add_scalar("samples/dropped_ids", total_dropped, step)
+            writer.flush()
+        if self.console is not None:
+            heard = f"{seconds:.1f} s of audio" if codec is not None else "codes only (no codec)"
+            plural = "s" if len(records) != 1 else ""
+            self.console.print(f"samples at step {step}: {len(records)} text{plural}, {heard}, {total_generated} "
+                               f"tokens generated, {total_dropped} non-speech dropped -> {folder}")
+
+    def _get_codec(self):
+        if self._codec_tried:
+            return self.codec
+        self._codec_tried = True
+        from autotune.codec import load_audio, load_codec
+
+        try:
+            self.codec = load_codec(self.codec_id, device=self.codec_device)
+        except AutotuneError as exc:
+            self.codec_error = exc.one_line()
+            self._warn(f"samples: {self.codec_error}; training goes on, and samples are kept as codes "
+                       "(samples/step-N/codes.json) without audio")
+            return None
+        if self.reference is not None:
+            try:
+                self.reference.codes = self.codec.encode(load_audio(self.reference.audio))
+            except AutotuneError as exc:
+                self._warn(f"samples: the reference clip is not used ({exc.one_line()})")
+        return self.codec
+
+    def _warn(self, message: str) -> None:
+        if self.console is None:
+            return
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]! {escape(message)}[/yellow]")
+
+
+def _evaluation_off(args) -> bool:
+    strategy = getattr(args, "eval_strategy", "no")
+    return getattr(strategy, "value", strategy) == "no"
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    """A fixed seed per (run seed, step, text): samples are reproducible and the
+    training's own random stream is never touched."""
+    return (int(seed) * 1_000_003 + step * 1_009 + index) % (2**32)
+
+
+# ------------------------------------------------------------------ wiring ---
+
+def _find_tensorboard(trainer: Any) -> Any:
+    try:
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:  # pragma: no cover - transformers always has it
+        return None
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            return callback
+    return None
+
+
+def _reference(samples: Any) -> _Reference | None:
+    audio, text = samples.reference_audio, samples.reference_text
+    if not audio and not text:
+        return None
+    if audio and not (text and text.strip()):
+        raise AutotuneError(f"`samples.reference_audio` ({audio}) needs its transcript: "
+                            "`--set samples.reference_text=\"...\"`")
+    if text and not audio:
+        raise AutotuneError("`samples.reference_text` is set without `samples.reference_audio`: "
+                            "give the clip too, or remove the transcript")
+    from autotune.codec import load_audio
+
+    try:
+        load_audio(audio)  # fails now on a missing or unreadable clip, not mid-training
+    except AutotuneError as exc:
+        raise AutotuneError(f"`samples.reference_audio`: {exc.one_line()}") from None
+    return _Reference(audio=str(audio), text=text.strip())
 
 
 def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, texts, console) -> None:
-    return None
+    """Add a `SampleCallback` when `samples.num_texts > 0` and there are validation texts.
+
+    Raises:
+        AutotuneError: the reference clip is set without a transcript (or the
+            reverse), or it is missing or unreadable.
+    """
+    s = config.samples
+    chosen = [t for t in (texts or []) if t and t.strip()][: s.num_texts]
+    if s.num_texts <= 0 or not chosen or tokenizer is None:
+        return None
+    callback = SampleCallback(
+        output_dir=Path(output_dir), tokenizer=tokenizer, texts=chosen, codec_id=config.data.codec, console=console,
+        every_n_steps=s.every_n_steps, temperature=s.temperature, top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens, reference=_reference(s),
+        tensorboard=_find_tensorboard(trainer))
+    trainer.add_callback(callback)

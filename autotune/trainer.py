@@ -220,7 +220,8 @@ class EarlyStopRecorder(TrainerCallback):
     def __init__(self):
         self.stopped_early_at: int | None = None
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Runs after EarlyStoppingCallback (added first), which sets the flag here.
         if control.should_training_stop and state.global_step < state.max_steps:
             self.stopped_early_at = state.global_step
 

@@ -1,0 +1,592 @@
+"""`train.py --sweep KEY=V1,V2 ...`: a grid search, one normal run per trial.
+
+The guide's step 2 (パラメータチューニング: try learning rates 1e-5, 5e-5, 1e-4
+and LoRA ranks 8, 16, 32, keep the setting with the best validation loss) as
+one command:
+
+    python train.py --data dataset/ --auto --sweep training.learning_rate=1e-5,5e-5,1e-4 --sweep lora.r=8,16,32
+
+    parse_sweeps -> validate_trials -> prepare_sweep_dir -> run each trial -> rank -> report
+
+- The grid is the cartesian product of the `--sweep` flags, in the order given.
+- Every trial is `autotune.run.run()` in this process with the trial's values
+  appended to `--set`, writing to `<sweep dir>/<trial name>` (e.g. `lr=1e-05_r=8`).
+  Trials run one after another; under `torchrun` each trial uses every process
+  (DDP), as a single run would.
+- One dry run per distinct memory shape: the trials share `plan_cache`, so
+  trials that differ only in e.g. the learning rate reuse one measured plan.
+- `--resume` continues an interrupted sweep: a trial whose folder holds
+  `run_summary.json` is not run again (its figures are read back); an
+  unfinished trial starts over in its folder.
+- A failing trial (a one-line `AutotuneError` such as "no plan fits", any other
+  exception, or a non-finite final loss) is recorded with its reason, ranked
+  last, and the sweep goes on. Ctrl-C stops the sweep after writing
+  `sweep.json` with what is done.
+- Ranking: by validation loss (the best eval loss, else the final one); trials
+  without a validation loss come after, by train loss; failed trials last.
+- Exit code: 0 when at least one trial finished, 1 when every trial failed,
+  2 for a usage error (nothing is trained).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import itertools
+import json
+import math
+import re
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from contextlib import nullcontext, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.config import load_yaml_file, parse_set, resolve_config
+from autotune.errors import AutotuneError
+
+SWEEP_MARKER = "sweep.json"
+SUMMARY = "run_summary.json"
+RUN_MARKER = "run_config.yaml"   # same as autotune.run.RUN_MARKER (not imported: that module is heavy)
+EXAMPLE = "`--sweep lora.r=8,16,32` (a dotted config key, `=`, then comma-separated values)"
+
+# Short names for trial folders; any other key is named by its last part.
+_SHORT = {
+    "training.learning_rate": "lr",
+    "training.per_device_train_batch_size": "batch",
+    "training.gradient_accumulation_steps": "accum",
+    "training.num_train_epochs": "epochs",
+    "training.weight_decay": "wd",
+    "training.warmup_ratio": "warmup",
+    "training.lr_scheduler_type": "sched",
+    "lora.r": "r",
+    "lora.lora_alpha": "alpha",
+    "lora.lora_dropout": "dropout",
+    "lora.target_modules": "targets",
+}
+
+
+# ------------------------------------------------------------------ model ---
+
+@dataclass
+class Axis:
+    """One `--sweep key=v1,v2` flag."""
+
+    key: str
+    values: list[Any]
+    flag: str          # as the user wrote it, for messages
+
+
+@dataclass
+class Trial:
+    index: int                      # position in the grid (0-based)
+    name: str                       # folder name
+    settings: dict[str, Any]        # {dotted key: value}
+    sets: list[str]                 # ["key=value", ...] as passed to --set
+    status: str = "pending"         # pending | ok | failed | skipped-finished
+    error: str | None = None
+    eval_loss: float | None = None
+    train_loss: float | None = None
+    tokens_per_second: float | None = None
+    peak_gpu_bytes: int | None = None
+    wall_seconds: float | None = None
+    plan: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("ok", "skipped-finished", "failed")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status in ("ok", "skipped-finished")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "settings": self.settings, "sets": self.sets, "status": self.status,
+                "error": self.error, "eval_loss": self.eval_loss, "train_loss": self.train_loss,
+                "tokens_per_second": self.tokens_per_second, "peak_gpu_bytes": self.peak_gpu_bytes,
+                "wall_seconds": self.wall_seconds, "plan": self.plan}
+
+
+# ---------------------------------------------------------------- parsing ---
+
+def split_values(text: str) -> list[str]:
+    """`8,16,32` -> ["8", "16", "32"]; commas inside [...], {...} or quotes do not split
+    (`[q_proj,v_proj],[q_proj,k_proj,v_proj]` is two values)."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_sweeps(items: list[str]) -> list[Axis]:
+    """The `--sweep` flags, parsed and checked for syntax (not yet against the schema)."""
+    axes: list[Axis] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise AutotuneError(f"`--sweep {item}` gives no values: write it like {EXAMPLE}")
+        if not key:
+            raise AutotuneError(f"`--sweep {item}` names no key: write it like {EXAMPLE}")
+        if any(c.isspace() for c in key):
+            raise AutotuneError(f"`--sweep {item}`: the key `{key}` holds a space: write it like {EXAMPLE}")
+        if key in seen:
+            raise AutotuneError(f"`--sweep {key}` is given twice (`--sweep {seen[key]}` and `--sweep {item}`): "
+                                f"list all its values in one flag, e.g. `--sweep {key}=a,b,c`")
+        seen[key] = item
+        if not raw.strip():
+            raise AutotuneError(f"`--sweep {item}` gives no values: write it like {EXAMPLE}")
+        raws = split_values(raw)
+        values: list[Any] = []
+        for text in raws:
+            if not text.strip():
+                raise AutotuneError(f"`--sweep {item}` has an empty value: separate values with single commas, "
+                                    f"e.g. `--sweep {key}=a,b,c` (write an empty string as '\"\"')")
+            try:
+                _, value = parse_set(f"{key}={text.strip()}")
+            except AutotuneError:
+                raise AutotuneError(f"`--sweep {item}`: `{text.strip()}` is not a YAML value: quote strings and "
+                                    f"write lists as [a,b], e.g. `--sweep lora.target_modules=[q_proj,v_proj],[q_proj,k_proj,v_proj]`") from None
+            if any(_same(value, v) for v in values):
+                raise AutotuneError(f"`--sweep {item}` lists `{text.strip()}` twice: give each value once")
+            values.append(value)
+        axes.append(Axis(key, values, item))
+    return axes
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+# ------------------------------------------------------------ trial names ---
+
+def format_value(key: str, value: Any) -> str:
+    """A value as `--set` text that parses back to the same value."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = "null"
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        if _same(parse_set(f"{key}={text}")[1], value):
+            return text
+    except AutotuneError:
+        pass
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    short = {k: _SHORT.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+    clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return {k: (k if s in clashes else s) for k, s in short.items()}
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "x"
+
+
+def trial_name(settings: dict[str, Any], short: dict[str, str]) -> str:
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, list):
+            text = "+".join(str(v) for v in value)
+        elif isinstance(value, bool) or value is None:
+            text = json.dumps(value)
+        else:
+            text = str(value) if not isinstance(value, float) else repr(value)
+        parts.append(f"{_safe(short[key])}={_safe(text)}")
+    name = "_".join(parts)
+    if len(name) > 120:
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name
+
+
+def build_grid(axes: list[Axis]) -> list[Trial]:
+    short = _short_names([a.key for a in axes])
+    trials: list[Trial] = []
+    names: set[str] = set()
+    for index, combo in enumerate(itertools.product(*(a.values for a in axes))):
+        settings = {a.key: v for a, v in zip(axes, combo)}
+        name = trial_name(settings, short)
+        if name in names:   # two values that only differ in characters a folder name cannot hold
+            name = f"{name}-{index + 1}"
+        names.add(name)
+        trials.append(Trial(index, name, settings, [f"{k}={format_value(k, v)}" for k, v in settings.items()]))
+    return trials
+
+
+def set_line(trial: Trial) -> str:
+    """`--set a=1 --set b=2`, ready to paste into a shell."""
+    return " ".join(f"--set {shlex.quote(s)}" for s in trial.sets)
+
+
+# ------------------------------------------------------------- validation ---
+
+def check_flags(args) -> None:
+    if getattr(args, "check_data", False):
+        raise AutotuneError("`--sweep` trains every trial and `--check-data` trains nothing: "
+                            "run `--check-data` on its own first, then the sweep")
+    if getattr(args, "dry_run", False):
+        raise AutotuneError("`--sweep` cannot be combined with `--dry-run`: to see one trial's plan run "
+                            "`--dry-run --set key=value` without `--sweep` (the sweep itself dry-runs each memory shape once)")
+    if getattr(args, "merge", False):
+        raise AutotuneError("`--merge` with `--sweep` would write a merged model for every trial: "
+                            "run the sweep without it, then rerun the winner with `--merge`")
+    resume = getattr(args, "resume", None)
+    if resume and resume != "latest":
+        raise AutotuneError(f"with `--sweep`, `--resume` takes no checkpoint (got `{resume}`): "
+                            "`--resume` alone continues the sweep in `--output-dir`")
+    if resume and not getattr(args, "output_dir", None):
+        raise AutotuneError("`--resume` with `--sweep` needs the sweep's `--output-dir`")
+
+
+def validate_trials(args, axes: list[Axis], trials: list[Trial]) -> None:
+    """Every trial's config must validate before anything loads or trains."""
+    from autotune.run import cli_sets
+
+    user_yaml = load_yaml_file(args.config) if args.config else None
+    base = cli_sets(args)
+    resolve_config(None, user_yaml, base)   # a bad `--set` is reported as such
+    for axis in axes:                       # blame the flag and the value that is wrong
+        for value in axis.values:
+            try:
+                resolve_config(None, user_yaml, base + [f"{axis.key}={format_value(axis.key, value)}"])
+            except AutotuneError as exc:
+                raise AutotuneError(f"`--sweep {axis.flag}`: {_why(exc)}") from None
+    for trial in trials:                    # combinations (e.g. bf16 and fp16 both on)
+        try:
+            resolve_config(None, user_yaml, base + trial.sets)
+        except AutotuneError as exc:
+            raise AutotuneError(f"`--sweep` trial {trial.name} ({' '.join(trial.sets)}): {_why(exc)}") from None
+
+
+def _why(exc: AutotuneError) -> str:
+    return "; ".join(" ".join(d.split()) for d in exc.details) if exc.details else exc.one_line()
+
+
+# ---------------------------------------------------------- sweep folder ---
+
+def _is_trial_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in (SUMMARY, RUN_MARKER, "autotune.json"))
+
+
+def is_sweep_dir(out: Path) -> bool:
+    if not out.is_dir() or (out / RUN_MARKER).exists():
+        return False
+    return (out / SWEEP_MARKER).exists() or any(_is_trial_dir(p) for p in out.iterdir())
+
+
+def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
+    """Create or reuse the sweep folder; returns the previous sweep.json (on --resume), if any."""
+    out, args = ctx.output_dir, ctx.args
+    if out.exists() and not out.is_dir():
+        raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    sweep = is_sweep_dir(out)
+    previous = None
+    if args.resume:
+        if not sweep:
+            what = "a single run, not a sweep" if (out / RUN_MARKER).exists() else "no sweep"
+            raise AutotuneError(f"`--resume`: `{out}` holds {what}: pass the sweep's `--output-dir`, "
+                                "or drop `--resume` to start a new sweep")
+        if (out / SWEEP_MARKER).exists():
+            try:
+                previous = json.loads((out / SWEEP_MARKER).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = None
+    elif visible:
+        if not args.overwrite:
+            what = "a sweep" if sweep else "a run" if (out / RUN_MARKER).exists() else "files"
+            raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue "
+                                f"{'it' if sweep else 'a sweep'}, `--overwrite` to replace it, or choose another `--output-dir`")
+        if ctx.is_main:
+            if not sweep and not (out / RUN_MARKER).exists() and any(
+                    p.suffix in (".wav", ".jsonl", ".csv") for p in out.rglob("*")):
+                raise AutotuneError(f"`{out}` looks like data, not a sweep: refusing to overwrite it; "
+                                    "choose another `--output-dir`")
+            shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / ".write-test"
+        probe_file.write_text("ok")
+        probe_file.unlink()
+    except OSError as exc:
+        raise AutotuneError(f"cannot write to `{out}` ({exc.strerror or exc}): choose a writable `--output-dir`") from None
+    return previous
+
+
+def base_record(args) -> dict[str, Any]:
+    """What must match for `--resume` to continue a sweep: everything but the grid."""
+    from autotune.run import cli_sets
+
+    settings = dict(parse_set(s) for s in cli_sets(args))
+    return {"data": args.data, "config": args.config, "auto": bool(args.auto),
+            "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def check_same_base(previous: dict[str, Any] | None, base: dict[str, Any], out: Path) -> None:
+    old = (previous or {}).get("base")
+    if not old or old == base:
+        return
+    diffs = [k for k in ("data", "config", "auto") if old.get(k) != base.get(k)]
+    old_s, new_s = old.get("settings", {}), base.get("settings", {})
+    diffs += [f"--set {k}" for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
+    raise AutotuneError(f"`--resume`: the sweep in `{out}` was started with other flags ({', '.join(diffs)} differ): "
+                        "rerun it with the same `--data`, `--config`, `--auto` and `--set` flags, "
+                        "or replace `--resume` with `--overwrite` to start it over")
+
+
+# ------------------------------------------------------------- the trials ---
+
+def trial_args(args, trial: Trial, out: Path):
+    a = copy.copy(args)
+    a.sweep = []
+    a.sets = list(args.sets) + trial.sets
+    a.output_dir = str(out / trial.name)
+    a.resume = None
+    a.overwrite = True   # an unfinished trial starts over in its folder
+    a.dry_run = False
+    a.check_data = False
+    return a
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def read_summary(trial: Trial, folder: Path) -> None:
+    """Fill a trial's figures from its run_summary.json; a non-finite loss fails it."""
+    summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    metric = "eval_loss"
+    try:
+        import yaml
+
+        resolved = yaml.safe_load((folder / "resolved_config.yaml").read_text(encoding="utf-8")) or {}
+        metric = (resolved.get("training") or {}).get("metric_for_best_model", metric)
+    except (OSError, ValueError, AttributeError):
+        pass
+    best = summary.get("best_eval_loss") if metric in ("eval_loss", "loss") else None
+    final_eval = summary.get("final_eval_loss")
+    train = summary.get("final_train_loss")
+    eval_loss = best if best is not None else final_eval
+    trial.eval_loss, trial.train_loss = _finite(eval_loss), _finite(train)
+    trial.tokens_per_second = _finite(summary.get("tokens_per_second"))
+    peak = summary.get("peak_gpu_bytes")
+    trial.peak_gpu_bytes = int(peak) if isinstance(peak, (int, float)) and math.isfinite(peak) else None
+    trial.wall_seconds = _finite(summary.get("wall_seconds"))
+    trial.plan = summary.get("plan")
+    bad = [f"{label} is {value}" for label, value in (("final train loss", train), ("eval loss", eval_loss))
+           if isinstance(value, (int, float)) and not math.isfinite(value)]
+    if train is None and eval_loss is None:
+        bad.append("the run logged no loss")
+    if bad:
+        trial.status, trial.error = "failed", "; ".join(bad)
+
+
+def run_trial(ctx, trial: Trial, cache: dict) -> None:
+    from autotune import run as run_module
+
+    folder = ctx.output_dir / trial.name
+    started = time.time()
+    # The trials' own JSON (e.g. the dry-run record) must not mix into the sweep's `--json` object.
+    guard = redirect_stdout(sys.stderr) if ctx.args.json else nullcontext()
+    try:
+        with guard:
+            code = run_module.run(trial_args(ctx.args, trial, ctx.output_dir), plan_cache=cache)
+    except AutotuneError as exc:
+        trial.status, trial.error = "failed", exc.one_line()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:   # a crash in one trial must not lose the others
+        trial.status = "failed"
+        trial.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ctx.console.print(traceback.format_exc(), markup=False, highlight=False)
+    else:
+        if code not in (0, None):
+            trial.status, trial.error = "failed", f"the run exited with code {code}"
+        elif not (folder / SUMMARY).exists():
+            trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
+        else:
+            trial.status = "ok"
+            read_summary(trial, folder)
+    finally:
+        _free_memory()
+    if trial.wall_seconds is None:
+        trial.wall_seconds = round(time.time() - started, 2)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- ranking ---
+
+def rank(trials: list[Trial]) -> list[Trial]:
+    """Validation loss ascending; then trials with only a train loss; failed and unrun last."""
+    def key(t: Trial):
+        if not t.succeeded:
+            return (2, 0, math.inf, t.index)
+        if t.eval_loss is not None:
+            return (0, 0, t.eval_loss, t.index)
+        return (1, 0, t.train_loss if t.train_loss is not None else math.inf, t.index)
+
+    return sorted(trials, key=key)
+
+
+def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any], complete: bool) -> dict[str, Any]:
+    done = rank([t for t in trials if t.done])
+    best = next((t for t in done if t.succeeded), None)
+    return {
+        "version": 1,
+        "complete": complete,
+        "output_dir": str(ctx.output_dir),
+        "grid": {a.key: a.values for a in axes},
+        "base": base,
+        "ranked_by": "eval_loss" if best is None or best.eval_loss is not None else "train_loss",
+        "trials": [t.to_dict() for t in done],
+        "pending": [t.name for t in trials if not t.done],
+        "best": best.to_dict() if best else None,
+        "best_sets": set_line(best) if best else None,
+    }
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    def num(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    short = _short_names([a.key for a in axes])
+    ranked = rank([t for t in trials if t.done])
+    table = Table(title=f"Sweep: {len(ranked)} of {len(trials)} trials, ranked by "
+                        f"{'validation' if record['ranked_by'] == 'eval_loss' else 'train'} loss", title_justify="left")
+    table.add_column("#", justify="right")
+    for a in axes:
+        table.add_column(short[a.key])
+    for column in ("eval loss", "train loss", "tokens/s", "peak GiB", "status"):
+        table.add_column(column, justify="right" if column != "status" else "left")
+    for i, t in enumerate(ranked, 1):
+        status = {"ok": "[green]ok[/green]", "skipped-finished": "[green]finished earlier[/green]"}.get(
+            t.status, f"[red]failed[/red]: {escape(t.error or '')}")
+        table.add_row(str(i), *(escape(format_value(k, v)) for k, v in t.settings.items()),
+                      num(t.eval_loss, ".4f"), num(t.train_loss, ".4f"), num(t.tokens_per_second, ",.0f"),
+                      "-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}", status)
+    c = ctx.console
+    c.print(table)
+    if record["pending"]:
+        c.print(f"[yellow]{len(record['pending'])} trials not run yet: rerun with `--resume` to finish them[/yellow]")
+    best = record["best"]
+    if best is None:
+        c.print("[red]no trial finished[/red]: see the errors above")
+        return
+    if record["ranked_by"] == "train_loss":
+        c.print("[yellow]no validation loss: ranked by train loss, which rewards overfitting; "
+                "add validation data (`--val`, or keep `data.val_fraction` > 0)[/yellow]")
+    figure = best["eval_loss"] if best["eval_loss"] is not None else best["train_loss"]
+    c.print(f"best: [bold]{escape(best['name'])}[/bold] ({record['ranked_by'].replace('_', ' ')} "
+            f"{num(figure, '.4f')}), adapter in {escape(str(ctx.output_dir / best['name']))}")
+    c.print("train the winner with:")
+    c.print(record["best_sets"], markup=False, highlight=False, soft_wrap=True)
+    c.print(f"(all trials: {escape(str(ctx.output_dir / SWEEP_MARKER))})")
+
+
+# ----------------------------------------------------------------- driver ---
+
+def run_sweep(ctx) -> int:
+    from rich.markup import escape
+
+    args = ctx.args
+    check_flags(args)
+    axes = parse_sweeps(list(args.sweep))
+    trials = build_grid(axes)
+    validate_trials(args, axes, trials)
+    from autotune.data import find_layout
+
+    find_layout(Path(args.data))   # a wrong --data path fails here, not in every trial
+    base = base_record(args)
+    previous = prepare_sweep_dir(ctx)
+    check_same_base(previous, base, ctx.output_dir)
+    out, c = ctx.output_dir, ctx.console
+
+    # Decided up front, so every process of a DDP sweep skips the same trials.
+    finished = {t.name for t in trials if args.resume and (out / t.name / SUMMARY).is_file()}
+    keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
+    c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, one after another, in {escape(str(out))}"
+            + (f"; {len(finished)} finished earlier" if finished else ""))
+    for a in axes:
+        pinned = [s for s in args.sets if s.partition("=")[0].strip() == a.key]
+        if pinned:
+            c.print(f"[yellow]! `--set {pinned[-1]}` is replaced by the sweep's values of `{a.key}`[/yellow]")
+
+    def save(complete: bool) -> dict[str, Any]:
+        record = sweep_record(ctx, axes, trials, base, complete)
+        if ctx.is_main:
+            write_record(out / SWEEP_MARKER, record)
+        return record
+
+    save(False)
+    cache: dict = {}
+    try:
+        for number, trial in enumerate(trials, 1):
+            if trial.name in finished:
+                trial.status = "skipped-finished"
+                try:
+                    read_summary(trial, out / trial.name)
+                except (OSError, ValueError) as exc:
+                    trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+                c.print(f"trial {number}/{len(trials)} [bold]{trial.name}[/bold]: finished earlier, not run again")
+                continue
+            c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
+            run_trial(ctx, trial, cache)
+            if trial.status == "failed":
+                c.print(f"[red]trial {escape(trial.name)} failed[/red]: {escape(trial.error or '')}", highlight=False)
+            save(False)
+    except KeyboardInterrupt:
+        record = save(False)
+        if ctx.is_main:
+            show(ctx, axes, trials, record)
+            c.print(f"[yellow]sweep interrupted: rerun the same command with `--resume` "
+                    f"(and `--output-dir {escape(str(out))}`) to finish it[/yellow]")
+        raise
+    record = save(True)
+    if ctx.is_main:
+        show(ctx, axes, trials, record)
+        if args.json:
+            print(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False, default=str))
+    return 0 if record["best"] is not None else 1

@@ -1,0 +1,178 @@
+"""The back-off ladder, with out-of-memory faked by raising the real exception type."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from autotune.dryrun import Measurement, Plan, faster_candidates, is_oom, next_rung, search
+from autotune.errors import AutotuneError
+
+GIB = 2 ** 30
+
+
+def plan(**changes) -> Plan:
+    base = Plan(per_device_train_batch_size=4, gradient_accumulation_steps=2, processes=1, precision="bf16",
+                gradient_checkpointing=False, lean_loss=False, optim="adamw_torch_fused", lora_r=64, lora_alpha=128,
+                lora_target_modules=("q_proj", "v_proj"), load_in_4bit=False, max_length=2048)
+    return dataclasses.replace(base, **changes)
+
+
+class FakeGpu:
+    """Peak memory as a function of the plan; over the card's memory raises the real OOM."""
+
+    def __init__(self, total_gib: float):
+        self.total = total_gib * GIB
+        self.tried: list[Plan] = []
+
+    def peak(self, p: Plan) -> float:
+        per_row = (1.0 if p.gradient_checkpointing else 4.0) + (1.0 if p.lean_loss else 6.0)
+        weights = 1.0 if p.load_in_4bit else 3.0
+        return (weights + per_row * p.per_device_train_batch_size * p.max_length / 2048 + p.lora_r / 64) * GIB
+
+    def __call__(self, p: Plan) -> Measurement:
+        self.tried.append(p)
+        peak = self.peak(p)
+        if peak > self.total:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {peak / GIB:.2f} GiB")
+        speed = 1000 * p.per_device_train_batch_size ** 0.3 * (0.7 if p.gradient_checkpointing else 1.0)
+        return Measurement(int(peak), speed, 0.1)
+
+
+def no_free():
+    pass
+
+
+def test_exact_rungs_tried_and_constant_effective_batch():
+    gpu = FakeGpu(total_gib=10)
+    result = search(plan(), gpu, pinned=set(), time_plans=False, free=no_free)
+    labels = [(a.plan.per_device_train_batch_size, a.plan.gradient_accumulation_steps,
+               a.plan.gradient_checkpointing, a.plan.lean_loss) for a in result.attempts]
+    assert labels == [(4, 2, False, False), (2, 4, False, False), (1, 8, False, False), (1, 8, True, False),
+                      (1, 8, True, True)]
+    assert [a.ok for a in result.attempts] == [False, False, False, False, True]
+    assert {a.plan.effective_batch_size for a in result.attempts} == {8}
+    assert result.plan == plan(per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                               gradient_checkpointing=True, lean_loss=True)
+    assert "OutOfMemoryError" in result.attempts[0].error
+
+
+def test_pinned_keys_are_never_moved():
+    gpu = FakeGpu(total_gib=12)
+    pinned = {"training.per_device_train_batch_size", "training.gradient_checkpointing"}
+    result = search(plan(), gpu, pinned=pinned, time_plans=False, free=no_free,
+                    ctx={"cuda": True, "bitsandbytes": True})
+    assert all(a.plan.per_device_train_batch_size == 4 for a in result.attempts)
+    assert all(not a.plan.gradient_checkpointing for a in result.attempts)
+    # lean loss, then 8-bit optimizer, then smaller ranks, then 4-bit weights, then shorter samples
+    assert [a.why for a in result.attempts][:4] == ["starting plan (profile < your config < --set)", "lean loss",
+                                                     "8-bit optimizer", "smaller LoRA rank"]
+    assert result.attempts[-1].ok
+
+
+def test_nothing_fits_names_what_was_tried_and_pinned_keys():
+    gpu = FakeGpu(total_gib=2)
+    with pytest.raises(AutotuneError) as err:
+        search(plan(), gpu, pinned={"model.load_in_4bit", "data.max_length"}, time_plans=False, free=no_free)
+    text = err.value.one_line()
+    assert "no plan fits this GPU after" in text
+    assert "`model.load_in_4bit`" in text and "`data.max_length`" in text
+    assert "4-bit weights" in text and "shorter `data.max_length`" in text
+    assert len(gpu.tried) < 20  # bounded
+
+
+def test_attempts_are_bounded():
+    gpu = FakeGpu(total_gib=0.5)
+    with pytest.raises(AutotuneError):
+        search(plan(), gpu, pinned=set(), max_attempts=3, time_plans=False, free=no_free)
+    assert len(gpu.tried) == 3
+
+
+def test_errors_that_are_not_oom_are_raised_not_retried():
+    calls = []
+
+    def broken(p):
+        calls.append(p)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        search(plan(), broken, pinned=set(), free=no_free)
+    assert len(calls) == 1
+
+    def typo(p):
+        calls.append(p)
+        raise KeyError("input_ids")
+
+    with pytest.raises(KeyError):
+        search(plan(), typo, pinned=set(), free=no_free)
+    assert len(calls) == 2
+
+
+def test_oom_detection_by_type_then_message():
+    assert is_oom(torch.OutOfMemoryError("x"))
+    assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_oom(ValueError("out of memory"))  # not a runtime error from the allocator
+
+
+def test_memory_freed_outside_the_handler():
+    # free() must run after the except block: by then no traceback holds the frame.
+    seen = []
+
+    def measure(p):
+        if p.per_device_train_batch_size > 2:
+            big = torch.zeros(10)  # noqa: F841 - a tensor the failed step holds
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return Measurement(GIB, 1.0, 0.1)
+
+    import sys
+
+    def free():
+        seen.append(sys.exc_info()[0])
+
+    search(plan(), measure, pinned=set(), time_plans=False, free=free)
+    assert seen == [None]
+
+
+def test_safety_margin_rejects_a_plan_that_fits_the_card_but_not_the_budget():
+    gpu = FakeGpu(total_gib=40)
+    budget = int(0.9 * 20 * GIB)
+    start = plan(per_device_train_batch_size=2, gradient_accumulation_steps=4)  # 24 GiB: fits 40, not 18
+    result = search(start, gpu, pinned=set(), time_plans=False, free=no_free, budget_bytes=budget)
+    assert not result.attempts[0].ok and "safety margin" in result.attempts[0].error
+    assert result.attempts[-1].peak_bytes <= budget
+
+
+def test_time_plans_picks_the_fastest_that_fits():
+    gpu = FakeGpu(total_gib=80)
+    start = plan(gradient_checkpointing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    result = search(start, gpu, pinned=set(), time_plans=True, free=no_free)
+    assert result.plan.gradient_checkpointing is False
+    assert result.plan.per_device_train_batch_size > 2
+    assert result.plan.effective_batch_size == 8
+    assert "fastest that fits" in result.reason
+
+
+def test_ladder_rungs_are_pure_functions():
+    assert next_rung(plan(per_device_train_batch_size=3, gradient_accumulation_steps=4), set())[1] \
+        .per_device_train_batch_size == 2  # 12 = 2 x 6: the largest smaller divisor keeps the effective batch
+    lowest = plan(per_device_train_batch_size=1, gradient_accumulation_steps=8, gradient_checkpointing=True,
+                  lean_loss=True, optim="adamw_8bit", lora_r=4, load_in_4bit=True, max_length=512)
+    assert next_rung(lowest, set(), {"cuda": True, "bitsandbytes": True}) is None
+    assert [name for name, _ in faster_candidates(plan(gradient_checkpointing=True), set())] == \
+        ["checkpointing off", "larger micro-batch"]
+    assert faster_candidates(plan(), {"training.per_device_train_batch_size", "training.gradient_checkpointing"}) == []
+
+
+def test_plan_apply_round_trips_through_the_config():
+    from autotune.config import resolve_config
+
+    config = resolve_config({}).config
+    p = plan(per_device_train_batch_size=2, gradient_accumulation_steps=4, precision="fp16")
+    applied = p.apply(config)
+    assert Plan.from_config(applied).per_device_train_batch_size == 2
+    assert applied.training.fp16 and not applied.training.bf16
+    assert applied.lora.r == 64 and applied.lora.lora_alpha == 128

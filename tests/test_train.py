@@ -1,0 +1,169 @@
+"""End to end on the CPU with the tiny model: real transformers, PEFT and Trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.errors import AutotuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "tiny"
+FAST = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0",
+        "--set", "training.logging_steps=1", "--set", "training.learning_rate=5e-3"]
+
+
+def train(*extra: str) -> int:
+    from train import main
+
+    return main([*FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    code = train("--output-dir", str(out), "--set", "training.max_steps=6", "--set", "training.eval_steps=2",
+                 "--set", "training.save_steps=2", "--set", "training.use_early_stopping=false")
+    assert code == 0
+    return out
+
+
+def test_outputs_of_a_finished_run(finished_run: Path):
+    out = finished_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "resolved_config.yaml", "run_summary.json",
+                 "loss.png", "split.json", "run_config.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents.*")), "TensorBoard events"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 6
+    assert summary["profile"]["name"] == "cpu"
+    assert summary["plan"]["effective_batch_size"] == 4
+    assert summary["final_train_loss"] > 0 and summary["final_eval_loss"] > 0
+    assert summary["tokens_per_second"] > 0
+    assert summary["wall_seconds"] > 0
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2, 4, 6]
+
+
+def test_adapter_loads_with_peft_onto_the_tiny_base(finished_run: Path):
+    from peft import PeftModel
+
+    from autotune.llasa import build_tiny_model
+
+    model = PeftModel.from_pretrained(build_tiny_model(), str(finished_run))
+    lora = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert lora
+    from safetensors.torch import load_file
+
+    saved = load_file(str(finished_run / "adapter_model.safetensors"))
+    key = next(k for k in saved if "lora_B" in k)
+    assert saved[key].abs().sum() > 0  # it trained
+
+
+def test_early_stopping_stops(tmp_path: Path):
+    out = tmp_path / "out"
+    # A threshold no improvement can reach: every evaluation counts as "no better".
+    assert train("--output-dir", str(out), "--set", "training.max_steps=40", "--set", "training.eval_steps=2",
+                 "--set", "training.save_steps=2", "--set", "training.early_stopping_threshold=100",
+                 "--set", "training.early_stopping_patience=2") == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["stopped_early_at"] is not None
+    assert summary["steps"] < 40
+
+
+def test_resume_continues_the_step_count(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    common = ["--output-dir", str(out), "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+              "--set", "training.use_early_stopping=false"]
+    assert train(*common, "--set", "training.max_steps=4") == 0
+    with pytest.raises(AutotuneError, match="already holds a run"):
+        train(*common, "--set", "training.max_steps=8")
+    assert train(*common, "--set", "training.max_steps=8", "--resume") == 0
+    assert "resuming from" in capsys.readouterr().out
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 8
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps[0] <= 1 and steps[-1] == 8 and 5 in steps
+
+
+def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, monkeypatch, capsys):
+    from autotune import trainer as T
+
+    real_step = T.LlasaTrainer.training_step
+    raised = []
+
+    def flaky(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 4 and self.args.per_device_train_batch_size == 2 and not raised:
+            raised.append(self.state.global_step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(T.LlasaTrainer, "training_step", flaky)
+    out = tmp_path / "out"
+    assert train("--output-dir", str(out), "--set", "training.max_steps=6", "--set", "training.eval_steps=2",
+                 "--set", "training.save_steps=2", "--set", "training.use_early_stopping=false") == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert raised == [4]
+    [recovery] = summary["oom_recoveries"]
+    assert recovery["resumed_from"].endswith("checkpoint-4")
+    assert recovery["plan"]["per_device_train_batch_size"] == 1
+    assert recovery["plan"]["effective_batch_size"] == summary["plan"]["effective_batch_size"] == 4
+    assert summary["steps"] == 6
+    assert "out of memory during training" in capsys.readouterr().out
+
+
+def test_errors_that_are_not_oom_are_not_recovered(tmp_path: Path, monkeypatch):
+    from autotune import trainer as T
+
+    def broken(self, model, inputs, num_items_in_batch=None):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(T.LlasaTrainer, "training_step", broken)
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        train("--output-dir", str(tmp_path / "out"), "--set", "training.max_steps=2")
+
+
+def test_dry_run_on_cpu_runs_a_real_step_and_reports(tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert train("--output-dir", str(out), "--dry-run", "--json") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["plan"]["effective_batch_size"] == 4
+    assert record["plan"]["per_device_train_batch_size"] == 2
+    [attempt] = record["attempts"]
+    assert attempt["ok"] and attempt["tokens_per_second"] > 0 and attempt["peak_bytes"] is None
+    assert record["seconds"] > 0
+    assert json.loads((out / "autotune.json").read_text())["plan"] == record["plan"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "nowhere"], "data path `nowhere` does not exist"),
+    (["--data", str(DATA), "--model", "/no/such/model", "--output-dir", "{tmp}/o"], "cannot load the model `/no/such/model`"),
+    (["--data", str(DATA), "--model", "tiny", "--set", "lora.rnak=4", "--output-dir", "{tmp}/o"], "did you mean `lora.r`"),
+    (["--data", str(DATA), "--model", "tiny", "--output-dir", "/proc/forbidden"], "cannot write to `/proc/forbidden`"),
+    (["--data", str(DATA), "--model", "tiny", "--output-dir", "{tmp}/full"], "already holds files"),
+    (["--data", str(DATA), "--model", "tiny", "--set", "lora.target_modules=[nope]", "--output-dir", "{tmp}/o"],
+     "`lora.target_modules` names nope"),
+    (["--data", str(DATA), "--model", "tiny", "--resume", "{tmp}/none", "--output-dir", "{tmp}/o"], "is not a complete checkpoint"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path: Path, args, message):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something.txt").write_text("x")
+    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
