@@ -20,7 +20,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only run the dry run and report the plan; train nothing")
     p.add_argument("--check-data", action="store_true",
                    help="validate the data and report counts, hours and lengths; loads no model weights")
-    p.add_argument("--json", action="store_true", help="with --check-data or --dry-run: print one JSON object")
+    p.add_argument("--json", action="store_true", help="with --check-data, --dry-run or --sweep: print one JSON object")
     add_config_args(p)
     p.add_argument("--model", metavar="ID|PATH|tiny",
                    help="base model (default HKUSTAudio/Llasa-1B); `tiny` builds the offline demo model")

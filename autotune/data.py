@@ -60,6 +60,9 @@ class DataReport:
             "token_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)},
             "longest": {"source": longest.source, "tokens": longest.num_tokens} if longest else None,
             "token_count_exact": self.token_count_exact,
+            "token_count_note": None if self.token_count_exact else (
+                "the model's tokenizer was not available: prompt lengths are conservative estimates "
+                "(UTF-8 bytes of the text + 64 template tokens), never below the real count"),
             "skipped": self.skipped,
         }
 
@@ -155,6 +158,13 @@ def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools:
     if not text.strip():
         errors.add(where, "empty `text`")
         return None
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            errors.add(where, f"`text` is not valid Unicode (unpaired surrogate {ascii(text[exc.start])} "
+                              f"at character {exc.start})")
+            return None
     speaker = item.get("speaker")
     if speaker is not None and not isinstance(speaker, (str, int)):
         errors.add(where, f"`speaker` must be a string, got {type(speaker).__name__}")
@@ -193,8 +203,8 @@ def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools:
     except (ValueError, OverflowError):
         arr = np.asarray(value, dtype=object)
     if arr.ndim != 1 or arr.dtype.kind not in "iu" or (check_bools and any(isinstance(v, bool) for v in value)):
-        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int)), None)
-        if bad is None:  # only big ints that overflow int64 get here
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int)), _NONE)
+        if bad is _NONE:  # only big ints that overflow int64 get here (a JSON null is found above)
             bad = next(v for v in value if not 0 <= v <= MAX_CODE)
             errors.add(where, f"`{key}` value {_short(bad)} is out of range 0..{MAX_CODE}")
         else:
@@ -205,6 +215,9 @@ def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools:
         errors.add(where, f"`{key}` value {low if low < 0 else high} is out of range 0..{MAX_CODE}")
         return None
     return arr.astype(np.int32)
+
+
+_NONE = object()
 
 
 def _short(value: Any) -> str:
@@ -221,7 +234,8 @@ def check_audio_file(path: Path) -> str | None:
 
         info = soundfile.info(str(path))
     except Exception as exc:  # soundfile raises its own LibsndfileError and RuntimeError
-        return f"audio file `{path}` is unreadable ({' '.join(str(exc).split())[:80]})"
+        reason = " ".join(str(exc).split()).replace(f"Error opening {str(path)!r}: ", "")  # the path is said once
+        return f"audio file `{path}` is unreadable ({reason[:80]})"
     if info.frames <= 0:
         return f"audio file `{path}` is empty"
     return None
@@ -234,7 +248,10 @@ def read_ljspeech(path: Path, errors: _Errors) -> list[Sample]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise AutotuneError(f"cannot read `{path}` as UTF-8 ({exc}): save metadata.csv as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: `splitlines` would also break a transcript at U+2028,
+    # U+0085 or a form feed and shift every later line number.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -294,9 +311,13 @@ def measure(samples: list[Sample], prompt_builder=None) -> None:
         for s in samples:
             s.num_tokens = ESTIMATED_TEMPLATE_TOKENS + estimate_text_tokens(s.text) + len(s.codes) + 1
         return
-    text_ids = prompt_builder.text_ids([s.text for s in samples])
-    for s, ids in zip(samples, text_ids):
-        s.num_tokens = prompt_builder.overhead + len(ids) + len(s.codes) + 1
+    texts = [s.text for s in samples]
+    # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
+    lengths = (prompt_builder.text_lengths(texts) if hasattr(prompt_builder, "text_lengths")
+               else [len(ids) for ids in prompt_builder.text_ids(texts)])
+    overhead = prompt_builder.overhead
+    for s, n in zip(samples, lengths):
+        s.num_tokens = overhead + n + len(s.codes) + 1
 
 
 def drop_too_long(samples: list[Sample], max_length: int, skipped: list[dict[str, Any]]) -> list[Sample]:
@@ -346,7 +367,10 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
         from autotune.codec import encode_files
 
         codec = codec_loader()
-        encoded = encode_files([s.audio for s in need_audio], codec, cache_dir, progress=progress)
+        try:
+            encoded = encode_files([s.audio for s in need_audio], codec, cache_dir, progress=progress)
+        except AutotuneError as exc:
+            raise _with_line_sources(exc, need_audio) from None
         codes_by_path, report.encoded, report.from_cache = encoded, encoded.encoded, encoded.from_cache
         for s in need_audio:
             s.codes = np.asarray(codes_by_path[s.audio], dtype=np.int32)
@@ -364,9 +388,29 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
         report.train, report.val = split(report.train, val_fraction, split_seed)
         report.val_source = "split"
     if not report.train:
-        raise AutotuneError("no training samples are left after skipping over-long ones: "
-                            f"raise `--set data.max_length=...` (now {max_length})")
+        if train:
+            raise AutotuneError("no training samples are left after skipping over-long ones: "
+                                f"raise `--set data.max_length=...` (now {max_length})")
+        names = ", ".join(f"`{f}`" for f in files)
+        raise AutotuneError(f"the training data {names} holds no samples (only the validation set has some): "
+                            "add lines of {\"text\": ..., \"code\": [...]}")
     return report
+
+
+def _with_line_sources(exc: AutotuneError, samples: list[Sample]) -> AutotuneError:
+    """The codec reports `audio path: problem`; name the data lines that use the file."""
+    sources: dict[str, list[str]] = {}
+    for s in samples:
+        sources.setdefault(str(s.audio), []).append(s.source)
+    details = []
+    for detail in exc.details:
+        path, sep, problem = detail.partition(": ")
+        lines = sources.get(path)
+        if sep and lines:
+            more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
+            detail = f"{lines[0]}: audio file `{path}`: {problem}{more}"
+        details.append(detail)
+    return AutotuneError(str(exc), details=details)
 
 
 def split_record(report: DataReport) -> dict[str, Any]:

@@ -44,6 +44,7 @@ class Context:
     processes: int = 1
     local_rank: int = 0
     notes: list[str] = field(default_factory=list)
+    codec_cache: Path | None = None  # default: <output>/../.codec-cache; a sweep shares its parent's
 
 
 # ------------------------------------------------------------- the driver ---
@@ -98,8 +99,9 @@ def make_context(args: argparse.Namespace) -> Context:
     quiet = args.json
     console = Console(stderr=quiet, quiet=rank != 0)
     output = Path(args.output_dir) if args.output_dir else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    cache = getattr(args, "codec_cache", None)
     return Context(args, console, output, is_main=rank == 0, processes=processes,
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), codec_cache=Path(cache) if cache else None)
 
 
 # ---------------------------------------------------------- output folder ---
@@ -201,7 +203,7 @@ def load_tokenizer_for_data(ctx: Context, config: Config):
 
 def codec_cache_dir(ctx: Context) -> Path:
     # Next to the runs, not inside the user's data folder, shared by every run.
-    return ctx.output_dir.parent / ".codec-cache"
+    return ctx.codec_cache or ctx.output_dir.parent / ".codec-cache"
 
 
 def load_data(ctx: Context, config: Config, builder):
@@ -337,7 +339,7 @@ def dry_run(ctx: Context, rec, data, builder, start):
         apply_vram_limit(config, device, 1.0)  # training gets the whole (limited) card back
     record = result.to_dict()
     record["device"] = device
-    if ctx.args.json:
+    if ctx.args.json and ctx.args.dry_run:
         print(json.dumps(record, indent=2))
     show_attempts(ctx, result)
     if ctx.is_main and not ctx.args.check_data:
@@ -457,11 +459,14 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
         if not is_oom(exc):
             raise
         error = " ".join(str(exc).split())[:200]
-    if error is not None:
-        # Outside the handler, so the failed step's tensors can be freed.
+    finally:
+        # A live progress bar would keep redrawing over whatever comes next.
         for cb in list(trainer.callback_handler.callbacks):
             if isinstance(cb, T.RichProgressCallback) and cb.progress is not None:
                 cb.progress.stop()
+                cb.progress = None
+    if error is not None:
+        # Outside the handler, so the failed step's tensors can be freed.
         del trainer, model, base
         return Outcome(oom_error=error)
     return Outcome(trainer, throughput, early)

@@ -22,7 +22,6 @@ from autotune.errors import AutotuneError
 from autotune.llasa import LlasaTokens, PromptBuilder
 
 __all__ = [
-    "GeneratedSpeech",
     "SampleCallback",
     "codes_from_new_ids",
     "generate_codes",
@@ -74,15 +73,16 @@ def codes_from_new_ids(new_ids: Sequence[int], tokens: LlasaTokens) -> tuple[lis
     return codes, dropped, generated
 
 
+_BUILDERS: dict[int, PromptBuilder] = {}
+
+
 def _prompt_builder(tokenizer: Any) -> PromptBuilder:
-    # The builder renders the template once; keep it on the tokenizer object.
-    builder = getattr(tokenizer, "_autotune_prompt_builder", None)
+    """One `PromptBuilder` per tokenizer (it renders the chat template once)."""
+    builder = _BUILDERS.get(id(tokenizer))
     if builder is None or builder.tokenizer is not tokenizer:
-        builder = PromptBuilder(tokenizer)
-        try:
-            tokenizer._autotune_prompt_builder = builder
-        except AttributeError:  # a tokenizer that refuses new attributes: rebuild each time
-            pass
+        if len(_BUILDERS) >= 8:
+            _BUILDERS.clear()
+        builder = _BUILDERS[id(tokenizer)] = PromptBuilder(tokenizer)
     return builder
 
 
@@ -210,28 +210,25 @@ class SampleCallback(TrainerCallback):
             return
         self.sampled_steps.append(step)
         codec = self._get_codec()
-        reference_codes = self.reference.codes if self.reference is not None else None
-        reference_text = self.reference.text if reference_codes else None
         folder = self.output_dir / "samples" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         writer = getattr(self.tensorboard, "tb_writer", None) if self.tensorboard is not None else None
         records = []
         seconds = 0.0
         for i, text in enumerate(self.texts):
-            codes, dropped, generated = generate_codes(
-                model, self.tokenizer, text, temperature=self.temperature, top_p=self.top_p,
-                repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
-                reference_text=reference_text, reference_codes=reference_codes,
-                seed=_sample_seed(args.seed, step, i))
-            record = {"index": i, "text": text, "generated_tokens": generated, "dropped_ids": dropped,
-                      "codes": codes, "wav": None}
-            if codec is not None:
-                wave = codec.decode(codes)
-                from autotune.codec import SAMPLING_RATE, write_wav
+            try:
+                record, wave = self._speak(model, codec, text, i, folder, seed=_sample_seed(args.seed, step, i))
+            except Exception as exc:  # noqa: BLE001 - a failed sample must not end an hours-long run
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                records.append({"index": i, "text": text, "error": f"{type(exc).__name__}: {reason}"})
+                self._warn(f"samples: text {i} at step {step} failed ({type(exc).__name__}: {reason}); "
+                           "training goes on")
+                _free_cuda_memory()
+                continue
+            records.append(record)
+            if wave is not None:
+                from autotune.codec import SAMPLING_RATE
 
-                path = folder / f"{i}.wav"
-                write_wav(path, wave, SAMPLING_RATE)
-                record["wav"] = path.name
                 seconds += wave.size / SAMPLING_RATE
                 if writer is not None and wave.size:
                     import numpy as np
@@ -240,21 +237,45 @@ class SampleCallback(TrainerCallback):
                     clipped = torch.from_numpy(np.clip(wave, -1.0, 1.0)).reshape(1, -1)
                     writer.add_audio(f"samples/{i}", clipped, step, sample_rate=SAMPLING_RATE)
                     writer.add_text(f"samples/{i}/text", text, step)
-            records.append(record)
-        total_generated = sum(r["generated_tokens"] for r in records)
-        total_dropped = sum(r["dropped_ids"] for r in records)
+        done = [r for r in records if "error" not in r]
+        total_generated = sum(r["generated_tokens"] for r in done)
+        total_dropped = sum(r["dropped_ids"] for r in done)
         payload = {"step": step, "codec": self.codec_id, "decoded": codec is not None,
-                   "reference_audio": self.reference.audio if reference_codes else None, "samples": records}
+                   "reference_audio": self.reference.audio if self._reference_codes() else None,
+                   "samples": records}
         (folder / "codes.json").write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
-        if writer is not None:
+        if writer is not None and done:
             writer.add_scalar("samples/generated_tokens", total_generated, step)
             writer.add_scalar("samples/dropped_ids", total_dropped, step)
             writer.flush()
-        if self.console is not None:
+        if self.console is not None and done:
             heard = f"{seconds:.1f} s of audio" if codec is not None else "codes only (no codec)"
-            plural = "s" if len(records) != 1 else ""
-            self.console.print(f"samples at step {step}: {len(records)} text{plural}, {heard}, {total_generated} "
+            plural = "s" if len(done) != 1 else ""
+            self.console.print(f"samples at step {step}: {len(done)} text{plural}, {heard}, {total_generated} "
                                f"tokens generated, {total_dropped} non-speech dropped -> {folder}")
+
+    def _reference_codes(self) -> list[int] | None:
+        return self.reference.codes if self.reference is not None and self.reference.codes else None
+
+    def _speak(self, model, codec, text: str, index: int, folder: Path, *, seed: int):
+        """One text: generate, decode when there is a codec, write `<index>.wav`."""
+        reference_codes = self._reference_codes()
+        codes, dropped, generated = generate_codes(
+            model, self.tokenizer, text, temperature=self.temperature, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+            reference_text=self.reference.text if reference_codes else None, reference_codes=reference_codes,
+            seed=seed)
+        record = {"index": index, "text": text, "generated_tokens": generated, "dropped_ids": dropped,
+                  "codes": codes, "wav": None}
+        if codec is None:
+            return record, None
+        from autotune.codec import SAMPLING_RATE, write_wav
+
+        wave = codec.decode(codes)
+        path = folder / f"{index}.wav"
+        write_wav(path, wave, SAMPLING_RATE)
+        record["wav"] = path.name
+        return record, wave
 
     def _get_codec(self):
         if self._codec_tried:
@@ -282,6 +303,13 @@ class SampleCallback(TrainerCallback):
         from rich.markup import escape
 
         self.console.print(f"[yellow]! {escape(message)}[/yellow]")
+
+
+def _free_cuda_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _evaluation_off(args) -> bool:

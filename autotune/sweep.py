@@ -26,6 +26,12 @@ one command:
   without a validation loss come after, by train loss; failed trials last.
 - Exit code: 0 when at least one trial finished, 1 when every trial failed,
   2 for a usage error (nothing is trained).
+- Output: a ranked table, the winner's `--set` flags ready to paste, and
+  `<sweep dir>/sweep.json` (`trials` ranked, `best`, `best_sets`); `--json`
+  prints that object on stdout (everything else goes to stderr).
+- Several GPUs in one process are not split between trials: trials are
+  sequential. `--dry-run`, `--check-data`, `--merge` and `--resume CHECKPOINT`
+  are refused with `--sweep` (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -49,10 +55,10 @@ from typing import Any
 
 from autotune.config import load_yaml_file, parse_set, resolve_config
 from autotune.errors import AutotuneError
+from autotune.run import RUN_MARKER, cli_sets
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
-RUN_MARKER = "run_config.yaml"   # same as autotune.run.RUN_MARKER (not imported: that module is heavy)
 EXAMPLE = "`--sweep lora.r=8,16,32` (a dotted config key, `=`, then comma-separated values)"
 
 # Short names for trial folders; any other key is named by its last part.
@@ -267,8 +273,6 @@ def check_flags(args) -> None:
 
 def validate_trials(args, axes: list[Axis], trials: list[Trial]) -> None:
     """Every trial's config must validate before anything loads or trains."""
-    from autotune.run import cli_sets
-
     user_yaml = load_yaml_file(args.config) if args.config else None
     base = cli_sets(args)
     resolve_config(None, user_yaml, base)   # a bad `--set` is reported as such
@@ -342,8 +346,6 @@ def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
 
 def base_record(args) -> dict[str, Any]:
     """What must match for `--resume` to continue a sweep: everything but the grid."""
-    from autotune.run import cli_sets
-
     settings = dict(parse_set(s) for s in cli_sets(args))
     return {"data": args.data, "config": args.config, "auto": bool(args.auto),
             "settings": json.loads(json.dumps(settings, default=str))}
@@ -372,6 +374,8 @@ def trial_args(args, trial: Trial, out: Path):
     a.overwrite = True   # an unfinished trial starts over in its folder
     a.dry_run = False
     a.check_data = False
+    # Trials share the codec cache that plain runs beside the sweep use.
+    a.codec_cache = str(out.parent / ".codec-cache")
     return a
 
 
@@ -433,7 +437,10 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
             trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
         else:
             trial.status = "ok"
-            read_summary(trial, folder)
+            try:
+                read_summary(trial, folder)
+            except (OSError, ValueError) as exc:
+                trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
     finally:
         _free_memory()
     if trial.wall_seconds is None:
@@ -485,6 +492,12 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(str(v) for v in value)
+    return format_value(key, value)
+
+
 def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -498,17 +511,20 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
                         f"{'validation' if record['ranked_by'] == 'eval_loss' else 'train'} loss", title_justify="left")
     table.add_column("#", justify="right")
     for a in axes:
-        table.add_column(short[a.key])
+        table.add_column(short[a.key], overflow="fold")
     for column in ("eval loss", "train loss", "tokens/s", "peak GiB", "status"):
-        table.add_column(column, justify="right" if column != "status" else "left")
+        table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
     for i, t in enumerate(ranked, 1):
         status = {"ok": "[green]ok[/green]", "skipped-finished": "[green]finished earlier[/green]"}.get(
-            t.status, f"[red]failed[/red]: {escape(t.error or '')}")
-        table.add_row(str(i), *(escape(format_value(k, v)) for k, v in t.settings.items()),
+            t.status, "[red]failed[/red]")
+        table.add_row(str(i), *(escape(_cell(k, v)) for k, v in t.settings.items()),
                       num(t.eval_loss, ".4f"), num(t.train_loss, ".4f"), num(t.tokens_per_second, ",.0f"),
                       "-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}", status)
     c = ctx.console
     c.print(table)
+    for t in ranked:
+        if t.status == "failed":
+            c.print(f"[red]failed[/red] {escape(t.name)}: {escape(t.error or '')}", highlight=False)
     if record["pending"]:
         c.print(f"[yellow]{len(record['pending'])} trials not run yet: rerun with `--resume` to finish them[/yellow]")
     best = record["best"]

@@ -55,7 +55,7 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
             raise AutotuneError("`report_to: tensorboard` needs tensorboard: `pip install tensorboard`, "
                                 "or `--set training.report_to=none`") from None
     optim = {"adamw_8bit": "adamw_bnb_8bit"}.get(t.optim, t.optim)
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
@@ -85,6 +85,20 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         prediction_loss_only=True,
         disable_tqdm=True,
     )
+    return TrainingArguments(**_for_this_transformers(kwargs))
+
+
+def _for_this_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Names moved within transformers 5.x: map ours onto what this version takes."""
+    import inspect
+
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    out = dict(kwargs)
+    if "train_sampling_strategy" not in params:
+        out["group_by_length"] = out.pop("train_sampling_strategy") == "group_by_length"
+    if "warmup_ratio" in params and isinstance(out.get("warmup_steps"), float):
+        out["warmup_ratio"] = out.pop("warmup_steps")
+    return out
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
