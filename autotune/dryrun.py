@@ -49,6 +49,13 @@ class Plan:
                    lora_target_modules=tuple(config.lora.target_modules), load_in_4bit=config.model.load_in_4bit,
                    max_length=config.data.max_length)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Plan":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in fields}
+        kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
+        return cls(**kept)
+
     def apply(self, config: Config) -> Config:
         """The config with this plan's values."""
         out = config.model_copy(deep=True)

@@ -60,8 +60,9 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
     from autotune.data import find_layout
 
     find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
+    start_distributed(ctx)
     if not args.check_data:
-        check_output_dir(ctx)
+        on_main_then_share(ctx, lambda: check_output_dir(ctx))
     rec = probe_and_recommend(ctx)
     config = rec.config
     tokenizer, builder = load_tokenizer_for_data(ctx, config)
@@ -80,12 +81,61 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
             ctx.console.print(f"dry run: reusing the plan measured for the same memory shape ({dry.plan.label()})")
         else:
             dry = dry_run(ctx, rec, data, builder, plan)
+            dry.plan = agree_on_plan(ctx, rec, dry.plan)
             if plan_cache is not None:
                 plan_cache[key] = dry
         plan = dry.plan
     if args.dry_run:
         return 0
     return train(ctx, rec, plan, dry, data, tokenizer, builder)
+
+
+# ------------------------------------------------------ several processes ---
+
+def start_distributed(ctx: Context) -> None:
+    """Under `accelerate launch` (or torchrun) with several processes, join the
+    process group now, so the steps before training can agree with each other.
+    The Trainer's Accelerator later reuses the same state."""
+    if ctx.processes > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def on_main_then_share(ctx: Context, step) -> None:
+    """Run a step with side effects on the main process only; every process
+    then raises the same one-line error, or none, instead of one hanging."""
+    error = None
+    if ctx.is_main:
+        try:
+            step()
+        except AutotuneError as exc:
+            error = exc.one_line()
+    if ctx.processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [error]
+        broadcast_object_list(box, from_process=0)
+        error = box[0]
+    if error:
+        raise AutotuneError(error)
+
+
+def agree_on_plan(ctx: Context, rec, plan):
+    """Every process trains with one plan: the one the smallest GPU allows."""
+    if ctx.processes <= 1:
+        return plan
+    from accelerate.utils import gather_object
+
+    from autotune.dryrun import Plan
+
+    mine = rec.gpus[min(ctx.local_rank, len(rec.gpus) - 1)].total_bytes if rec.gpus else 0
+    everyone = gather_object([(mine or 0, int(os.environ.get("RANK", "0")), plan.to_dict())])
+    _, rank, chosen = min(everyone, key=lambda item: (item[0], item[1]))
+    agreed = Plan.from_dict(chosen)
+    if agreed != plan:
+        ctx.console.print(f"plan of process {rank} (smallest GPU) used by all: {agreed.label()}")
+    return agreed
 
 
 def memory_shape(plan) -> str:
