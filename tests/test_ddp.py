@@ -49,5 +49,6 @@ def test_both_processes_fail_with_one_line_when_the_output_folder_is_taken(tmp_p
     # once the first exits, so at least one prints it.
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("already holds files" in e for e in errors)
-    assert "Traceback (most recent call last)" not in result.stderr
+    # accelerate's launcher prints its own traceback for a failed child; none of ours.
+    assert "/autotune/" not in result.stderr and 'train.py", line' not in result.stderr
     assert (out / "notes.txt").read_text() == "someone else's"
