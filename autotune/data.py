@@ -462,8 +462,9 @@ class LlasaCollator:
 
 class PackedCollator:
     """Padding-free batches: concatenates samples into one row with position ids
-    restarting at each sample, so attention does not cross samples (transformers'
-    flash/SDPA paths read the boundaries from `position_ids`)."""
+    restarting at each sample. transformers builds a block-diagonal mask from
+    the position ids when there is no attention mask and no cache (training with
+    `use_cache=False`), so attention does not cross samples; a test checks it."""
 
     def __init__(self, pad_id: int):
         from transformers import DataCollatorWithFlattening
@@ -474,3 +475,8 @@ class PackedCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
         return batch
+
+
+def make_collator(pad_id: int, packing: bool):
+    """Padded rows (multiple of 8), or padding-free packed rows with `data.packing`."""
+    return PackedCollator(pad_id) if packing else LlasaCollator(pad_id)

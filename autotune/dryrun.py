@@ -392,7 +392,8 @@ class RealMeasure:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = make_optimizer(plan.optim, params, self.learning_rate, cuda)
             batch = self._batch(plan)
-            tokens = int(batch["attention_mask"].sum())
+            mask = batch.get("attention_mask")  # packed rows have none: every token is real
+            tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
             elapsed = 0.0
             for step in range(self.steps):

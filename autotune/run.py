@@ -346,7 +346,7 @@ def apply_vram_limit(config: Config, device: str, fraction_of_limit: float = 1.0
 
 
 def dry_run(ctx: Context, rec, data, builder, start):
-    from autotune.data import LlasaCollator, build_examples
+    from autotune.data import build_examples, make_collator
     from autotune.dryrun import RealMeasure, search
     from autotune.model import load_base_model
     from autotune.profiles import bitsandbytes_installed
@@ -355,7 +355,7 @@ def dry_run(ctx: Context, rec, data, builder, start):
     device = device_for(ctx)
     budget = apply_vram_limit(config, device, config.autotune.memory_fraction)
     examples = build_examples(data.train, builder)
-    collator = LlasaCollator(builder.tokens.pad)
+    collator = make_collator(builder.tokens.pad, config.data.packing)
 
     def load_base(precision: str, four_bit: bool):
         return load_base_model(config.model.name_or_path, precision=precision,
@@ -417,7 +417,7 @@ def show_attempts(ctx: Context, result) -> None:
 
 def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
     from autotune import trainer as T
-    from autotune.data import LlasaCollator, build_examples, split_record
+    from autotune.data import build_examples, make_collator, split_record
 
     config = plan.apply(rec.config)
     out = ctx.output_dir
@@ -430,7 +430,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
     kept = [s for s in data.train if s.num_tokens <= config.data.max_length]
     train_set = T.ExampleDataset(build_examples(kept, builder))
     val_set = T.ExampleDataset(build_examples(data.val, builder)) if data.val else None
-    collator = LlasaCollator(builder.tokens.pad)
+    collator = make_collator(builder.tokens.pad, config.data.packing)
 
     resume_from = resolve_resume(ctx)
     recoveries: list[dict[str, Any]] = []
