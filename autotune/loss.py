@@ -10,7 +10,8 @@ almost all of it avoidable:
   before the head.
 * The loss needs only one number per row (logsumexp minus the target logit).
   The selected rows go through the head in chunks; each chunk's logits are
-  dropped as soon as its logsumexp is known, and recomputed in backward.
+  dropped as soon as its logsumexp and its gradient are known (the gradient
+  is computed in forward, so the head's matmuls run no more often than stock).
 
 `lean_cross_entropy` is numerically the stock `ForCausalLMLoss` (same shift,
 same -100 rule, logits computed in the head's dtype and upcast to fp32 before
@@ -61,9 +62,13 @@ def _accum_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of cross_entropy(h @ W.T + b, y), never holding [rows x vocab].
 
-    Saved for backward: the selected hidden rows, the head weight/bias (by
-    reference, no copy), the targets and one logsumexp per row. Backward
-    recomputes each chunk's logits.
+    The gradients are computed chunk by chunk in forward, while each chunk's
+    logits are at hand (as liger-kernel does): the head's matmuls then run
+    exactly as often as in the stock loss (forward + one backward matmul),
+    where recomputing the logits in backward would add a third. Saved for
+    backward: the gradient wrt the hidden rows ([rows x hidden], the size of the
+    rows themselves) and, only when the head trains, wrt its weight and bias.
+    Backward just scales them by the incoming gradient.
     """
 
     @staticmethod
@@ -75,78 +80,67 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,  # [n] int64
         chunk_size: int,
     ) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
         device_type = hidden.device.type
-        # Autocast is thread-local and the backward runs on the autograd
-        # thread, so remember it: the recomputed logits must match forward's.
-        ctx.autocast = (
-            device_type,
-            torch.is_autocast_enabled(device_type),
-            torch.get_autocast_dtype(device_type),
-        )
+        autocast_on = torch.is_autocast_enabled(device_type)
+        head_dtype = _head_dtype(weight, autocast_on, torch.get_autocast_dtype(device_type))
         acc = _accum_dtype(weight.dtype)
         n = hidden.shape[0]
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # Accumulate the weight/bias gradient across chunks in fp32 so that a
+        # bf16 head does not lose precision chunk after chunk. Only paid when
+        # the head is trained; with LoRA it is frozen and this is skipped.
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:stop], weight, bias, acc)
+            h = hidden[start:stop]
+            logits = _chunk_logits(h, weight, bias, acc)
             target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
             # In-place max-shifted logsumexp: torch.logsumexp would allocate
             # another [chunk x vocab] fp32 temporary.
             row_max = logits.amax(dim=1, keepdim=True)
             # Keep the shift finite so an all -inf row gives -inf, not nan.
             row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            chunk_lse = logits.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1))
-            del logits
-            lse[start:stop] = chunk_lse
+            probs = logits.sub_(row_max).exp_()  # logits are gone from here on
+            sums = probs.sum(dim=1)
+            chunk_lse = sums.log() + row_max.squeeze(1)
             total += (chunk_lse - target_logit).sum()
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if grad_h is None and grad_w is None and grad_b is None:
+                del probs
+                continue
+            # d(lse - z_y)/dz = softmax - onehot(y), built in place.
+            grad = probs.div_(sums[:, None])
+            del probs
+            rows = torch.arange(stop - start, device=hidden.device)
+            grad[rows, targets[start:stop]] -= 1
+            # Stock casts the fp32 logits gradient back to the logits dtype
+            # before the linear's backward; do the same.
+            grad_lp = grad.to(head_dtype)
+            del grad
+            if grad_h is not None:
+                grad_h[start:stop] = (grad_lp @ weight.to(head_dtype)).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.add_((grad_lp.t() @ h.to(head_dtype)).to(acc))
+            if grad_b is not None:
+                grad_b.add_(grad_lp.sum(dim=0).to(acc))
+            del grad_lp
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        device_type, autocast_on, autocast_dtype = ctx.autocast
-        acc = lse.dtype
-        n = hidden.shape[0]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # Accumulate the weight/bias gradient across chunks in fp32 so that a
-        # bf16 head does not lose precision chunk after chunk. Only paid when
-        # the head is trained; with LoRA it is frozen and this is skipped.
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = None
-        if need_b and bias is not None:
-            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        scale = grad_total.to(acc)
-        head_dtype = _head_dtype(weight, autocast_on, autocast_dtype)
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
-            for start in range(0, n, ctx.chunk_size):
-                stop = min(start + ctx.chunk_size, n)
-                h = hidden[start:stop]
-                rows = torch.arange(stop - start, device=hidden.device)
-                logits = _chunk_logits(h, weight, bias, acc)
-                # d(lse - z_y)/dz = softmax - onehot(y), built in place.
-                grad = logits.sub_(lse[start:stop, None]).exp_()
-                del logits
-                grad[rows, targets[start:stop]] -= 1
-                grad.mul_(scale)
-                # Stock casts the fp32 logits gradient back to the logits
-                # dtype before the linear's backward; do the same.
-                grad_lp = grad.to(head_dtype)
-                del grad
-                if grad_h is not None:
-                    grad_h[start:stop] = (grad_lp @ weight.to(head_dtype)).to(hidden.dtype)
-                if grad_w is not None:
-                    grad_w.add_((grad_lp.t() @ h.to(head_dtype)).to(acc))
-                if grad_b is not None:
-                    grad_b.add_(grad_lp.sum(dim=0).to(acc))
-                del grad_lp
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = (grad_w * grad_total.to(grad_w.dtype)).to(ctx.weight_dtype)
         if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
+            grad_b = (grad_b * grad_total.to(grad_b.dtype)).to(ctx.bias_dtype)
         return grad_h, grad_w, grad_b, None, None
 
 
