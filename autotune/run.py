@@ -272,6 +272,7 @@ def load_data(ctx: Context, config: Config, builder):
 
 def report_data(ctx: Context, data) -> int:
     summary = data.summary()
+    summary["notes"] = list(ctx.notes)
     if ctx.args.json:
         print(json.dumps(summary, ensure_ascii=False, indent=2))
         return 0
