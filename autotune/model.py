@@ -45,8 +45,6 @@ def load_base_model(name: str, *, precision: str, attn_implementation: str = "sd
                     load_in_4bit: bool = False, device: str = "cpu"):
     """The frozen base in the plan's precision. fp16 mixed precision keeps fp32
     master weights for what trains, but the frozen base can sit in half."""
-    import torch
-
     dtype = torch_dtype(precision)
     if name == TINY:
         if load_in_4bit:

@@ -169,9 +169,19 @@ def check_output_dir(ctx: Context) -> None:
     if args.resume and args.resume == "latest" and not (out / RUN_MARKER).exists():
         raise AutotuneError(f"`--resume`: `{out}` holds no run to resume; pass the run's `--output-dir` or a checkpoint path")
     if existing and args.overwrite and ctx.is_main and not args.resume:
-        if not (out / RUN_MARKER).exists() and any(p.suffix in (".wav", ".jsonl", ".csv") for p in out.rglob("*")):
+        if not (out / RUN_MARKER).exists() and looks_like_data(out):
             raise AutotuneError(f"`{out}` looks like data, not a run: refusing to overwrite it; choose another `--output-dir`")
         shutil.rmtree(out)
+    ensure_writable(out)
+
+
+def looks_like_data(folder: Path) -> bool:
+    """Audio or transcripts inside: someone's data, never to be deleted by `--overwrite`."""
+    return any(p.suffix in (".wav", ".flac", ".jsonl", ".csv") for p in folder.rglob("*"))
+
+
+def ensure_writable(out: Path) -> None:
+    """Create `out`, prove it is writable, and check there is room for a checkpoint."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe_file = out / ".write-test"
@@ -435,6 +445,8 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
 
     resume_from = resolve_resume(ctx)
     recoveries: list[dict[str, Any]] = []
+    nan_rollbacks: list[dict[str, Any]] = []
+    nonfinite_steps: list[int] = []
     started = time.time()
     device = device_for(ctx)
     apply_vram_limit(config, device)
@@ -442,7 +454,30 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         outcome = _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resume_from, device,
                               val_texts=[s.text for s in data.val])
         if outcome.oom_error is None:
-            break
+            guard = outcome.trainer.nonfinite
+            nonfinite_steps += guard.skipped_steps
+            if guard.exhausted_at is None:
+                break
+            # `nan_patience` non-finite steps in a row: back to the last checkpoint with the guide's remedies.
+            from autotune import reliability as R
+            from autotune.dryrun import free_cuda_memory
+
+            outcome = None  # this attempt's model goes before the next one loads
+            free_cuda_memory()
+            t = config.training
+            if len(nan_rollbacks) >= R.MAX_NAN_ROLLBACKS:
+                raise AutotuneError(R.nan_give_up_message(guard.exhausted_at, t.nan_patience, len(nan_rollbacks),
+                                                          t, out))
+            remedies = R.nan_remedies(t.learning_rate, t.max_grad_norm, t.warmup_ratio)
+            config = config.model_copy(update={"training": t.model_copy(update=remedies)})
+            resume_from = T.newest_checkpoint(out)
+            nan_rollbacks.append({"at_step": guard.exhausted_at, "bad_steps": guard.skipped_steps[-t.nan_patience:],
+                                  "resumed_from": str(resume_from) if resume_from else None, **remedies})
+            ctx.console.print(f"[yellow]the loss or gradients were NaN/inf for {t.nan_patience} steps in a row (up to "
+                              f"step {guard.exhausted_at}): rolling back to {resume_from or 'the start'} with "
+                              f"learning_rate {remedies['learning_rate']:g}, max_grad_norm {remedies['max_grad_norm']:g}, "
+                              f"warmup_ratio {remedies['warmup_ratio']:g}[/yellow]")
+            continue
         # Out of memory mid-training: next rung, same effective batch, from the newest checkpoint.
         from autotune.dryrun import free_cuda_memory, next_rung
 
@@ -459,7 +494,8 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
                            "resumed_from": str(resume_from) if resume_from else None})
         ctx.console.print(f"[yellow]out of memory during training: retrying with {why} ({plan.label()}), "
                           f"from {resume_from or 'the start'}[/yellow]")
-    return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer)
+    return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer,
+                  nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps)
 
 
 @dataclass
@@ -489,7 +525,7 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
                                 use_cpu=not device.startswith("cuda"), notes=ctx.notes)
     trainer = T.LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                              data_collator=collator, callbacks=T.callbacks_for(config, args.eval_strategy != "no"),
-                             lean_loss=config.training.lean_loss)
+                             lean_loss=config.training.lean_loss, console=ctx.console)
     throughput = T.ThroughputCallback(trainer, ctx.processes)
     early = T.EarlyStopRecorder()
     from transformers.trainer_callback import PrinterCallback
@@ -501,11 +537,16 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
     from autotune.samples import maybe_add_sample_callback
 
     maybe_add_sample_callback(trainer, config, ctx.output_dir, tokenizer, val_texts, ctx.console)
+    trainer.add_guards(config.training.nan_patience)  # last: they end a step
+    from autotune import reliability as R
+
+    R.require_room_for_checkpoints(ctx.output_dir, model, config.training.optim)
     if resume_from:
         ctx.console.print(f"resuming from [bold]{resume_from}[/bold] (optimizer, scheduler, RNG and data position restored)")
     error = None
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with R.catch_interrupts(trainer.interrupt):  # Ctrl-C/SIGTERM: finish the step, save, stop
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -520,33 +561,44 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
         # Outside the handler, so the failed step's tensors can be freed.
         del trainer, model, base
         return Outcome(oom_error=error)
-    return Outcome(trainer, throughput, early)
+    return Outcome(trainer, throughput, early, interrupted=trainer.interrupt.stopped_at is not None)
 
 
 def resolve_resume(ctx: Context) -> Path | None:
-    from autotune.trainer import newest_checkpoint
+    from rich.markup import escape
+
+    from autotune import reliability as R
 
     arg = ctx.args.resume
     if not arg:
         return None
     if arg == "latest":
-        found = newest_checkpoint(ctx.output_dir)
+        if ctx.is_main:
+            for leftover in R.clean_staging(ctx.output_dir):
+                ctx.console.print(f"--resume: removed {escape(leftover.name)}, a save that was cut short")
+        found, skipped = R.scan_checkpoints(ctx.output_dir)
+        for path, why in skipped:
+            ctx.console.print(f"[yellow]--resume: skipping {escape(path.name)}: {escape(why)}[/yellow]")
         if found is None:
             ctx.console.print(f"[yellow]--resume: no complete checkpoint in {ctx.output_dir}; starting from step 0[/yellow]")
         return found
     path = Path(arg)
-    if not (path / "trainer_state.json").is_file():
-        raise AutotuneError(f"`--resume {arg}` is not a complete checkpoint (no trainer_state.json): "
+    problem = R.checkpoint_problem(path)
+    if problem:
+        raise AutotuneError(f"`--resume {arg}` is not a complete checkpoint ({problem}): "
                             f"pass a `checkpoint-N` folder, or `--resume` alone for the newest in `{ctx.output_dir}`")
     return path
 
 
 # ----------------------------------------------------------------- finish ---
 
-def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, tokenizer) -> int:
+def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, tokenizer, *,
+           nan_rollbacks=(), nonfinite_steps=()) -> int:
+    from autotune import reliability as R
     from autotune import trainer as T
 
     trainer = outcome.trainer
+    interrupted = trainer.interrupt.requested if outcome.interrupted else None
     history = trainer.state.log_history
     out = ctx.output_dir
     findings = T.diagnose(history, config)
@@ -573,20 +625,44 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         "peak_gpu_bytes": peak,
         "wall_seconds": round(wall_seconds, 2),
         "oom_recoveries": recoveries,
+        "interrupted": interrupted,
+        "nan_rollbacks": list(nan_rollbacks),
+        "nonfinite_steps_skipped": list(nonfinite_steps),
+        "checkpoints_refused": trainer.refused_saves,
         "diagnosis": [f.to_dict() for f in findings],
         "notes": ctx.notes,
     }
+    # An interrupted run is unfinished: its adapter so far is in the checkpoint, not the output folder.
+    bad = R.nonfinite_parameters(trainer.model)
+    save_adapter = ctx.is_main and not interrupted and not bad
+    if bad and not interrupted:
+        ctx.console.print(f"[yellow]! not saving the final adapter: {len(bad)} tensors hold NaN or inf; "
+                          "the checkpoints are kept[/yellow]")
     if ctx.is_main:
-        trainer.model.save_pretrained(str(out))  # adapter_model.safetensors + adapter_config.json
+        if save_adapter:
+            try:
+                trainer.model.save_pretrained(str(out))  # adapter_model.safetensors + adapter_config.json
+            except Exception as exc:
+                free = R.free_bytes(out)
+                if not R.is_disk_full(exc, free):
+                    raise
+                raise AutotuneError(R.disk_full_message("the final adapter", out, free, T.newest_checkpoint(out))) from exc
         (out / "resolved_config.yaml").write_text(dump_yaml(config), encoding="utf-8")
         summary["loss_plot"] = "loss.png" if T.plot_losses(history, out / "loss.png") else None
-        if ctx.args.merge:
+        if ctx.args.merge and save_adapter:
             merged = trainer.model.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(out / "merged"))
             summary["merged"] = "merged"
         T.write_json(out / "run_summary.json", summary)
+    if interrupted:
+        saved = T.newest_checkpoint(out)
+        argv, program = R.command_line(ctx.args)
+        ctx.console.print(f"[yellow]{interrupted}: stopped at step {summary['steps']} of {summary['max_steps']}; "
+                          f"the newest checkpoint is {saved or 'none'}. Resume with:[/yellow]")
+        ctx.console.print("  " + R.resume_command(argv, out, program), soft_wrap=True, markup=False, highlight=False)
+        return R.EXIT_CODES[interrupted]
     final_table(ctx, summary, findings)
     return 0
 

@@ -55,7 +55,7 @@ from typing import Any
 
 from autotune.config import load_yaml_file, parse_set, resolve_config
 from autotune.errors import AutotuneError
-from autotune.run import RUN_MARKER, cli_sets
+from autotune.run import RUN_MARKER, cli_sets, ensure_writable, looks_like_data
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
@@ -329,18 +329,11 @@ def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
             raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue "
                                 f"{'it' if sweep else 'a sweep'}, `--overwrite` to replace it, or choose another `--output-dir`")
         if ctx.is_main:
-            if not sweep and not (out / RUN_MARKER).exists() and any(
-                    p.suffix in (".wav", ".jsonl", ".csv") for p in out.rglob("*")):
+            if not sweep and not (out / RUN_MARKER).exists() and looks_like_data(out):
                 raise AutotuneError(f"`{out}` looks like data, not a sweep: refusing to overwrite it; "
                                     "choose another `--output-dir`")
             shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".write-test"
-        probe_file.write_text("ok")
-        probe_file.unlink()
-    except OSError as exc:
-        raise AutotuneError(f"cannot write to `{out}` ({exc.strerror or exc}): choose a writable `--output-dir`") from None
+    ensure_writable(out)
     return previous
 
 

@@ -219,7 +219,6 @@ def auto_find_batch_size(rec, plan, data, builder, tokenizer, tmp, console, step
     """Stock HF `auto_find_batch_size`, starting from 64, with the profile's other settings."""
     import torch
 
-    from autotune import run as R
     from autotune import trainer as T
     from autotune.data import LlasaCollator, build_examples
     from autotune.model import apply_lora, load_base_model
