@@ -13,6 +13,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line (exit 2), with a pointer to `--help`."""
 
     def error(self, message: str) -> NoReturn:
+        # One line even when the message echoes an argument holding a newline.
+        message = " ".join(message.split())
         sys.stderr.write(f"error: {message} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
@@ -26,8 +28,22 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                              "repeatable; wins over `--config`")
 
 
+def _print_raw_bytes_back() -> None:
+    """A path or flag with bytes that are not UTF-8 reaches Python as surrogate escapes
+    (`\\udcff`); with a strict stdout (PYTHONIOENCODING=utf-8, or an en_US.UTF-8 locale)
+    printing it back, e.g. in `--check-data --json`, crashed with UnicodeEncodeError.
+    `surrogateescape` writes the original bytes instead, as the C.UTF-8 locale does."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a detached or closed stream: leave it as it is
+            pass
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
     """Run `main`; an `AutotuneError` becomes one line on stderr and exit code 2."""
+    _print_raw_bytes_back()
     try:
         code = main(argv)
     except AutotuneError as exc:

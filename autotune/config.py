@@ -15,10 +15,11 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from autotune.errors import AutotuneError
 
@@ -27,8 +28,31 @@ DEFAULT_MODEL = "HKUSTAudio/Llasa-1B"
 DEFAULT_CODEC = "HKUSTAudio/xcodec2-hf"  # transformers-format XCodec2
 
 
+# Integers reach torch, numpy and CUDA, which take at most 64 bits.
+INT64_MAX = 2**63 - 1
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # `allow_inf_nan=False`: `inf` (YAML `.inf`, or `1e999`) is no learning rate, memory share or size.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `true` as 1 for a number; `--set lora.r=true` is a mistake, not rank 1.
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("must be a number, not true/false")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError("is out of range (a 64-bit integer, -2**63 to 2**63 - 1)")
+        return value
 
 
 class ModelSection(_Section):
@@ -80,7 +104,7 @@ class TrainingSection(_Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
     dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster GPU copies.")
     group_by_length: bool = Field(True, description="Batch samples of similar length together to reduce padding.")
-    seed: int = Field(42, description="Training seed.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Training seed (0 to 2**32 - 1, numpy's range).")
     use_early_stopping: bool = Field(True, description="Stop when the metric stops improving (needs validation).")
     early_stopping_patience: int = Field(5, gt=0, description="Evaluations without improvement before stopping.")
     early_stopping_threshold: float = Field(0.001, ge=0, description="Smallest improvement that counts.")
@@ -174,12 +198,28 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise AutotuneError(f"`--set {item}` must look like `section.key=value`, for example `--set lora.r=16`")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise AutotuneError(f"`--set {item}`: the value is not valid YAML ({_first_line(exc)})") from None
+    except _YAML_ERRORS as exc:
+        raise AutotuneError(f"`--set {item}`: the value is not valid YAML ({_yaml_problem(exc)})") from None
     # YAML 1.1 reads `5e-5` as a string; the guide writes rates that way.
-    if isinstance(value, str):
-        value = _maybe_float(value)
+    try:
+        value = _floatify(value)
+    except _BadTree as exc:
+        raise AutotuneError(f"`--set {_short(item)}`: the value {exc}") from None
     return key, value
+
+
+# `safe_load` raises more than `YAMLError`: a bad `!!timestamp`, `!!int x` or a date such as
+# 2024-13-01 raise ValueError/AttributeError/KeyError, a 5,000-digit integer ValueError, and
+# thousands of nested `[` RecursionError.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError)
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, yaml.YAMLError):
+        return _first_line(exc)
+    return f"a value YAML cannot construct ({type(exc).__name__}: {_first_line(exc)[:120]})"
 
 
 def load_yaml_file(path: str | Path) -> dict[str, Any]:
@@ -193,13 +233,16 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         raise AutotuneError(f"cannot read config file `{path}` ({_first_line(exc)}): pass a readable UTF-8 YAML file") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise AutotuneError(f"`{path}` is not valid YAML: {_first_line(exc)}") from None
+    except _YAML_ERRORS as exc:
+        raise AutotuneError(f"`{path}` is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise AutotuneError(f"`{path}` must hold a mapping of sections (`training:`, `lora:` ...), got a {type(data).__name__}")
-    return _floatify(data)
+    try:
+        return _floatify(data)
+    except _BadTree as exc:
+        raise AutotuneError(f"`{path}` {exc}") from None
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -349,14 +392,44 @@ def _maybe_float(text: str) -> Any:
     return number if math.isfinite(number) else text
 
 
-def _floatify(tree: Any) -> Any:
+MAX_DEPTH = 50
+MAX_VALUES = 100_000
+
+
+class _BadTree(ValueError):
+    """A YAML value no config can hold; the caller names where it came from."""
+
+
+def _floatify(tree: Any, depth: int = 0, count: list[int] | None = None) -> Any:
+    """Exponent floats (`5e-5`) to numbers, walking a fresh tree. Refuses what would
+    hang or crash later: a recursive alias (`&a {x: *a}`), aliases that expand to
+    millions of values ("billion laughs"), and unpaired surrogates (`"\\ud800"`),
+    which no UTF-8 output can print."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > MAX_VALUES:
+        raise _BadTree(f"holds more than {MAX_VALUES:,} values (aliases such as `*a` repeat their anchor)")
+    if depth > MAX_DEPTH:
+        raise _BadTree(f"is nested more than {MAX_DEPTH} levels deep (or an alias `*a` sits inside its own anchor `&a`)")
     if isinstance(tree, dict):
-        return {k: _floatify(v) for k, v in tree.items()}
+        return {_valid_text(k): _floatify(v, depth + 1, count) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_floatify(v) for v in tree]
+        return [_floatify(v, depth + 1, count) for v in tree]
     if isinstance(tree, str):
-        return _maybe_float(tree)
+        return _maybe_float(_valid_text(tree))
     return tree
+
+
+def _valid_text(value: Any) -> Any:
+    # U+DC80..U+DCFF are allowed: they are how Python spells the bytes of a path that is
+    # not UTF-8 (`--val`, `--model` arrive here through `cli_sets`), and print back as those bytes.
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise _BadTree(f"holds text that is not valid Unicode (unpaired surrogate {ascii(value[exc.start])} "
+                           f"in {ascii(_short(value))})") from None
+    return value
 
 
 def dump_yaml(config: Config) -> str:

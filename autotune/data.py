@@ -91,6 +91,18 @@ class _Errors:
 
 def find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
     """-> (layout, training files, validation file or None)."""
+    try:
+        return _find_layout(data)
+    except OSError as exc:  # e.g. a name over the file system's 255-byte limit
+        raise AutotuneError(f"cannot use data path `{_clip(str(data))}` ({exc.strerror or exc}): "
+                            "pass the folder holding train.jsonl, a single .jsonl, or metadata.csv + wavs/") from None
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
     if not data.exists():
         raise AutotuneError(f"data path `{data}` does not exist: pass the folder holding train.jsonl, "
                             "a single .jsonl, or metadata.csv + wavs/")
@@ -135,8 +147,14 @@ def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
             continue
         try:
             item = json.loads(text_line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            errors.add(where, f"invalid JSON ({exc.msg if hasattr(exc, 'msg') else 'too deeply nested'})")
+        except json.JSONDecodeError as exc:
+            errors.add(where, f"invalid JSON ({exc.msg})")
+            continue
+        except RecursionError:
+            errors.add(where, "invalid JSON (too deeply nested)")
+            continue
+        except ValueError:  # an integer of over 4,300 digits (Python's int/str conversion limit)
+            errors.add(where, "invalid JSON (a number is too long)")
             continue
         sample = _parse_item(item, where, path.parent, errors, check_bools=b"true" in line or b"false" in line)
         if sample is not None:
@@ -227,8 +245,11 @@ def _short(value: Any) -> str:
 
 def check_audio_file(path: Path) -> str | None:
     """A cheap header read; the codec reads the samples later."""
-    if not path.is_file():
-        return f"audio file `{path}` is missing"
+    try:
+        if not path.is_file():
+            return f"audio file `{path}` is missing"
+    except OSError as exc:  # e.g. a name over the file system's 255-byte limit
+        return f"audio path `{_clip(str(path))}` is unusable ({exc.strerror or exc})"
     try:
         import soundfile
 
@@ -349,7 +370,12 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
     val_source = ""
     if eval_data is not None:
         eval_path = Path(eval_data)
-        if not eval_path.exists():
+        try:
+            exists = eval_path.exists()
+        except OSError as exc:
+            raise AutotuneError(f"cannot use validation data `{_clip(str(eval_path))}` ({exc.strerror or exc}): "
+                                "check `--val` or `eval_data_dir`") from None
+        if not exists:
             raise AutotuneError(f"validation data `{eval_path}` does not exist: check `--val` or `eval_data_dir`")
         val = read_any(eval_path, errors)
         val_source = "eval_data_dir"

@@ -497,6 +497,10 @@ def what_if_gpu(name: str, vram_gib: float | str, cc: str | None) -> GpuInfo:
     )
 
 
+MAX_WHAT_IF_GIB = 2**20
+"""Largest `--vram` accepted (1 PiB): anything above is a typo, not a card."""
+
+
 def _parse_vram_gib(value: float | str) -> float:
     problem = AutotuneError(f"`--vram` must be a positive number of GiB, got `{value}`")
     if isinstance(value, bool):
@@ -507,11 +511,16 @@ def _parse_vram_gib(value: float | str) -> float:
         raise problem from None
     if not math.isfinite(number) or number <= 0:
         raise problem
+    if number > MAX_WHAT_IF_GIB:  # also keeps `number * GIB` finite (1e300 GiB overflowed it)
+        raise AutotuneError(f"`--vram` must be at most {MAX_WHAT_IF_GIB} GiB, got `{value}`")
+    if round(number * GIB) < 1:  # 1e-10 GiB is not even a byte
+        raise problem
     return number
 
 
 def _parse_cc(value: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)\.(\d+)", str(value).strip())
+    # ASCII digits only (`\d` also takes e.g. Arabic-Indic digits), and no 30-digit versions.
+    match = re.fullmatch(r"([0-9]{1,3})\.([0-9]{1,3})", str(value).strip())
     if match is None:
         raise AutotuneError(
             f"`--cc` must look like MAJOR.MINOR (for example 8.6), got `{value}`"

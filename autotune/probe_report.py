@@ -12,6 +12,9 @@ from autotune.hardware import GpuInfo, ProbeResult, probe, what_if_gpu
 from autotune.profiles import Recommendation, recommend
 
 
+MAX_WHAT_IF_COUNT = 1024
+
+
 @dataclass
 class Report:
     probe: ProbeResult
@@ -35,9 +38,13 @@ def gather(args: argparse.Namespace) -> Report:
         count = getattr(args, "count", 1)
         if count is None or count < 1:
             raise AutotuneError(f"`--count` must be at least 1, got `{count}`")
+        if count > MAX_WHAT_IF_COUNT:  # `[gpu] * 10**9` alone would take 8 GB
+            raise AutotuneError(f"`--count` must be at most {MAX_WHAT_IF_COUNT}, got `{count}`")
         gpu = what_if_gpu(args.gpu or "what-if GPU", args.vram, args.cc)
         result = ProbeResult(gpus=[gpu] * count, reason=None, warnings=[])
     else:
+        if getattr(args, "count", 1) != 1:
+            raise AutotuneError("`--count` only applies in what-if mode: add `--vram GIB` (and `--gpu NAME`)")
         result = probe()
     user_yaml = load_yaml_file(args.config) if getattr(args, "config", None) else None
     rec = recommend(result.gpus, user_yaml=user_yaml, sets=getattr(args, "sets", None))

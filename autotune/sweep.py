@@ -232,7 +232,14 @@ def trial_name(settings: dict[str, Any], short: dict[str, str]) -> str:
     return name
 
 
+MAX_TRIALS = 1000
+
+
 def build_grid(axes: list[Axis]) -> list[Trial]:
+    size = math.prod(len(a.values) for a in axes)
+    if size > MAX_TRIALS:
+        raise AutotuneError(f"the sweep has {size} trials, more than {MAX_TRIALS}: fewer values per `--sweep` "
+                            "(the guide's tuning stage is 3 x 3)")
     short = _short_names([a.key for a in axes])
     trials: list[Trial] = []
     names: set[str] = set()
