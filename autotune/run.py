@@ -159,9 +159,12 @@ def make_context(args: argparse.Namespace) -> Context:
 def check_output_dir(ctx: Context) -> None:
     """Before any model loads: writable, room for a checkpoint, not someone else's run."""
     out, args = ctx.output_dir, ctx.args
-    if out.exists() and not out.is_dir():
-        raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
-    existing = out.is_dir() and any(out.iterdir())
+    try:
+        if out.exists() and not out.is_dir():
+            raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
+        existing = out.is_dir() and any(out.iterdir())
+    except OSError as exc:  # a name too long, a folder we may not list
+        raise AutotuneError(f"cannot use `--output-dir {out}` ({exc.strerror or exc}): choose another folder") from None
     if existing and not (args.resume or args.overwrite or args.dry_run):
         what = "a run" if (out / RUN_MARKER).exists() else "files"
         raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue it, `--overwrite` to replace it, "
@@ -456,7 +459,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         if outcome.oom_error is None:
             guard = outcome.trainer.nonfinite
             nonfinite_steps += guard.skipped_steps
-            if guard.exhausted_at is None:
+            if guard.exhausted_at is None or outcome.interrupted:  # a Ctrl-C wins over a rollback
                 break
             # `nan_patience` non-finite steps in a row: back to the last checkpoint with the guide's remedies.
             from autotune import reliability as R
@@ -464,19 +467,10 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
 
             outcome = None  # this attempt's model goes before the next one loads
             free_cuda_memory()
-            t = config.training
-            if len(nan_rollbacks) >= R.MAX_NAN_ROLLBACKS:
-                raise AutotuneError(R.nan_give_up_message(guard.exhausted_at, t.nan_patience, len(nan_rollbacks),
-                                                          t, out))
-            remedies = R.nan_remedies(t.learning_rate, t.max_grad_norm, t.warmup_ratio)
-            config = config.model_copy(update={"training": t.model_copy(update=remedies)})
-            resume_from = T.newest_checkpoint(out)
-            nan_rollbacks.append({"at_step": guard.exhausted_at, "bad_steps": guard.skipped_steps[-t.nan_patience:],
-                                  "resumed_from": str(resume_from) if resume_from else None, **remedies})
-            ctx.console.print(f"[yellow]the loss or gradients were NaN/inf for {t.nan_patience} steps in a row (up to "
-                              f"step {guard.exhausted_at}): rolling back to {resume_from or 'the start'} with "
-                              f"learning_rate {remedies['learning_rate']:g}, max_grad_norm {remedies['max_grad_norm']:g}, "
-                              f"warmup_ratio {remedies['warmup_ratio']:g}[/yellow]")
+            config, rollback = R.nan_rollback(config, guard, len(nan_rollbacks), out)  # raises after the last one
+            nan_rollbacks.append(rollback)
+            resume_from = Path(rollback["resumed_from"]) if rollback["resumed_from"] else None
+            ctx.console.print(R.describe_rollback(rollback), style="yellow", markup=False, highlight=False)
             continue
         # Out of memory mid-training: next rung, same effective batch, from the newest checkpoint.
         from autotune.dryrun import free_cuda_memory, next_rung
@@ -514,6 +508,9 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
     from autotune.model import apply_lora, load_base_model
 
     precision = plan.precision
+    from transformers import set_seed
+
+    set_seed(config.training.seed)  # the LoRA init draws from the global RNG: same seed, same run
     base = load_base_model(config.model.name_or_path, precision=precision,
                            attn_implementation=config.model.attn_implementation,
                            trust_remote_code=config.model.trust_remote_code, load_in_4bit=plan.load_in_4bit, device=device)
@@ -632,24 +629,12 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         "diagnosis": [f.to_dict() for f in findings],
         "notes": ctx.notes,
     }
-    # An interrupted run is unfinished: its adapter so far is in the checkpoint, not the output folder.
-    bad = R.nonfinite_parameters(trainer.model)
-    save_adapter = ctx.is_main and not interrupted and not bad
-    if bad and not interrupted:
-        ctx.console.print(f"[yellow]! not saving the final adapter: {len(bad)} tensors hold NaN or inf; "
-                          "the checkpoints are kept[/yellow]")
     if ctx.is_main:
-        if save_adapter:
-            try:
-                trainer.model.save_pretrained(str(out))  # adapter_model.safetensors + adapter_config.json
-            except Exception as exc:
-                free = R.free_bytes(out)
-                if not R.is_disk_full(exc, free):
-                    raise
-                raise AutotuneError(R.disk_full_message("the final adapter", out, free, T.newest_checkpoint(out))) from exc
+        # An interrupted run is unfinished: its adapter so far is in its checkpoint, not the output folder.
+        saved = not interrupted and T.save_adapter(trainer.model, out, ctx.console)
         (out / "resolved_config.yaml").write_text(dump_yaml(config), encoding="utf-8")
         summary["loss_plot"] = "loss.png" if T.plot_losses(history, out / "loss.png") else None
-        if ctx.args.merge and save_adapter:
+        if ctx.args.merge and saved:
             merged = trainer.model.merge_and_unload()
             merged.save_pretrained(str(out / "merged"))
             if tokenizer is not None:
@@ -657,10 +642,10 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
             summary["merged"] = "merged"
         T.write_json(out / "run_summary.json", summary)
     if interrupted:
-        saved = T.newest_checkpoint(out)
+        newest = T.newest_checkpoint(out)
         argv, program = R.command_line(ctx.args)
-        ctx.console.print(f"[yellow]{interrupted}: stopped at step {summary['steps']} of {summary['max_steps']}; "
-                          f"the newest checkpoint is {saved or 'none'}. Resume with:[/yellow]")
+        ctx.console.print(f"{interrupted}: stopped at step {summary['steps']} of {summary['max_steps']}; "
+                          f"the newest checkpoint is {newest or 'none'}. Resume with:", style="yellow", markup=False)
         ctx.console.print("  " + R.resume_command(argv, out, program), soft_wrap=True, markup=False, highlight=False)
         return R.EXIT_CODES[interrupted]
     final_table(ctx, summary, findings)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
+from autotune import reliability as R
 from autotune.config import Config
 from autotune.errors import AutotuneError
 
@@ -30,6 +33,34 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         return self.examples[index]
+
+
+class EpochLengthGroupedSampler(torch.utils.data.Sampler):
+    """HF's length grouping with its own generator seeded by (seed, epoch).
+
+    HF's `LengthGroupedSampler` draws its permutation from the global torch RNG
+    when an epoch starts, which a resumed run has in a different state: a resume
+    into a later epoch would see another data order. Seeding per epoch makes the
+    order a function of the epoch alone (the Trainer calls `set_epoch`)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 # -------------------------------------------------------------- arguments ---
@@ -117,16 +148,136 @@ def tensorboard_dir(config: Config, output_dir: Path) -> Path:
 # ------------------------------------------------------------------ trainer ---
 
 class LlasaTrainer(Trainer):
-    """HF Trainer with the speech-only lean loss and a count of real (non-padding) tokens."""
+    """HF Trainer with the speech-only lean loss, a count of real (non-padding)
+    tokens, and the reliability guards: atomic checkpoints that never hold NaN
+    weights, a one-line error on a full disk, no non-finite best metric, a
+    seeded data order and the arguments' learning rate on resume."""
 
     # The lean loss returns sum / num_items_in_batch: already normalised over the accumulated batch.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 4096, **kwargs: Any):
+    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 4096, console: Any = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lean_loss = lean_loss
         self.lean_chunk_size = lean_chunk_size
         self.tokens_seen = 0  # non-padding training tokens on this process
+        self.console = console
+        self.nonfinite: R.NonFiniteGuard | None = None   # set by add_guards
+        self.interrupt: R.InterruptCallback | None = None
+        self.refused_saves: list[int] = []  # steps whose checkpoint held NaN/inf weights and was not written
+
+    def add_guards(self, nan_patience: int) -> None:
+        """Register the NaN guard and the interrupt handling. Call it after adding
+        every other callback: both end a step, and callbacks that act on a stopping
+        step (the samples) must not take that for the end of training."""
+        # fp16's gradient scaler skips overflowing steps itself while it calibrates.
+        scaler = getattr(self.accelerator, "scaler", None)
+        self.nonfinite = R.NonFiniteGuard(nan_patience, judge_gradients=scaler is None)
+        self.interrupt = R.InterruptCallback()
+        self.add_callback(self.nonfinite)
+        self.add_callback(self.interrupt)
+
+    # -- data order ---------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
+                   or getattr(self.args, "group_by_length", None) is True)
+        if grouped and isinstance(dataset, ExampleDataset):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochLengthGroupedSampler(dataset.lengths, group, seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # -- NaN/inf ------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.nonfinite is not None:
+            self.nonfinite.note_loss(loss)
+        return loss
+
+    def _determine_best_metric(self, metrics, trial):
+        # np.less(nan, best) is False, but -inf would win: a non-finite metric is never the best.
+        name = self.args.metric_for_best_model
+        if name is not None:
+            value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return False
+        return super()._determine_best_metric(metrics, trial)
+
+    # -- resume -------------------------------------------------------------
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.lr_scheduler is not None:
+            retarget_learning_rate(self.optimizer, self.lr_scheduler, self.args.learning_rate)
+
+    # -- checkpoints ----------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        """HF's save, written into `.tmp-checkpoint-N` and renamed into place once
+        complete (weights, optimizer, scheduler, RNG, then trainer_state.json), so a
+        kill at any moment leaves no half checkpoint for `--resume` to pick."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        bad = R.nonfinite_parameters(self.model)
+        if bad:
+            self.refused_saves.append(step)
+            _warn(self.console, f"! not saving {final.name}: {len(bad)} adapter tensors hold NaN or inf "
+                                f"(e.g. {bad[0]}); the previous checkpoints are kept")
+            return
+        staging = R.staging_dir(final)
+        try:
+            self._write_checkpoint(trial, run_dir, staging, final)
+        except Exception as exc:
+            free = R.free_bytes(run_dir)
+            if not R.is_disk_full(exc, free):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            previous, _ = R.scan_checkpoints(run_dir)
+            raise AutotuneError(R.disk_full_message(final.name, run_dir, free, previous)) from exc
+
+    def _write_checkpoint(self, trial, run_dir: Path, staging: Path, final: Path) -> None:
+        # Follows transformers' Trainer._save_checkpoint (5.x) with the folder swapped; no push to the hub.
+        from transformers.trainer_callback import ExportableState
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # a save of this step a kill cut short
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        if self.state.best_global_step:
+            self.accelerator.wait_for_everyone()
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best == final or best.exists():   # `final` appears only at the rename below
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        if main:
+            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(str(staging / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every process wrote its RNG state into `staging`
+        if main:
+            R.publish_checkpoint(staging, final)
+        self.accelerator.wait_for_everyone()
+        if main:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -336,6 +487,31 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _warn(console, message: str) -> None:
+    if console is not None:
+        console.print(message, style="yellow", markup=False, highlight=False)
+    else:
+        print(message, file=sys.stderr)
+
+
+def save_adapter(model, output_dir: Path, console=None) -> bool:
+    """adapter_model.safetensors + adapter_config.json into `output_dir`; False
+    (with a warning) when the adapter holds NaN or inf. A full disk is one line."""
+    bad = R.nonfinite_parameters(model)
+    if bad:
+        _warn(console, f"! not saving the final adapter: {len(bad)} tensors hold NaN or inf; the checkpoints are kept")
+        return False
+    try:
+        model.save_pretrained(str(output_dir))
+    except Exception as exc:
+        free = R.free_bytes(output_dir)
+        if not R.is_disk_full(exc, free):
+            raise
+        previous = newest_checkpoint(output_dir)
+        raise AutotuneError(R.disk_full_message("the final adapter", output_dir, free, previous)) from exc
+    return True
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Atomic: a kill mid-write leaves the old file, never half a file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -344,11 +520,21 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (one with trainer_state.json, written last by HF)."""
-    best = None
-    for path in output_dir.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            if best is None or int(suffix) > best[0]:
-                best = (int(suffix), path)
-    return best[1] if best else None
+    """The newest complete `checkpoint-N` (see `reliability.checkpoint_problem`)."""
+    return R.scan_checkpoints(output_dir)[0]
+
+
+def retarget_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
+    """On resume the checkpoint restores the old peak learning rate into the
+    scheduler and the optimizer; the arguments' one wins (a NaN rollback halves
+    it), at the checkpoint's position in the schedule. A plain resume is untouched."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR) or all(base == learning_rate for base in scheduler.base_lrs):
+        return
+    scheduler.base_lrs = [learning_rate for _ in scheduler.base_lrs]
+    values = [learning_rate * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, value in zip(optimizer.param_groups, values):
+        group["initial_lr"] = learning_rate
+        group["lr"] = value
+    scheduler._last_lr = values
