@@ -7,6 +7,8 @@ function in `autotune.run`.
 
 from __future__ import annotations
 
+import sys
+
 from autotune.cli import ArgumentParser, add_config_args, run_main
 
 
@@ -40,6 +42,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The exact command line, so an interrupted run can print how to resume it.
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     from autotune.run import run
 
     return run(args)

@@ -365,6 +365,16 @@ def check_same_base(previous: dict[str, Any] | None, base: dict[str, Any], out: 
 
 # ------------------------------------------------------------- the trials ---
 
+def _finished(summary: Path) -> bool:
+    """A summary written by a run that ended, not by one stopped on a signal."""
+    if not summary.is_file():
+        return False
+    try:
+        return not json.loads(summary.read_text(encoding="utf-8")).get("interrupted")
+    except (OSError, ValueError):
+        return False
+
+
 def trial_args(args, trial: Trial, out: Path):
     a = copy.copy(args)
     a.sweep = []
@@ -376,6 +386,7 @@ def trial_args(args, trial: Trial, out: Path):
     a.check_data = False
     # Trials share the codec cache that plain runs beside the sweep use.
     a.codec_cache = str(out.parent / ".codec-cache")
+    a.argv = None  # a trial's own resume hint would name the trial; the sweep prints its own
     return a
 
 
@@ -431,6 +442,9 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
         trial.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         ctx.console.print(traceback.format_exc(), markup=False, highlight=False)
     else:
+        if code in (130, 143):
+            # The trial saved a checkpoint and stopped on a signal: stop the sweep too.
+            raise KeyboardInterrupt
         if code not in (0, None):
             trial.status, trial.error = "failed", f"the run exited with code {code}"
         elif not (folder / SUMMARY).exists():
@@ -561,7 +575,7 @@ def run_sweep(ctx) -> int:
     out, c = ctx.output_dir, ctx.console
 
     # Decided up front, so every process of a DDP sweep skips the same trials.
-    finished = {t.name for t in trials if args.resume and (out / t.name / SUMMARY).is_file()}
+    finished = {t.name for t in trials if args.resume and _finished(out / t.name / SUMMARY)}
     keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
     c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, one after another, in {escape(str(out))}"
             + (f"; {len(finished)} finished earlier" if finished else ""))

@@ -297,3 +297,12 @@ def test_names_and_set_lines_round_trip():
         assert {k: v for k, v in (parse_set(s) for s in trial.sets)} == trial.settings
     assert set_line(trials[0]) == ("--set training.learning_rate=1e-05 --set 'lora.target_modules=[\"q_proj\",\"v_proj\"]' "
                                    "--set training.lr_scheduler_type=cosine")
+
+
+def test_a_trial_stopped_by_a_signal_is_not_finished(tmp_path):
+    from autotune.sweep import _finished
+
+    done, stopped = tmp_path / "done.json", tmp_path / "stopped.json"
+    done.write_text(json.dumps({"interrupted": None, "final_eval_loss": 1.0}))
+    stopped.write_text(json.dumps({"interrupted": "SIGINT"}))
+    assert _finished(done) and not _finished(stopped) and not _finished(tmp_path / "missing.json")
