@@ -115,6 +115,8 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         remove_unused_columns=False,
         prediction_loss_only=True,
         disable_tqdm=True,
+        # Every LoRA parameter is used in every forward: skip DDP's extra graph walk.
+        ddp_find_unused_parameters=False,
     )
     return TrainingArguments(**_for_this_transformers(kwargs))
 
