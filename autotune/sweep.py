@@ -12,7 +12,7 @@ one command:
 - Every trial is `autotune.run.run()` in this process with the trial's values
   appended to `--set`, writing to `<sweep dir>/<trial name>` (e.g. `lr=1e-05_r=8`).
   Trials run one after another; under `torchrun` each trial uses every process
-  (DDP), as a single run would.
+  (DDP), as a single run would. On several GPUs see the last point.
 - One dry run per distinct memory shape: the trials share `plan_cache`, so
   trials that differ only in e.g. the learning rate reuse one measured plan.
 - `--resume` continues an interrupted sweep: a trial whose folder holds
@@ -29,29 +29,47 @@ one command:
 - Output: a ranked table, the winner's `--set` flags ready to paste, and
   `<sweep dir>/sweep.json` (`trials` ranked, `best`, `best_sets`); `--json`
   prints that object on stdout (everything else goes to stderr).
-- Several GPUs in one process are not split between trials: trials are
-  sequential. `--dry-run`, `--check-data`, `--merge` and `--resume CHECKPOINT`
+- Several GPUs: when the sweep is one process (not under `torchrun`) and the
+  probe sees several GPUs of the first GPU's kind, trials run that many at a
+  time, one per GPU: each is `python train.py <its flags>` in a child process
+  with `CUDA_VISIBLE_DEVICES=<that GPU's uuid>`, its output in
+  `<trial folder>/console.log` (in `<sweep dir>/.logs/<trial>.log` while it
+  runs); the sweep's console shows one line per start and finish. With
+  `--auto`, each memory shape is dry-run once, in `<sweep dir>/.dry-runs/<n>/`
+  (`train.py --dry-run`, on a free GPU), and its plan is passed to the trials
+  of that shape as `--set` values, without `--auto`. `sweep.json` records each
+  trial's `gpu`, `started_at`, `finished_at` and `dry_run`, and the dry runs.
+  On `--resume` a dry run whose shape and GPU are unchanged is reused. Ctrl-C
+  (or SIGTERM) is passed on to the running trials, which save a checkpoint and
+  stop; the sweep then writes `sweep.json` and exits 130 (143).
+  `--dry-run`, `--check-data`, `--merge` and `--resume CHECKPOINT`
   are refused with `--sweep` (one line, exit 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import gc
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
 import traceback
-from contextlib import nullcontext, redirect_stdout
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext, redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from autotune.config import load_yaml_file, parse_set, resolve_config
 from autotune.errors import AutotuneError
@@ -102,6 +120,10 @@ class Trial:
     peak_gpu_bytes: int | None = None
     wall_seconds: float | None = None
     plan: dict[str, Any] | None = None
+    gpu: str | None = None                  # CUDA_VISIBLE_DEVICES of its child (several GPUs only)
+    started_at: float | None = None         # epoch seconds
+    finished_at: float | None = None
+    dry_run: str | None = None              # `.dry-runs/<n>`: where its plan was measured (several GPUs only)
 
     @property
     def done(self) -> bool:
@@ -115,7 +137,8 @@ class Trial:
         return {"name": self.name, "settings": self.settings, "sets": self.sets, "status": self.status,
                 "error": self.error, "eval_loss": self.eval_loss, "train_loss": self.train_loss,
                 "tokens_per_second": self.tokens_per_second, "peak_gpu_bytes": self.peak_gpu_bytes,
-                "wall_seconds": self.wall_seconds, "plan": self.plan}
+                "wall_seconds": self.wall_seconds, "plan": self.plan, "gpu": self.gpu,
+                "started_at": self.started_at, "finished_at": self.finished_at, "dry_run": self.dry_run}
 
 
 # ---------------------------------------------------------------- parsing ---
@@ -427,7 +450,7 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
     from autotune import run as run_module
 
     folder = ctx.output_dir / trial.name
-    started = time.time()
+    started = trial.started_at = time.time()
     # The trials' own JSON (e.g. the dry-run record) must not mix into the sweep's `--json` object.
     guard = redirect_stdout(sys.stderr) if ctx.args.json else nullcontext()
     try:
@@ -457,8 +480,9 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
                 trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
     finally:
         _free_memory()
+        trial.finished_at = time.time()
     if trial.wall_seconds is None:
-        trial.wall_seconds = round(time.time() - started, 2)
+        trial.wall_seconds = round(trial.finished_at - started, 2)
 
 
 def _free_memory() -> None:
@@ -483,10 +507,11 @@ def rank(trials: list[Trial]) -> list[Trial]:
     return sorted(trials, key=key)
 
 
-def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any], complete: bool) -> dict[str, Any]:
+def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any], complete: bool,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     done = rank([t for t in trials if t.done])
     best = next((t for t in done if t.succeeded), None)
-    return {
+    record = {
         "version": 1,
         "complete": complete,
         "output_dir": str(ctx.output_dir),
@@ -498,6 +523,8 @@ def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any
         "best": best.to_dict() if best else None,
         "best_sets": set_line(best) if best else None,
     }
+    record.update(extra or {})
+    return record
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
@@ -556,7 +583,582 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
     c.print(f"(all trials: {escape(str(ctx.output_dir / SWEEP_MARKER))})")
 
 
+# ----------------------------------------------------------- several GPUs ---
+#
+# One trial per GPU at a time, each a `train.py` child process that sees only its
+# GPU. The children are started in a session of their own, so a Ctrl-C in the
+# terminal reaches the sweep alone, which passes it on once to each child.
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+DRY_RUNS = ".dry-runs"           # <sweep>/.dry-runs/<n>/: one dry run per memory shape
+LOGS = ".logs"                   # a running trial's output, moved to <trial>/console.log when it ends
+CODEC_CACHE = ".codec-cache"
+CONSOLE_LOG = "console.log"
+SHAPE_RECORD = "shape.json"      # <sweep>/.dry-runs/<n>/shape.json: the shape, the GPU and the plan
+POLL_SECONDS = 0.2
+# A child that stopped on a signal: 130/143 after saving a checkpoint (or before training
+# began), negative when the signal itself ended it.
+STOPPED = {130: "SIGINT", 143: "SIGTERM", -int(signal.SIGINT): "SIGINT", -int(signal.SIGTERM): "SIGTERM"}
+# train.py flags the sweep sets itself for each child (or refuses with `--sweep`).
+_NOT_PASSED = {"help", "sweep", "json", "resume", "overwrite", "output_dir", "dry_run", "check_data", "merge", "auto"}
+# What a dry run decides (`Plan.apply`), as the `--set` keys that give it to a trial.
+_PLAN_KEYS = (("training.per_device_train_batch_size", "per_device_train_batch_size"),
+              ("training.gradient_accumulation_steps", "gradient_accumulation_steps"),
+              ("training.gradient_checkpointing", "gradient_checkpointing"),
+              ("training.lean_loss", "lean_loss"),
+              ("training.optim", "optim"),
+              ("lora.r", "lora_r"),
+              ("lora.lora_alpha", "lora_alpha"),
+              ("model.load_in_4bit", "load_in_4bit"),
+              ("data.max_length", "max_length"))
+
+
+class SweepTerminated(SystemExit):
+    """SIGTERM during a sweep on several GPUs: the trials saved and stopped; exit 143."""
+
+
+def visible_gpus() -> list:
+    """The GPUs this process sees, `CUDA_VISIBLE_DEVICES` applied (the seam tests replace)."""
+    from autotune.hardware import probe
+
+    return list(probe().gpus)
+
+
+def _kind(gpu) -> tuple:
+    return (gpu.name, gpu.total_bytes, gpu.cc)
+
+
+def _kind_record(gpu) -> dict[str, Any]:
+    return {"name": gpu.name, "total_bytes": gpu.total_bytes, "cc": list(gpu.cc) if gpu.cc else None}
+
+
+def gpus_for_trials(ctx) -> tuple[list, list]:
+    """(the GPUs to run trials on, one at a time each; the GPUs left out). No GPUs: the
+    trials run one after another in this process, as under `torchrun` or with one GPU.
+
+    Only GPUs of the first GPU's kind (name, memory, compute capability): a sweep on one
+    GPU trains on the first, the trials are compared with each other, and a plan measured
+    on one card must fit the card its trials run on."""
+    if ctx.processes > 1:   # under torchrun each trial uses every process
+        return [], []
+    gpus = visible_gpus()
+    if len(gpus) < 2:
+        return [], []
+    same = [g for g in gpus if _kind(g) == _kind(gpus[0])]
+    if len(same) < 2:
+        return [], []
+    return same, [g for g in gpus if _kind(g) != _kind(gpus[0])]
+
+
+def cuda_visible(gpu) -> str:
+    """What `CUDA_VISIBLE_DEVICES` names this GPU by: its uuid (a MIG slice's too),
+    which unlike an index does not depend on `CUDA_DEVICE_ORDER`."""
+    return gpu.uuid or str(gpu.index)
+
+
+def gpu_label(gpu) -> str:
+    return gpu.uuid if gpu.is_mig_slice else f"GPU {gpu.index}"
+
+
+def child_env(gpu) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CUDA_VISIBLE_DEVICES"] = cuda_visible(gpu)
+    if not gpu.uuid:
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # NVML's order, which `index` counts in
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)                        # one process per trial
+    env["PYTHONUNBUFFERED"] = "1"                 # console.log is current while the trial runs
+    env.setdefault("COLUMNS", "120")              # rich's tables in console.log, not 80 columns
+    return env
+
+
+_parser = None
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    global _parser
+    if _parser is None:
+        spec = importlib.util.spec_from_file_location("_autotune_sweep_train", TRAIN_PY)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _parser = module.build_parser()
+    return _parser
+
+
+def child_flags(args) -> list[str]:
+    """`args` back as train.py flags (`--flag=value`, so a value may start with `-`), read off
+    train.py's own parser so that a new flag is passed on too. The flags in `_NOT_PASSED`
+    are left for the caller."""
+    flags: list[str] = []
+    for action in _train_parser()._actions:
+        if not action.option_strings or action.dest in _NOT_PASSED or action.default is argparse.SUPPRESS:
+            continue
+        value = getattr(args, action.dest, action.default)
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:
+            if value != action.default:
+                flags.append(flag)
+        elif isinstance(value, list):
+            flags += [f"{flag}={item}" for item in value]
+        elif value is not None and value != action.default:
+            flags.append(f"{flag}={value}")
+    return flags
+
+
+def child_command(flags: list[str]) -> list[str]:
+    return [sys.executable, str(TRAIN_PY), *flags]
+
+
+def plan_sets(plan: dict[str, Any]) -> list[str]:
+    """A dry run's plan as `--set` values: the trial trains with it and dry-runs nothing."""
+    sets = [f"{key}={format_value(key, plan[name])}" for key, name in _PLAN_KEYS]
+    precision = plan.get("precision")
+    if precision in ("bf16", "fp16", "fp32"):
+        sets += [f"training.bf16={format_value('training.bf16', precision == 'bf16')}",
+                 f"training.fp16={format_value('training.fp16', precision == 'fp16')}"]
+    return sets
+
+
+def plan_label(plan: dict[str, Any]) -> str:
+    from autotune.dryrun import Plan
+
+    try:
+        return Plan.from_dict(plan).label()
+    except (KeyError, TypeError, ValueError):
+        return json.dumps(plan, default=str)
+
+
+def child_error(log: Path, code: int) -> str:
+    """Why a child failed, in one line: its `error:` line (exit 2), the last line it wrote
+    (a traceback's ends with the exception), or the signal that killed it."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 65536))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    lines = [" ".join(line.split()) for line in re.split(r"[\r\n]+", text)]
+    lines = [line for line in lines if line and not line.startswith("# ")]
+    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    if code == 2 and errors:
+        return errors[-1]
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the run was killed by {name}" + (" (out of host memory?)" if name == "SIGKILL" else "")
+    last = errors[-1] if errors else lines[-1] if lines else None
+    return f"{last[:300]} (exit code {code})" if last else f"the run exited with code {code}"
+
+
+@dataclass
+class Shape:
+    """One memory shape of the grid and its dry run."""
+
+    number: int
+    key: str
+    trials: list[Trial]                  # every trial of this shape, in grid order
+    plan: dict[str, Any] | None = None
+    status: str = "pending"              # pending | running | ok | reused | failed
+    error: str | None = None
+    gpu: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def folder_name(self) -> str:
+        return f"{DRY_RUNS}/{self.number}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.folder_name, "trials": [t.name for t in self.trials], "status": self.status,
+                "plan": self.plan, "error": self.error, "gpu": self.gpu, "started_at": self.started_at,
+                "finished_at": self.finished_at}
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen
+    gpu: Any
+    log: Path
+    trial: Trial | None = None
+    shape: Shape | None = None
+
+
+@dataclass
+class ParallelSweep:
+    """The pending trials, one per GPU at a time; with `--auto` first one dry run per memory shape."""
+
+    ctx: Any
+    trials: list[Trial]                  # the whole grid
+    gpus: list
+    save: Any                            # () -> None: writes sweep.json
+    shapes: list[Shape] = field(default_factory=list)
+    shape_of: dict[str, Shape] = field(default_factory=dict)
+    queue: list[tuple[str, Any]] = field(default_factory=list)   # ("dry", Shape) | ("trial", Trial)
+    running: dict[int, Child] = field(default_factory=dict)      # position in `gpus` -> its child
+    signals: list[str] = field(default_factory=list)             # signals the sweep received
+    stop_reason: str | None = None                               # a child stopped on this signal
+
+    @property
+    def out(self) -> Path:
+        return self.ctx.output_dir
+
+    def record(self) -> dict[str, Any]:
+        """What sweep.json says about the GPUs and the dry runs."""
+        return {"gpus": [cuda_visible(g) for g in self.gpus],
+                "dry_runs": [s.to_dict() for s in self.shapes if s.status != "unused"]}
+
+    def say(self, gpu, text: str) -> None:
+        from rich.markup import escape
+
+        self.ctx.console.print(f"[{escape(gpu_label(gpu))}] {text}", highlight=False, soft_wrap=True)
+
+    # --------------------------------------------------------------- plan ---
+
+    def find_shapes(self, pending: list[Trial]) -> None:
+        """Group the grid by memory shape, as `run()` keys its plan cache: the plan
+        built from each trial's config on the GPU the trials get."""
+        from autotune.dryrun import Plan
+        from autotune.profiles import bitsandbytes_installed, load_profiles, recommend
+        from autotune.run import memory_shape
+
+        args = self.ctx.args
+        user_yaml = load_yaml_file(args.config) if args.config else None
+        profiles, bnb = load_profiles(), bitsandbytes_installed()
+        by_key: dict[str, Shape] = {}
+        for trial in self.trials:
+            rec = recommend(self.gpus[:1], user_yaml=user_yaml, sets=cli_sets(args) + trial.sets,
+                            profiles=profiles, bnb_available=bnb)
+            key = memory_shape(Plan.from_config(rec.config, 1))
+            if key not in by_key:
+                by_key[key] = Shape(len(by_key) + 1, key, [])
+                self.shapes.append(by_key[key])
+            by_key[key].trials.append(trial)
+            self.shape_of[trial.name] = by_key[key]
+        waiting = {t.name for t in pending}
+        for shape in self.shapes:
+            saved = self.saved_plan(shape)
+            if saved is not None:
+                for trial in shape.trials:   # finished earlier with this plan
+                    trial.dry_run = shape.folder_name
+            if not any(t.name in waiting for t in shape.trials):
+                shape.status = "unused" if saved is None else "ok"   # every trial finished earlier
+                shape.plan = saved
+            elif saved is not None and args.resume:
+                shape.plan, shape.status = saved, "reused"
+                self.ctx.console.print(f"dry run {shape.number}/{len(self.shapes)}: reusing the plan measured "
+                                       f"earlier for this memory shape ({plan_label(saved)})", highlight=False)
+
+    def saved_plan(self, shape: Shape) -> dict[str, Any] | None:
+        """The plan an earlier dry run of this sweep measured for this shape on this kind of GPU."""
+        try:
+            saved = json.loads((self.out / shape.folder_name / SHAPE_RECORD).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("shape") != shape.key or saved.get("gpu") != _kind_record(self.gpus[0]):
+            return None
+        plan = saved.get("plan")
+        return plan if isinstance(plan, dict) and all(name in plan for _, name in _PLAN_KEYS) else None
+
+    def link_codec_cache(self) -> None:
+        """A child caches codec output next to its output folder (`../.codec-cache`); point
+        those at the cache the trials of a sweep on one GPU, and plain runs beside it, share.
+        Without links (a file system without them) the children encode into their own."""
+        shared = self.out.parent / CODEC_CACHE
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out, self.out / DRY_RUNS) if self.ctx.args.auto else (self.out,):
+                folder.mkdir(parents=True, exist_ok=True)
+                link = folder / CODEC_CACHE
+                if not link.exists() and not link.is_symlink():
+                    link.symlink_to(Path("..") / CODEC_CACHE, target_is_directory=True)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- run ---
+
+    def run(self, pending: list[Trial]) -> None:
+        args = self.ctx.args
+        self.link_codec_cache()
+        if args.auto:
+            self.find_shapes(pending)
+        for trial in pending:
+            shape = self.shape_of.get(trial.name)
+            if shape is not None and shape.status == "pending" and ("dry", shape) not in self.queue:
+                self.queue.append(("dry", shape))
+            self.queue.append(("trial", trial))
+        try:
+            with self.catching_signals():
+                while self.queue or self.running:
+                    if self.signals or self.stop_reason:
+                        self.stop()
+                    self.start_what_fits()
+                    if not self.reap():
+                        time.sleep(POLL_SECONDS)
+        finally:
+            self.end_leftovers()
+            try:
+                (self.out / LOGS).rmdir()   # each log went to its trial's folder
+            except OSError:
+                pass
+
+    def next_job(self) -> tuple[str, Any] | None:
+        for job in self.queue:
+            kind, item = job
+            shape = self.shape_of.get(item.name) if kind == "trial" else None
+            if kind == "dry" or shape is None or shape.plan is not None:
+                self.queue.remove(job)
+                return job
+        return None
+
+    def start_what_fits(self) -> None:
+        for slot, gpu in enumerate(self.gpus):
+            if slot in self.running:
+                continue
+            job = self.next_job()
+            if job is None:
+                if self.queue and not self.running:
+                    raise RuntimeError(f"sweep: nothing can start, yet {len(self.queue)} jobs wait")  # a bug, not a user error
+                return
+            self.start(slot, gpu, *job)
+
+    def start(self, slot: int, gpu, kind: str, item) -> None:
+        from rich.markup import escape
+
+        args, total = self.ctx.args, len(self.trials)
+        if kind == "dry":
+            shape: Shape = item
+            first = next(t for t in shape.trials if not t.done)
+            folder = self.out / shape.folder_name
+            if folder.exists():
+                shutil.rmtree(folder)   # an earlier sweep's, of another shape or unfinished
+            folder.mkdir(parents=True)
+            log = folder / CONSOLE_LOG
+            flags = child_flags(trial_args(args, first, self.out)) + ["--auto", "--dry-run", f"--output-dir={folder}"]
+            others = len(shape.trials) - 1
+            title = (f"dry run {shape.number}/{len(self.shapes)}, the memory shape of {first.name}"
+                     + (f" and {others} more trial{'s' if others > 1 else ''}" if others else ""))
+            shape.status, shape.gpu, shape.started_at = "running", cuda_visible(gpu), time.time()
+        else:
+            trial: Trial = item
+            shape = self.shape_of.get(trial.name)
+            a = trial_args(args, trial, self.out)
+            if shape is not None:
+                a.sets = a.sets + plan_sets(shape.plan)
+                trial.dry_run = shape.folder_name
+            folder = self.out / trial.name
+            log = self.out / LOGS / f"{trial.name}.log"
+            flags = child_flags(a) + [f"--output-dir={folder}", "--overwrite"]
+            title = f"trial {trial.index + 1}/{total} {trial.name}"
+            trial.gpu, trial.started_at, trial.finished_at = cuda_visible(gpu), time.time(), None
+        command = child_command(flags)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log, "wb") as handle:
+                handle.write(f"# CUDA_VISIBLE_DEVICES={cuda_visible(gpu)} {shlex.join(command)}\n".encode("utf-8", "replace"))
+                handle.flush()
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                        env=child_env(gpu), start_new_session=True)
+        except OSError as exc:
+            error = f"cannot start `{command[0]}` ({exc.strerror or exc})"
+            if kind == "dry":
+                self.dry_run_failed(gpu, item, error, title)
+            else:
+                self.trial_ended(gpu, item, log, None, error)
+            return
+        if kind == "dry":
+            self.running[slot] = Child(proc, gpu, log, shape=item)
+        else:
+            self.running[slot] = Child(proc, gpu, log, trial=item)
+        self.say(gpu, f"{escape(title)}: started (log: {escape(str(log))})")
+
+    def reap(self) -> bool:
+        """Record every child that ended; whether one did."""
+        ended = False
+        for slot, child in list(self.running.items()):
+            code = child.proc.poll()
+            if code is None:
+                continue
+            del self.running[slot]
+            ended = True
+            if child.shape is not None:
+                self.dry_run_ended(child, code)
+            else:
+                self.trial_ended(child.gpu, child.trial, child.log, code)
+        return ended
+
+    def trial_ended(self, gpu, trial: Trial, log: Path, code: int | None, error: str | None = None) -> None:
+        from rich.markup import escape
+
+        trial.finished_at = time.time()
+        folder = self.out / trial.name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(log, folder / CONSOLE_LOG)
+            log = folder / CONSOLE_LOG
+        except OSError:
+            pass
+        title = f"trial {trial.index + 1}/{len(self.trials)} {escape(trial.name)}"
+        if code in STOPPED:
+            trial.gpu = trial.started_at = trial.finished_at = None   # unfinished: run again on --resume
+            self.stop_reason = self.stop_reason or STOPPED[code]
+            self.say(gpu, f"{title}: [yellow]stopped by {STOPPED[code]}[/yellow] (checkpoints in {escape(str(folder))})")
+            return
+        if error is not None:
+            trial.status, trial.error = "failed", error
+        elif code != 0:
+            trial.status, trial.error = "failed", child_error(log, code)
+        elif not (folder / SUMMARY).exists():
+            trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
+        else:
+            trial.status = "ok"
+            try:
+                read_summary(trial, folder)
+            except (OSError, ValueError) as exc:
+                trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+        if trial.wall_seconds is None:
+            trial.wall_seconds = round(trial.finished_at - (trial.started_at or trial.finished_at), 2)
+        shape = self.shape_of.get(trial.name)
+        if trial.plan is None and shape is not None:
+            trial.plan = shape.plan
+        if trial.status == "ok":
+            figure = (f"eval loss {trial.eval_loss:.4f}" if trial.eval_loss is not None
+                      else f"train loss {trial.train_loss:.4f}" if trial.train_loss is not None else "no loss")
+            self.say(gpu, f"{title}: [green]finished[/green] in {trial.finished_at - trial.started_at:.1f} s, {figure}")
+        else:
+            self.say(gpu, f"{title}: [red]failed[/red]: {escape(trial.error or '')} (log: {escape(str(log))})")
+        self.save()
+
+    def dry_run_ended(self, child: Child, code: int) -> None:
+        from rich.markup import escape
+
+        shape = child.shape
+        shape.finished_at = time.time()
+        folder = self.out / shape.folder_name
+        title = f"dry run {shape.number}/{len(self.shapes)}"
+        if code in STOPPED:
+            shape.status = "pending"
+            self.stop_reason = self.stop_reason or STOPPED[code]
+            self.say(child.gpu, f"{title}: [yellow]stopped by {STOPPED[code]}[/yellow]")
+            return
+        if code != 0:
+            self.dry_run_failed(child.gpu, shape, child_error(child.log, code), title)
+            return
+        try:
+            plan = json.loads((folder / "autotune.json").read_text(encoding="utf-8"))["plan"]
+            plan_sets(plan)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.dry_run_failed(child.gpu, shape, f"the dry run left no readable plan in {folder / 'autotune.json'} "
+                                                  f"({type(exc).__name__}: {exc})", title)
+            return
+        shape.plan, shape.status = plan, "ok"
+        try:
+            write_record(folder / SHAPE_RECORD, {"shape": shape.key, "gpu": _kind_record(child.gpu), "plan": plan})
+        except OSError:
+            pass
+        self.say(child.gpu, f"{title}: [green]done[/green] in {shape.finished_at - shape.started_at:.1f} s: "
+                            f"{escape(plan_label(plan))}")
+        self.save()
+
+    def dry_run_failed(self, gpu, shape: Shape, error: str, title: str) -> None:
+        """No plan for this shape: each of its trials fails with the dry run's reason, as it would
+        in a sweep on one GPU, where each trial's own dry run fails."""
+        from rich.markup import escape
+
+        shape.status, shape.error = "failed", error
+        shape.finished_at = shape.finished_at or time.time()
+        failed = []
+        for trial in shape.trials:
+            if ("trial", trial) in self.queue:
+                self.queue.remove(("trial", trial))
+                trial.status, trial.error, trial.dry_run = "failed", error, shape.folder_name
+                failed.append(trial.name)
+        self.say(gpu, f"{escape(title)}: [red]failed[/red]: {escape(error)}; so did its trial{'s' if len(failed) > 1 else ''} "
+                      f"{escape(', '.join(failed))} (log: {escape(str(self.out / shape.folder_name / CONSOLE_LOG))})")
+        self.save()
+
+    # ------------------------------------------------------------ signals ---
+
+    @contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM are noted, not raised: the loop passes them on to the children."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.signals.append(signal.Signals(signum).name)
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def stop(self) -> None:
+        """Pass the stop on to every running child (which saves a checkpoint and exits), wait
+        for them, then end the sweep: KeyboardInterrupt (exit 130), or SweepTerminated (143)."""
+        why = self.signals[0] if self.signals else self.stop_reason
+        sig = signal.SIGTERM if why == "SIGTERM" else signal.SIGINT
+        if self.running:
+            cause = why if self.signals else f"a trial stopped on {why}"
+            self.ctx.console.print(f"[yellow]{cause}: stopping the sweep; the {len(self.running)} running "
+                                   "children save a checkpoint and stop (Ctrl-C again: at once, without saving)[/yellow]")
+        for child in self.running.values():
+            self.send(child, sig)
+        seen = len(self.signals)
+        while self.running:
+            if len(self.signals) > seen:
+                again = len(self.signals) - seen
+                for child in self.running.values():
+                    if again == 1:
+                        self.send(child, signal.SIGINT)   # a second Ctrl-C: stop now, without saving
+                    else:
+                        child.proc.kill()
+                seen = len(self.signals)
+            if not self.reap():
+                time.sleep(POLL_SECONDS)
+        self.save()
+        if why == "SIGTERM":
+            raise SweepTerminated(143)
+        raise KeyboardInterrupt
+
+    @staticmethod
+    def send(child: Child, sig: int) -> None:
+        try:
+            child.proc.send_signal(sig)
+        except (OSError, ValueError):
+            pass   # it ended meanwhile
+
+    def end_leftovers(self) -> None:
+        """After an error in the sweep itself: no child may outlive it."""
+        for child in self.running.values():
+            self.send(child, signal.SIGTERM)
+        deadline = time.time() + 60
+        for child in self.running.values():
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        self.running.clear()
+
+
 # ----------------------------------------------------------------- driver ---
+
+def _skip_finished(ctx, trial: Trial, total: int) -> None:
+    trial.status = "skipped-finished"
+    try:
+        read_summary(trial, ctx.output_dir / trial.name)
+    except (OSError, ValueError) as exc:
+        trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+    ctx.console.print(f"trial {trial.index + 1}/{total} [bold]{trial.name}[/bold]: finished earlier, not run again")
+
 
 def run_sweep(ctx) -> int:
     from rich.markup import escape
@@ -574,40 +1176,57 @@ def run_sweep(ctx) -> int:
     check_same_base(previous, base, ctx.output_dir)
     out, c = ctx.output_dir, ctx.console
 
+    gpus, left_out = gpus_for_trials(ctx)
+    if gpus and not TRAIN_PY.is_file():
+        c.print(f"[yellow]! {len(gpus)} GPUs, but {escape(str(TRAIN_PY))} is missing: the trials run one after "
+                "another on the first GPU[/yellow]")
+        gpus, left_out = [], []
     # Decided up front, so every process of a DDP sweep skips the same trials.
     finished = {t.name for t in trials if args.resume and _finished(out / t.name / SUMMARY)}
     keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
-    c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, one after another, in {escape(str(out))}"
+    how = (f"{len(gpus)} at a time, one per GPU ({', '.join(gpu_label(g) for g in gpus)})" if gpus
+           else "one after another")
+    c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, {escape(how)}, in {escape(str(out))}"
             + (f"; {len(finished)} finished earlier" if finished else ""))
+    for gpu in left_out:
+        c.print(f"[yellow]! {escape(gpu_label(gpu))} ({escape(gpu.name or '?')}) is left out: trials run on GPUs "
+                f"like the first ({escape(gpus[0].name or '?')}), so that they compare; pick GPUs with "
+                "CUDA_VISIBLE_DEVICES[/yellow]")
     for a in axes:
         pinned = [s for s in args.sets if s.partition("=")[0].strip() == a.key]
         if pinned:
             c.print(f"[yellow]! `--set {pinned[-1]}` is replaced by the sweep's values of `{a.key}`[/yellow]")
 
+    parallel: ParallelSweep | None = None
+
     def save(complete: bool) -> dict[str, Any]:
-        record = sweep_record(ctx, axes, trials, base, complete)
+        record = sweep_record(ctx, axes, trials, base, complete, parallel.record() if parallel else None)
         if ctx.is_main:
             write_record(out / SWEEP_MARKER, record)
         return record
 
+    if gpus:
+        parallel = ParallelSweep(ctx, trials, gpus, lambda: save(False))
     save(False)
     cache: dict = {}
     try:
-        for number, trial in enumerate(trials, 1):
-            if trial.name in finished:
-                trial.status = "skipped-finished"
-                try:
-                    read_summary(trial, out / trial.name)
-                except (OSError, ValueError) as exc:
-                    trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
-                c.print(f"trial {number}/{len(trials)} [bold]{trial.name}[/bold]: finished earlier, not run again")
-                continue
-            c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
-            run_trial(ctx, trial, cache)
-            if trial.status == "failed":
-                c.print(f"[red]trial {escape(trial.name)} failed[/red]: {escape(trial.error or '')}", highlight=False)
+        if parallel is not None:
+            for trial in trials:
+                if trial.name in finished:
+                    _skip_finished(ctx, trial, len(trials))
             save(False)
-    except KeyboardInterrupt:
+            parallel.run([t for t in trials if t.name not in finished])
+        else:
+            for number, trial in enumerate(trials, 1):
+                if trial.name in finished:
+                    _skip_finished(ctx, trial, len(trials))
+                    continue
+                c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
+                run_trial(ctx, trial, cache)
+                if trial.status == "failed":
+                    c.print(f"[red]trial {escape(trial.name)} failed[/red]: {escape(trial.error or '')}", highlight=False)
+                save(False)
+    except (KeyboardInterrupt, SweepTerminated):
         record = save(False)
         if ctx.is_main:
             show(ctx, axes, trials, record)

@@ -3,6 +3,12 @@
 One 2x2 sweep (learning rate x LoRA rank) is trained once for the module; the
 resume and failure tests train one more trial each. Ranking, NaN, crash and
 Ctrl-C bookkeeping use a fake `autotune.run.run` and cost nothing.
+
+Several GPUs: `autotune.sweep.visible_gpus` answers two fake H100s (from the
+real fingerprints), so the sweep runs its trials as `train.py` children two at
+a time; on the CPU they simply train on the CPU. One real 2x2 sweep is trained
+that way for the module (two dry runs, four trials), and one trial each for
+resume and failure; signals and crashes use a fake `train.py` that costs nothing.
 """
 
 from __future__ import annotations
@@ -10,8 +16,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -39,6 +49,17 @@ def main(*argv: str) -> int:
     from train import main as train_main
 
     return train_main(list(argv))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_gpu_at_most():
+    """The in-process tests stay in-process on a machine with several GPUs: the sweep spreads
+    trials over GPUs only where a test says it sees two (`two_gpus`, `parallel_sweep`)."""
+    import autotune.sweep
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autotune.sweep, "visible_gpus", lambda: [])
+        yield
 
 
 class Spy:
@@ -306,3 +327,276 @@ def test_a_trial_stopped_by_a_signal_is_not_finished(tmp_path):
     done.write_text(json.dumps({"interrupted": None, "final_eval_loss": 1.0}))
     stopped.write_text(json.dumps({"interrupted": "SIGINT"}))
     assert _finished(done) and not _finished(stopped) and not _finished(tmp_path / "missing.json")
+
+
+# ------------------------------------------- several GPUs: one trial per GPU ---
+
+import autotune.sweep as sweep_module  # noqa: E402
+
+H100 = "NVIDIA H100 80GB HBM3"
+PARALLEL = [a.replace("=3", "=2") if a.startswith("training.") and a.endswith("_steps=3") else a for a in FAST]
+
+
+def fake_gpus(*names: str):
+    """GpuInfo of fake cards, read by the real probe through the fake NVML."""
+    from autotune.hardware import probe
+    from tests.fake_nvml import FakeNvml, fixture_gpu
+
+    return probe(env={}, nvml=FakeNvml([fixture_gpu(n, i) for i, n in enumerate(names)])).gpus
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    gpus = fake_gpus(H100, H100)
+    monkeypatch.setattr(sweep_module, "visible_gpus", lambda: gpus)
+    return gpus
+
+
+def intervals(record: dict) -> list[tuple[float, float, str, str]]:
+    """(start, end, gpu, what) of every child: the dry runs and the trials."""
+    spans = [(d["started_at"], d["finished_at"], d["gpu"], d["dry_run"]) for d in record["dry_runs"]
+             if d["started_at"] is not None]
+    return spans + [(t["started_at"], t["finished_at"], t["gpu"], t["name"]) for t in record["trials"]
+                    if t["started_at"] is not None]
+
+
+def most_at_once(spans) -> int:
+    events = sorted([(s, 1) for s, *_ in spans] + [(e, -1) for _, e, *_ in spans], key=lambda x: (x[0], x[1]))
+    now = peak = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.fixture(scope="module")
+def parallel_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel") / "sweep"
+    gpus = fake_gpus(H100, H100)
+    buffer = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_module, "visible_gpus", lambda: gpus)
+        started = time.time()
+        with redirect_stdout(buffer):
+            code = main(*PARALLEL, *GRID, "--output-dir", str(out))
+    return {"out": out, "code": code, "text": buffer.getvalue(), "gpus": [g.uuid for g in gpus],
+            "seconds": time.time() - started, "record": json.loads((out / "sweep.json").read_text())}
+
+
+def test_parallel_trials_run_one_per_gpu_two_at_a_time(parallel_sweep):
+    record, out = parallel_sweep["record"], parallel_sweep["out"]
+    assert parallel_sweep["code"] == 0 and record["complete"] and record["pending"] == []
+    assert {t["name"] for t in record["trials"]} == NAMES
+    assert all(t["status"] == "ok" for t in record["trials"]) and ranked_ok(record["trials"])
+    assert record["gpus"] == parallel_sweep["gpus"]
+    spans = intervals(record)
+    assert len(spans) == 6 and all(s < e for s, e, *_ in spans)
+    assert most_at_once(spans) == 2                    # never three at once, and two did overlap
+    for i, (s1, e1, gpu1, what1) in enumerate(spans):
+        assert gpu1 in parallel_sweep["gpus"]
+        for s2, e2, gpu2, what2 in spans[i + 1:]:
+            if s1 < e2 and s2 < e1:
+                assert gpu1 != gpu2, f"{what1} and {what2} ran at once on {gpu1}"
+    for t in record["trials"]:
+        folder = out / t["name"]
+        assert json.loads((folder / "run_summary.json").read_text())["steps"] == 2
+        header = (folder / "console.log").read_text().splitlines()[0]
+        assert header.startswith(f"# CUDA_VISIBLE_DEVICES={t['gpu']} ") and "train.py" in header
+    assert not (out / ".logs").exists()
+    text = parallel_sweep["text"]
+    assert "2 at a time" in text and "--set training.learning_rate=" in text
+    assert sum("started" in line for line in text.splitlines()) == 6
+    assert sum("finished in" in line for line in text.splitlines()) == 4
+    assert record["best_sets"] in text.splitlines()
+
+
+def test_parallel_dry_runs_once_per_memory_shape_and_pins_its_plan(parallel_sweep):
+    record, out = parallel_sweep["record"], parallel_sweep["out"]
+    dry = record["dry_runs"]
+    assert len(dry) == 2 and [d["status"] for d in dry] == ["ok", "ok"]
+    assert sorted(p.parent.name for p in (out / ".dry-runs").glob("*/autotune.json")) == ["1", "2"]
+    assert not list(out.glob("*/autotune.json"))       # the trials dry-ran nothing
+    by_r = {d["plan"]["lora_r"]: d for d in dry}
+    assert set(by_r) == {2, 4}
+    for t in record["trials"]:
+        r = t["settings"]["lora.r"]
+        assert t["dry_run"] == by_r[r]["dry_run"] and t["name"] in by_r[r]["trials"]
+        assert t["plan"]["lora_r"] == r and t["plan"]["per_device_train_batch_size"] == by_r[r]["plan"]["per_device_train_batch_size"]
+        log = (out / t["name"] / "console.log").read_text()
+        header = log.splitlines()[0]
+        assert " --auto" not in header and " --dry-run" not in header
+        assert f"--set=lora.r={r}" in header and "--set=training.lean_loss=" in header
+        assert "Dry run" not in log
+
+
+def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus, tmp_path):
+    out = tmp_path / "sweep"
+    shutil.copytree(parallel_sweep["out"], out, symlinks=True)
+    (out / "sweep.json").write_text(json.dumps({**parallel_sweep["record"], "output_dir": str(out)}))
+    victim = parallel_sweep["record"]["trials"][1]["name"]
+    (out / victim / "run_summary.json").unlink()
+    assert main(*PARALLEL, *GRID, "--output-dir", str(out), "--resume") == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert len(record["trials"]) == 4 and record["complete"] and ranked_ok(record["trials"])
+    status = {t["name"]: t["status"] for t in record["trials"]}
+    assert status.pop(victim) == "ok" and set(status.values()) == {"skipped-finished"}
+    ran = [t["name"] for t in record["trials"] if t["started_at"] is not None]
+    assert ran == [victim]
+    # its memory shape was dry-run by the first sweep: measured once, reused
+    assert not list(out.glob("*/autotune.json"))
+    shape = next(d for d in record["dry_runs"] if victim in d["trials"])
+    assert shape["status"] == "reused" and shape["started_at"] is None
+
+
+def test_parallel_failing_trial_is_listed_with_its_error(two_gpus, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(*[a for a in PARALLEL if a != "--auto"], "--sweep", "data.max_length=16,2048",
+                "--output-dir", str(out), "--json")
+    captured = capsys.readouterr()
+    assert code == 0
+    record = json.loads(captured.out)
+    assert record == json.loads((out / "sweep.json").read_text())
+    first, last = record["trials"]
+    assert (first["name"], first["status"]) == ("max_length=2048", "ok")
+    assert (last["name"], last["status"]) == ("max_length=16", "failed")
+    assert "longer than max_length 16" in last["error"] and not last["error"].startswith("error:")
+    assert record["dry_runs"] == [] and {first["gpu"], last["gpu"]} <= set(record["gpus"])
+    assert "failed" in captured.err and (out / "max_length=16" / "console.log").is_file()
+
+
+# A stand-in for train.py: no torch, answers in milliseconds. What each trial does is
+# keyed by its `lora.r`, read from the file named by FAKE_TRAIN.
+FAKE_TRAIN = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+
+flags = sys.argv[1:]
+out = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output-dir=")))
+r = [f.rsplit("=", 1)[1] for f in flags if f.startswith("--set=lora.r=")][-1]
+plan = json.loads(Path(os.environ["FAKE_TRAIN"]).read_text())[r]
+out.mkdir(parents=True, exist_ok=True)
+(out / "env.json").write_text(json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "flags": flags}))
+
+def stop(signum, frame):
+    with open(out / "signals.txt", "a") as f:
+        f.write(signal.Signals(signum).name + "\n")
+    sys.exit({"SIGINT": 130, "SIGTERM": 143}[signal.Signals(signum).name])
+
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+if plan == "wait":
+    (out / "started").write_text("")
+    time.sleep(30)
+    sys.exit(3)
+if plan == "crash":
+    raise RuntimeError("boom")
+if plan == "error":
+    print("error: no plan fits in 8 GiB", file=sys.stderr)
+    sys.exit(2)
+if plan == "stopped":
+    sys.exit(130)
+loss = float(plan)
+(out / "run_summary.json").write_text(json.dumps({"final_train_loss": loss, "final_eval_loss": loss,
+    "best_eval_loss": loss, "tokens_per_second": 1.0, "wall_seconds": 0.1, "plan": {}}))
+'''
+
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch, two_gpus):
+    script, plans = tmp_path / "fake_train.py", tmp_path / "plans.json"
+    script.write_text(FAKE_TRAIN)
+    monkeypatch.setenv("FAKE_TRAIN", str(plans))
+    monkeypatch.setattr(sweep_module, "child_command", lambda flags: [sys.executable, str(script), *flags])
+
+    def set_plans(**by_r):
+        plans.write_text(json.dumps({k.lstrip("r"): v for k, v in by_r.items()}))
+
+    return set_plans
+
+
+NO_AUTO = [a for a in FAST if a != "--auto"]
+
+
+def test_children_get_their_own_gpu_and_crashes_are_reasons(fake_train, two_gpus, tmp_path):
+    fake_train(r1="1.0", r2="crash", r3="error", r4="0.5")
+    out = tmp_path / "sweep"
+    assert main(*NO_AUTO, "--sweep", "lora.r=1,2,3,4", "--output-dir", str(out)) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    by_name = {t["name"]: t for t in record["trials"]}
+    assert [t["name"] for t in record["trials"]] == ["r=4", "r=1", "r=2", "r=3"]
+    assert by_name["r=2"]["error"] == "RuntimeError: boom (exit code 1)"
+    assert by_name["r=3"]["error"] == "no plan fits in 8 GiB"
+    for name, trial in by_name.items():
+        env = json.loads((out / name / "env.json").read_text())
+        assert env["gpu"] == trial["gpu"] and env["gpu"] in {g.uuid for g in two_gpus}
+        assert f"--output-dir={out / name}" in env["flags"] and "--overwrite" in env["flags"]
+        assert "--data=" + str(ROOT / "examples" / "tiny") in env["flags"] and "--model=tiny" in env["flags"]
+        assert "--auto" not in env["flags"] and "--sweep" not in " ".join(env["flags"])
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "child"])
+def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_train, tmp_path, how):
+    fake_train(r1="wait", r2="wait" if how != "child" else "stopped", r3="0.5")
+    out = tmp_path / "sweep"
+    argv = [*NO_AUTO, "--sweep", "lora.r=1,2,3", "--output-dir", str(out)]
+
+    def signal_when_both_started():
+        deadline = time.time() + 20
+        while time.time() < deadline and not all((out / f"r={r}" / "started").exists() for r in (1, 2)):
+            time.sleep(0.05)
+        os.kill(os.getpid(), getattr(signal, how))
+
+    if how != "child":
+        threading.Thread(target=signal_when_both_started, daemon=True).start()
+    expected = SystemExit if how == "SIGTERM" else KeyboardInterrupt
+    with pytest.raises(expected) as exc:
+        main(*argv)
+    if how == "SIGTERM":
+        assert exc.value.code == 143
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["complete"] is False and record["trials"] == []
+    assert record["pending"] == ["r=1", "r=2", "r=3"]      # r=3 never started
+    forwarded = "SIGINT" if how == "child" else how
+    assert (out / "r=1" / "signals.txt").read_text() == forwarded + "\n"   # once: it may save a checkpoint
+    if how != "child":
+        assert (out / "r=2" / "signals.txt").read_text() == forwarded + "\n"
+    assert not (out / "r=3").exists()
+    fake_train(r1="1.0", r2="0.7", r3="0.5")
+    assert main(*argv, "--resume") == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert [(t["name"], t["status"]) for t in record["trials"]] == [("r=3", "ok"), ("r=2", "ok"), ("r=1", "ok")]
+
+
+def test_child_flags_parse_back_to_the_same_run(tmp_path):
+    from train import build_parser
+
+    from autotune.sweep import Trial, child_flags, trial_args
+
+    args = build_parser().parse_args(["--data", "d", "--config", "c.yaml", "--model", "tiny", "--codec", "x",
+                                      "--val", "v", "--vram-limit", "7.5", "--trust-remote-code", "--auto", "--json",
+                                      "--set", "training.seed=-1", "--set", "lora.target_modules=[q_proj]",
+                                      "--sweep", "lora.r=1,2", "--output-dir", "o"])
+    trial = Trial(0, "r=1", {"lora.r": 1}, ["lora.r=1"])
+    a = trial_args(args, trial, tmp_path)
+    back = build_parser().parse_args(child_flags(a))
+    for key in ("data", "config", "model", "codec", "val", "vram_limit", "trust_remote_code", "sets"):
+        assert getattr(back, key) == getattr(a, key), key
+    assert back.sets[-1] == "lora.r=1"
+    assert not back.auto and not back.json and back.sweep == [] and back.output_dir is None
+
+
+def test_which_gpus_a_sweep_spreads_over(monkeypatch):
+    from types import SimpleNamespace
+
+    from autotune.sweep import gpus_for_trials
+
+    one = SimpleNamespace(processes=1)
+    mixed = fake_gpus(H100, "NVIDIA GeForce RTX 4090", H100)
+    monkeypatch.setattr(sweep_module, "visible_gpus", lambda: mixed)
+    used, left = gpus_for_trials(one)
+    assert [g.index for g in used] == [0, 2] and [g.index for g in left] == [1]
+    assert gpus_for_trials(SimpleNamespace(processes=2)) == ([], [])      # under torchrun: sequential
+    monkeypatch.setattr(sweep_module, "visible_gpus", lambda: fake_gpus(H100))
+    assert gpus_for_trials(one) == ([], [])
+    monkeypatch.setattr(sweep_module, "visible_gpus", lambda: fake_gpus(H100, "NVIDIA GeForce RTX 4090"))
+    assert gpus_for_trials(one) == ([], [])                               # one of a kind: sequential on the first
