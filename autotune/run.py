@@ -435,18 +435,32 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
 
     config = plan.apply(rec.config)
     out = ctx.output_dir
+    resume_from = resolve_resume(ctx)
+    if resume_from:
+        check_resume_matches(resume_from, config)
+
+    def datasets(max_length: int):
+        """Train/val examples at the plan's max length; what it drops is listed, never cut."""
+        from autotune.data import drop_too_long
+
+        data.train = drop_too_long(data.train, max_length, data.skipped)
+        data.val = drop_too_long(data.val, max_length, data.skipped)
+        if not data.train:
+            raise AutotuneError(f"no training sample is shorter than {max_length} tokens: "
+                                "use a GPU with more memory or `--set model.load_in_4bit=true`")
+        if ctx.is_main:
+            T.write_json(out / "split.json", split_record(data))
+        if data.skipped:
+            ctx.console.print(f"[yellow]skipped {len(data.skipped)} samples longer than {max_length} tokens "
+                              "(listed in split.json)[/yellow]")
+        return (T.ExampleDataset(build_examples(data.train, builder)),
+                T.ExampleDataset(build_examples(data.val, builder)) if data.val else None)
+
     if ctx.is_main:
         (out / RUN_MARKER).write_text(dump_yaml(config), encoding="utf-8")
-        T.write_json(out / "split.json", split_record(data))
-    if data.skipped:
-        ctx.console.print(f"[yellow]skipped {len(data.skipped)} samples longer than {config.data.max_length} tokens "
-                          "(listed in split.json)[/yellow]")
-    kept = [s for s in data.train if s.num_tokens <= config.data.max_length]
-    train_set = T.ExampleDataset(build_examples(kept, builder))
-    val_set = T.ExampleDataset(build_examples(data.val, builder)) if data.val else None
+    train_set, val_set = datasets(config.data.max_length)
     collator = make_collator(builder.tokens.pad, config.data.packing)
 
-    resume_from = resolve_resume(ctx)
     recoveries: list[dict[str, Any]] = []
     nan_rollbacks: list[dict[str, Any]] = []
     nonfinite_steps: list[int] = []
@@ -476,13 +490,20 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         from autotune.dryrun import free_cuda_memory, next_rung
 
         free_cuda_memory()
-        step = next_rung(plan, rec.resolved.pinned, {"cuda": True})
+        # Only rungs a checkpoint can resume into: a new rank or optimizer would not load its state.
+        from autotune.profiles import bitsandbytes_installed
+
+        cuda = device.startswith("cuda")
+        step = next_rung(plan, rec.resolved.pinned | RESUME_FIXED_KEYS,
+                         {"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed()})
         if step is None or len(recoveries) >= config.autotune.oom_retries:
             raise AutotuneError(f"out of memory during training ({outcome.oom_error}) and no recovery is left "
                                 f"after {len(recoveries)} retries: lower `training.per_device_train_batch_size` or use "
                                 "`--auto`; checkpoints so far are kept in the output folder")
         why, plan = step
         config = plan.apply(config)
+        if config.data.max_length < max(len(e["input_ids"]) for e in train_set.examples):
+            train_set, val_set = datasets(config.data.max_length)
         resume_from = T.newest_checkpoint(out)
         recoveries.append({"error": outcome.oom_error, "rung": why, "plan": plan.to_dict(),
                            "resumed_from": str(resume_from) if resume_from else None})
@@ -559,6 +580,35 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
         del trainer, model, base
         return Outcome(oom_error=error)
     return Outcome(trainer, throughput, early, interrupted=trainer.interrupt.stopped_at is not None)
+
+
+# What a checkpoint's adapter and optimizer state fix: resuming with other values cannot load it.
+RESUME_FIXED_KEYS = frozenset({"lora.r", "lora.lora_alpha", "lora.target_modules", "training.optim"})
+
+
+def check_resume_matches(checkpoint: Path, config: Config) -> None:
+    """A changed LoRA shape or optimizer would fail deep inside loading: say so first."""
+    import yaml
+
+    try:
+        saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # checkpoint_problem already vetted it; nothing to compare
+    now = {"lora.r": config.lora.r, "lora.lora_alpha": config.lora.lora_alpha,
+           "lora.target_modules": sorted(config.lora.target_modules)}
+    before = {"lora.r": saved.get("r"), "lora.lora_alpha": saved.get("lora_alpha"),
+              "lora.target_modules": sorted(saved.get("target_modules") or [])}
+    try:
+        run_config = yaml.safe_load((checkpoint.parent / RUN_MARKER).read_text(encoding="utf-8")) or {}
+        before["training.optim"] = run_config.get("training", {}).get("optim")
+        now["training.optim"] = config.training.optim
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    changed = [k for k in now if before.get(k) is not None and before[k] != now[k]]
+    if changed:
+        what = ", ".join(f"`{k}` {before[k]} -> {now[k]}" for k in changed)
+        raise AutotuneError(f"cannot resume `{checkpoint}` with a different {what}: its adapter and optimizer state "
+                            f"were saved with the old value; drop the change or start a new `--output-dir`")
 
 
 def resolve_resume(ctx: Context) -> Path | None:

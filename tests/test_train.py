@@ -167,3 +167,33 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_resume_with_a_different_lora_shape_is_one_clear_error(tmp_path: Path):
+    out = tmp_path / "out"
+    common = ["--output-dir", str(out), "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+              "--set", "training.max_steps=2"]
+    assert train(*common) == 0
+    with pytest.raises(AutotuneError, match=r"cannot resume .* different `lora.r` 8 -> 4"):
+        train(*common, "--set", "lora.r=4", "--resume")
+
+
+def test_oom_recovery_never_changes_what_a_checkpoint_fixes(tmp_path: Path, monkeypatch):
+    """With batch, checkpointing and lean loss pinned, the next rungs (8-bit optimizer,
+    smaller rank) would not load the checkpoint's state: recovery must stop instead."""
+    from autotune import trainer as T
+
+    real_step = T.LlasaTrainer.training_step
+
+    def flaky(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(T.LlasaTrainer, "training_step", flaky)
+    with pytest.raises(AutotuneError, match="out of memory during training"):
+        train("--output-dir", str(tmp_path / "out"), "--set", "training.max_steps=4", "--set", "training.eval_steps=2",
+              "--set", "training.save_steps=2", "--set", "training.per_device_train_batch_size=2",
+              "--set", "training.gradient_checkpointing=false", "--set", "training.lean_loss=true",
+              "--set", "data.max_length=4096")
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()  # the work so far is kept
