@@ -52,6 +52,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed torch accepts: 0 .. 2**63 - 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63-1, got {text}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="synthesize.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, metavar="DIR",
@@ -74,7 +87,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--repetition-penalty", type=_positive_float, default=1.2, metavar="X", help="repetition penalty (default 1.2)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=2048, metavar="N",
                    help="longest speech in tokens, 50 per second (default 2048)")
-    p.add_argument("--seed", type=int, metavar="N", help="make the sampling reproducible (each text uses this seed)")
+    p.add_argument("--seed", type=_seed, metavar="N", help="make the sampling reproducible (each text uses this seed)")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="model weights (default: bf16 or fp16 on a GPU, fp32 on the CPU)")
@@ -179,6 +192,8 @@ def pick_device(name: str | None) -> str:
         device = torch.device(name)
     except RuntimeError:
         raise AutotuneError(f"`--device {name}` is not a device: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise AutotuneError(f"`--device {name}` is not supported: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AutotuneError(f"`--device {name}`: no CUDA GPU is available here; use `--device cpu`")
     return name

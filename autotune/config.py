@@ -99,7 +99,8 @@ class TrainingSection(_Section):
     logging_dir: str | None = Field(None, description="TensorBoard folder; defaults to `<output>/logs`.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers: `tensorboard` or `none`.")
     load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint by `metric_for_best_model` at the end.")
-    metric_for_best_model: str = Field("eval_loss", description="Metric that picks the best checkpoint.")
+    metric_for_best_model: Literal["eval_loss", "loss"] = Field(
+        "eval_loss", description="Metric that picks the best checkpoint (validation computes the loss only).")
     greater_is_better: bool = Field(False, description="Whether a larger metric is better.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
     dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster GPU copies.")
@@ -296,10 +297,7 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
     user = _normalise_aliases(copy.deepcopy(user_yaml or {}), notes)
     for item in sets or []:
         key, value = parse_set(item)
-        if key == "training.evaluation_strategy":
-            key = "training.eval_strategy"
-            notes.append("`evaluation_strategy` is the old name of `eval_strategy`; it was read as `eval_strategy`.")
-        set_dotted(user, key, value)
+        set_dotted(user, _canonical_key(key, notes), value)
     _precision_choice_turns_other_off(user)
     merged = deep_merge(profile_values or {}, user)
     config = validate(merged)
@@ -319,12 +317,26 @@ def validate(tree: dict[str, Any]) -> Config:
                             details=problems) from None
 
 
+ALIASES = {"training.evaluation_strategy": "training.eval_strategy"}  # the guide's old names
+
+
+def _canonical_key(key: str, notes: list[str]) -> str:
+    new = ALIASES.get(key)
+    if new is None:
+        return key
+    old_name, new_name = key.rsplit(".", 1)[1], new.rsplit(".", 1)[1]
+    notes.append(f"`{old_name}` is the old name of `{new_name}`; it was read as `{new_name}`.")
+    return new
+
+
 def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    training = tree.get("training")
-    if isinstance(training, dict) and "evaluation_strategy" in training:
-        value = training.pop("evaluation_strategy")
-        training.setdefault("eval_strategy", value)
-        notes.append("`evaluation_strategy` is the old name of `eval_strategy`; it was read as `eval_strategy`.")
+    """Old names in a file; the new name wins where a file has both."""
+    for old, new in ALIASES.items():
+        section, old_key = old.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and old_key in node:
+            value = node.pop(old_key)
+            node.setdefault(_canonical_key(old, notes).split(".")[1], value)
     return tree
 
 

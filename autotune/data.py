@@ -334,8 +334,7 @@ def measure(samples: list[Sample], prompt_builder=None) -> None:
         return
     texts = [s.text for s in samples]
     # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
-    lengths = (prompt_builder.text_lengths(texts) if hasattr(prompt_builder, "text_lengths")
-               else [len(ids) for ids in prompt_builder.text_ids(texts)])
+    lengths = prompt_builder.text_lengths(texts)
     overhead = prompt_builder.overhead
     for s, n in zip(samples, lengths):
         s.num_tokens = overhead + n + len(s.codes) + 1
@@ -492,17 +491,15 @@ class PackedCollator:
     the position ids when there is no attention mask and no cache (training with
     `use_cache=False`), so attention does not cross samples; a test checks it."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self):
         from transformers import DataCollatorWithFlattening
 
         self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-        self.pad_id = pad_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
-        return batch
+        return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
 
 
 def make_collator(pad_id: int, packing: bool):
     """Padded rows (multiple of 8), or padding-free packed rows with `data.packing`."""
-    return PackedCollator(pad_id) if packing else LlasaCollator(pad_id)
+    return PackedCollator() if packing else LlasaCollator(pad_id)

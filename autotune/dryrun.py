@@ -67,6 +67,7 @@ class Plan:
         t.optim = self.optim
         t.bf16, t.fp16 = self.precision == "bf16", self.precision == "fp16"
         out.lora.r, out.lora.lora_alpha = self.lora_r, self.lora_alpha
+        out.lora.target_modules = list(self.lora_target_modules)
         out.model.load_in_4bit = self.load_in_4bit
         out.data.max_length = self.max_length
         return out

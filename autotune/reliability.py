@@ -342,9 +342,11 @@ def checkpoint_problem(path: Path) -> str | None:
     if not state.is_file():
         return "no trainer_state.json (its save did not finish)"
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        parsed = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         return f"trainer_state.json does not parse ({' '.join(str(exc).split())[:80]})"
+    if not isinstance(parsed, dict) or "global_step" not in parsed:
+        return "trainer_state.json is not a trainer state"
     weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
     if weights is None:
         return "no adapter weights (adapter_model.safetensors)"
@@ -392,6 +394,14 @@ def _torch_file_problem(path: Path) -> str | None:
         return "is missing"
     # torch.save writes a zip whose directory sits at the very end: a cut-off file has none.
     if not zipfile.is_zipfile(path):
+        return "is truncated or corrupt"
+    # A flipped byte inside keeps the directory intact: check every member's CRC
+    # (cheap at adapter and LoRA-optimizer sizes).
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                return "is corrupt (a checksum does not match)"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return "is truncated or corrupt"
     return None
 

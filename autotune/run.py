@@ -229,6 +229,10 @@ def probe_and_recommend(ctx: Context):
     rec.warnings = list(result.warnings) + rec.warnings
     if not gpus and result.reason:
         rec.reasons.insert(0, f"no GPU: {result.reason}")
+    if not ctx.args.check_data and rec.config.samples.num_texts > 0:
+        from autotune.samples import check_reference
+
+        check_reference(rec.config.samples)  # a bad clip is found now, not after the model loads
     vram_limit = rec.config.autotune.vram_limit_gib
     if vram_limit is not None and not gpus:
         rec.warnings.append("`--vram-limit` has no effect without a GPU")

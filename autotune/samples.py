@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from autotune.dryrun import free_cuda_memory
 from autotune.errors import AutotuneError
 from autotune.llasa import LlasaTokens, PromptBuilder
 
@@ -223,7 +224,7 @@ class SampleCallback(TrainerCallback):
                 records.append({"index": i, "text": text, "error": f"{type(exc).__name__}: {reason}"})
                 self._warn(f"samples: text {i} at step {step} failed ({type(exc).__name__}: {reason}); "
                            "training goes on")
-                _free_cuda_memory()
+                free_cuda_memory()
                 continue
             records.append(record)
             if wave is not None:
@@ -305,13 +306,6 @@ class SampleCallback(TrainerCallback):
         self.console.print(f"[yellow]! {escape(message)}[/yellow]")
 
 
-def _free_cuda_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _evaluation_off(args) -> bool:
     strategy = getattr(args, "eval_strategy", "no")
     return getattr(strategy, "value", strategy) == "no"
@@ -334,6 +328,11 @@ def _find_tensorboard(trainer: Any) -> Any:
         if isinstance(callback, TensorBoardCallback):
             return callback
     return None
+
+
+def check_reference(samples: Any) -> None:
+    """Fail on a bad voice-prompt clip before any model loads (the driver calls this early)."""
+    _reference(samples)
 
 
 def _reference(samples: Any) -> _Reference | None:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import hashlib
 import importlib.util
 import itertools
@@ -72,6 +71,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autotune.config import load_yaml_file, parse_set, resolve_config
+from autotune.dryrun import free_cuda_memory
 from autotune.errors import AutotuneError
 from autotune.run import RUN_MARKER, cli_sets, ensure_writable, looks_like_data
 
@@ -479,18 +479,10 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
             except (OSError, ValueError) as exc:
                 trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
     finally:
-        _free_memory()
+        free_cuda_memory()
         trial.finished_at = time.time()
     if trial.wall_seconds is None:
         trial.wall_seconds = round(trial.finished_at - started, 2)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------- ranking ---
@@ -528,9 +520,9 @@ def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False, default=str), encoding="utf-8")
-    tmp.replace(path)
+    from autotune.trainer import write_json  # imports torch: only once there is something to write
+
+    write_json(path, record, allow_nan=False)
 
 
 def _cell(key: str, value: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -85,6 +86,11 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         except ImportError:
             raise AutotuneError("`report_to: tensorboard` needs tensorboard: `pip install tensorboard`, "
                                 "or `--set training.report_to=none`") from None
+    for name in report_to:
+        if name != "tensorboard" and importlib.util.find_spec(name.replace("-", "_")) is None:
+            raise AutotuneError(f"`training.report_to` names `{name}`, which is not installed: "
+                                f"`pip install {name}`, or `--set training.report_to=tensorboard`")
+    _check_scheduler_kwargs(t.lr_scheduler_type, t.lr_scheduler_kwargs)
     optim = {"adamw_8bit": "adamw_bnb_8bit"}.get(t.optim, t.optim)
     kwargs = dict(
         output_dir=str(output_dir),
@@ -119,6 +125,22 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         ddp_find_unused_parameters=False,
     )
     return TrainingArguments(**_for_this_transformers(kwargs))
+
+
+def _check_scheduler_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
+    """Unknown schedule arguments would only fail as a TypeError once training starts."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    schedule = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(kind)]
+    allowed = [n for n in inspect.signature(schedule).parameters
+               if n not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")]
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise AutotuneError(f"`training.lr_scheduler_kwargs` has {', '.join(f'`{k}`' for k in unknown)}, which "
+                            f"`{kind}` does not take; it takes: {', '.join(allowed) or 'nothing'}")
 
 
 def _for_this_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -514,10 +536,11 @@ def save_adapter(model, output_dir: Path, console=None) -> bool:
     return True
 
 
-def write_json(path: Path, payload: Any) -> None:
+def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
     """Atomic: a kill mid-write leaves the old file, never half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan),
+                   encoding="utf-8")
     tmp.replace(path)
 
 

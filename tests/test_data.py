@@ -794,7 +794,7 @@ def test_packed_collator_restarts_positions_per_sample(builder):
 
     samples = [Sample(text=t, source="x", codes=np.arange(4, dtype=np.int32)) for t in ("ab", "日本")]
     features = build_examples(samples, builder)
-    batch = PackedCollator(builder.tokens.pad)(features)
+    batch = PackedCollator()(features)
     n0, n1 = (len(f["input_ids"]) for f in features)
     assert batch["input_ids"].shape == (1, n0 + n1)
     assert batch["position_ids"][0].tolist() == list(range(n0)) + list(range(n1))

@@ -23,7 +23,7 @@ def examples(n: int = 3):
 def test_packed_rows_do_not_attend_across_samples():
     builder, ex = examples()
     model = build_tiny_model().eval()
-    packed = PackedCollator(builder.tokens.pad)(ex)
+    packed = PackedCollator()(ex)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
     start = len(ex[0]["input_ids"])
     length = len(ex[1]["input_ids"])

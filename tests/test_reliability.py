@@ -472,3 +472,17 @@ def test_a_signal_asks_a_second_aborts_and_the_handlers_come_back():
             time.sleep(0.01)
         assert caught.value.code == 143
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_checkpoint_with_a_flipped_byte_inside_is_skipped(tmp_path):
+    import torch
+
+    from autotune.reliability import _torch_file_problem
+
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {0: torch.arange(4096, dtype=torch.float32)}}, path)
+    assert _torch_file_problem(path) is None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a tensor's bytes; the zip directory at the end survives
+    path.write_bytes(bytes(data))
+    assert _torch_file_problem(path) == "is corrupt (a checksum does not match)"
