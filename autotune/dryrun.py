@@ -163,10 +163,12 @@ def _four_bit(plan: Plan, ctx: dict) -> Plan | None:
 
 
 def _shorter(plan: Plan, ctx: dict) -> Plan | None:
+    """Half the max length, but at least below the longest sample, or nothing changes."""
     shortest = ctx.get("min_max_length", 512)
-    if plan.max_length // 2 < shortest:
+    target = min(plan.max_length // 2, ctx.get("longest_tokens", plan.max_length) - 1)
+    if target < shortest:
         return None
-    return dataclasses.replace(plan, max_length=plan.max_length // 2)
+    return dataclasses.replace(plan, max_length=target)
 
 
 # Cheapest loss of speed first, then what changes the model, last the data.

@@ -397,7 +397,8 @@ def dry_run(ctx: Context, rec, data, builder, start):
 
     result = search(start, measure, pinned=rec.resolved.pinned, max_attempts=config.autotune.max_attempts,
                     time_plans=config.autotune.time_plans and cuda,
-                    ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed()},
+                    ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed(),
+                         "longest_tokens": max(len(e["input_ids"]) for e in examples)},
                     budget_bytes=budget, log=log)
     del measure
     from autotune.dryrun import free_cuda_memory

@@ -176,3 +176,12 @@ def test_plan_apply_round_trips_through_the_config():
     assert Plan.from_config(applied) == p
     assert applied.training.fp16 and not applied.training.bf16
     assert Plan.from_dict(p.to_dict()) == p
+
+
+def test_shorter_max_length_always_drops_the_longest_samples():
+    from autotune.dryrun import _shorter
+
+    p = plan(max_length=2048)
+    assert _shorter(p, {"longest_tokens": 1400}).max_length == 1024
+    assert _shorter(p, {"longest_tokens": 700}).max_length == 699   # halving alone would drop nothing
+    assert _shorter(p, {"longest_tokens": 400}) is None             # below the shortest useful length
