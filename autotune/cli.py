@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, NoReturn
 
 from autotune.errors import AutotuneError
+
+# bitsandbytes logs a hint about an optional CPU kernel package at import time, on
+# GPU machines too; it is noise for our users and would break one-line errors.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 class ArgumentParser(argparse.ArgumentParser):

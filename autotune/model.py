@@ -16,6 +16,10 @@ from autotune.llasa import TINY, build_tiny_model, build_tiny_tokenizer
 def _missing_model(name: str, exc: BaseException) -> AutotuneError:
     reason = " ".join(str(exc).split())[:160]
     local = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not local.exists():
+        return AutotuneError(f"cannot load the model `{name}`: no such folder; pass a folder holding a Llasa "
+                             "checkpoint (config.json, *.safetensors, tokenizer files), a hub id such as "
+                             "`HKUSTAudio/Llasa-1B`, or `--model tiny` for the offline demo")
     if local.exists():
         return AutotuneError(f"cannot load the model from `{name}` ({reason}): the folder must hold config.json, "
                              "the weights (*.safetensors) and the tokenizer files of a Llasa checkpoint")
@@ -62,6 +66,10 @@ def load_base_model(name: str, *, precision: str, attn_implementation: str = "sd
     except AutotuneError:
         raise
     except Exception as exc:
+        if load_in_4bit and Path(name).expanduser().exists():
+            reason = " ".join(str(exc).split())[:160]
+            raise AutotuneError(f"cannot load `{name}` with 4-bit weights ({reason}): update bitsandbytes "
+                                "(`pip install -U bitsandbytes`), or `--set model.load_in_4bit=false`") from None
         raise _missing_model(name, exc) from None
     return model if load_in_4bit else model.to(device)
 
@@ -72,11 +80,10 @@ def four_bit_config(compute_dtype):
     if importlib.util.find_spec("bitsandbytes") is None:
         raise AutotuneError("4-bit weights need bitsandbytes: `pip install bitsandbytes`, "
                             "or turn them off with `--set model.load_in_4bit=false`")
-    import torch
     from transformers import BitsAndBytesConfig
 
-    if not torch.cuda.is_available():
-        raise AutotuneError("4-bit weights need a CUDA GPU: `--set model.load_in_4bit=false` on this machine")
+    # bitsandbytes >= 0.46 also runs NF4 on the CPU (slowly): fine for tests and
+    # small checks; a version without a CPU backend fails at load, reported below.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
 
