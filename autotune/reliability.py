@@ -99,6 +99,13 @@ def catch_interrupts(callback: InterruptCallback) -> Iterator[None]:
         _say(f"\n{name}: finishing this step, then saving a checkpoint and stopping "
              "(press Ctrl-C again to stop at once without saving)\n")
 
+    with stop_signals_handled_by(handler):
+        yield
+
+
+@contextmanager
+def stop_signals_handled_by(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` inside the block; the previous handlers come back after."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, handler)

@@ -388,6 +388,18 @@ def check_same_base(previous: dict[str, Any] | None, base: dict[str, Any], out: 
 
 # ------------------------------------------------------------- the trials ---
 
+def record_summary(trial: Trial, folder: Path) -> None:
+    """A run that exited cleanly: its figures, or why they cannot be read."""
+    if not (folder / SUMMARY).exists():
+        trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
+        return
+    trial.status = "ok"
+    try:
+        read_summary(trial, folder)
+    except (OSError, ValueError) as exc:
+        trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+
+
 def _finished(summary: Path) -> bool:
     """A summary written by a run that ended, not by one stopped on a signal."""
     if not summary.is_file():
@@ -470,14 +482,8 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
             raise KeyboardInterrupt
         if code not in (0, None):
             trial.status, trial.error = "failed", f"the run exited with code {code}"
-        elif not (folder / SUMMARY).exists():
-            trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
         else:
-            trial.status = "ok"
-            try:
-                read_summary(trial, folder)
-            except (OSError, ValueError) as exc:
-                trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+            record_summary(trial, folder)
     finally:
         free_cuda_memory()
         trial.finished_at = time.time()
@@ -1002,14 +1008,8 @@ class ParallelSweep:
             trial.status, trial.error = "failed", error
         elif code != 0:
             trial.status, trial.error = "failed", child_error(log, code)
-        elif not (folder / SUMMARY).exists():
-            trial.status, trial.error = "failed", f"the run wrote no {SUMMARY}"
         else:
-            trial.status = "ok"
-            try:
-                read_summary(trial, folder)
-            except (OSError, ValueError) as exc:
-                trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+            record_summary(trial, folder)
         if trial.wall_seconds is None:
             trial.wall_seconds = round(trial.finished_at - (trial.started_at or trial.finished_at), 2)
         shape = self.shape_of.get(trial.name)
@@ -1083,14 +1083,10 @@ class ParallelSweep:
         def handler(signum, frame):
             self.signals.append(signal.Signals(signum).name)
 
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
+        from autotune.reliability import stop_signals_handled_by
+
+        with stop_signals_handled_by(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def stop(self) -> None:
         """Pass the stop on to every running child (which saves a checkpoint and exits), wait
