@@ -104,7 +104,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             row_max = logits.amax(dim=1, keepdim=True)
             # Keep the shift finite so an all -inf row gives -inf, not nan.
             row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-            probs = logits.sub_(row_max).exp_()  # logits are gone from here on
+            probs = logits.sub_(row_max).exp_()
+            # Drop every name of the [chunk x vocab] buffer as soon as it is
+            # done with: a name still bound when the next chunk's logits are
+            # allocated would hold two chunks at once (+1.5 GiB at 4096 x 193,800).
+            del logits
             sums = probs.sum(dim=1)
             chunk_lse = sums.log() + row_max.squeeze(1)
             total += (chunk_lse - target_logit).sum()
