@@ -125,6 +125,7 @@ def build_model(
     checkpointing: bool,
     seq: int,
     random_lora_b: bool = False,
+    emulate_4bit: bool = False,
 ) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -138,6 +139,12 @@ def build_model(
     with torch.device(device):
         model = LlamaForCausalLM(config)
     model.to(dtype)
+    if emulate_4bit:
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        setattr(parent, name, EmulatedNF4Linear(child))
     if checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(
@@ -164,6 +171,52 @@ def build_model(
     return model
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x @ W.T where W lives packed; the full weight exists only during each matmul."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                shape: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(packed, scales)  # references only, as bitsandbytes keeps
+        ctx.shape = shape
+        return x @ _dequantized(packed, shape, x.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        packed, _ = ctx.saved_tensors
+        return grad_out @ _dequantized(packed, ctx.shape, grad_out.dtype), None, None, None
+
+
+def _dequantized(packed: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    # The memory of bitsandbytes' dequantize_4bit (a full weight in the compute
+    # dtype), not its values: this layer is for memory estimates only.
+    return torch.zeros(shape, dtype=dtype, device=packed.device)
+
+
+class EmulatedNF4Linear(torch.nn.Linear):
+    """Memory stand-in for a bitsandbytes NF4 `Linear4bit` with double quantisation:
+    4 bits per weight, one 8-bit scale per 64 weights and one fp32 scale per 256
+    of those. Subclasses `nn.Linear` so PEFT puts LoRA on it like on any linear.
+    Its outputs are zeros: use it to estimate memory (`--estimate`), never to train."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        numel = self.in_features * self.out_features
+        device = linear.weight.device
+        self.weight = torch.nn.Parameter(
+            torch.empty(numel // 2, 1, dtype=torch.uint8, device=device), requires_grad=False
+        )
+        self.register_parameter("bias", None)
+        self.register_buffer("scales", torch.empty(numel // 64, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "scales_of_scales", torch.empty(-(-numel // (64 * 256)), dtype=torch.float32, device=device)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Matmul.apply(x, self.weight, self.scales, (self.out_features, self.in_features))
+
+
 def make_batch(
     batch: int, seq: int, vocab: int, device: torch.device, *, pad_last_row: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -179,17 +232,24 @@ def make_batch(
     return {k: v.to(device) for k, v in out.items()}
 
 
-def step(
+def backward_step(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, chunk_size: int,
     use_liger: bool | None,
-) -> float:
-    """One forward+backward; only a float escapes so no graph or logits outlive it."""
+) -> torch.Tensor:
+    """One forward+backward; returns the detached loss, so no graph or logits outlive it."""
     if mode == "stock":
         loss = model(**batch).loss
     else:
         loss, _ = compute_lean_loss(model, batch, chunk_size=chunk_size, use_liger=use_liger)
     loss.backward()
-    return float(loss.detach())
+    return loss.detach()
+
+
+def step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, chunk_size: int,
+    use_liger: bool | None,
+) -> float:
+    return float(backward_step(model, batch, mode, chunk_size, use_liger))
 
 
 def _lora_grad_vector(model: torch.nn.Module) -> torch.Tensor:
@@ -278,6 +338,106 @@ def _guarded(device: torch.device, fn: Callable[[], Any]) -> Any:
     return result
 
 
+@contextlib.contextmanager
+def fake_tensors(labelled_rows: int, flat_label_numel: int) -> Iterator[PeakTracker]:
+    """Fake bf16 tensors on the CPU device, with their live bytes tracked.
+
+    The lean loss's one data-dependent op, the `nonzero` that picks labelled
+    rows, has no size without data; it is answered with the count taken from
+    the real batch (and refuses any other `nonzero`, so a new one cannot slip
+    through with a wrong size).
+    """
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    nonzero = torch.ops.aten.nonzero.default
+    previous = fake_impls.op_implementations_dict.get(nonzero)
+
+    def labelled_rows_nonzero(fake_mode: Any, func: Any, arg: torch.Tensor) -> torch.Tensor:
+        if arg.dim() != 1 or arg.numel() != flat_label_numel:
+            raise RuntimeError(f"--estimate met an unexpected nonzero over shape {tuple(arg.shape)}")
+        meta = torch.empty((labelled_rows, 1), dtype=torch.long, device="meta")
+        return FakeTensor(fake_mode, meta, arg.fake_device)
+
+    original_apply = torch.nn.Module._apply
+
+    def apply_in_place(module: torch.nn.Module, fn: Callable, recurse: bool = True) -> torch.nn.Module:
+        # `Module._apply` always swaps fake parameters, which fails on tensors the
+        # fake mode holds weak references to; `.data =` keeps them (and ties) intact.
+        if recurse:
+            for child in module.children():
+                child._apply(fn)
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    with torch.no_grad():
+                        converted = fn(tensor)
+                    if converted is not tensor:
+                        tensor.data = converted
+        return module
+
+    default_dtype = torch.get_default_dtype()
+    torch.nn.Module._apply = apply_in_place  # type: ignore[method-assign]
+    fake_impls.op_implementations_dict[nonzero] = labelled_rows_nonzero
+    # Modules are created in bf16 directly: fake parameters cannot be swapped
+    # to another dtype afterwards.
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), PeakTracker() as tracker:
+            yield tracker
+    finally:
+        torch.set_default_dtype(default_dtype)
+        torch.nn.Module._apply = original_apply  # type: ignore[method-assign]
+        if previous is None:
+            fake_impls.op_implementations_dict.pop(nonzero, None)
+        else:
+            fake_impls.op_implementations_dict[nonzero] = previous
+
+
+def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak allocated bytes of one forward+backward per mode, from fake tensors."""
+    vocab = SHAPES[shape]["vocab_size"]
+    real_labels = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))["labels"]
+    labelled_rows = int((real_labels[:, 1:] != -100).sum())
+    entry: dict[str, Any] = {
+        "batch": args.batch, "seq": args.seq, "dtype": "bfloat16", "lora_r": args.lora_r,
+        "lora_targets": args.lora_targets, "chunk_size": args.chunk_size,
+        "gradient_checkpointing": True, "vocab": vocab, "label_tokens": labelled_rows,
+        "weights_4bit": args.load_in_4bit, "estimate": True,
+    }
+    for mode in args.modes:
+        # A fresh fake model per mode: nothing of one mode's step outlives it.
+        with fake_tensors(labelled_rows, real_labels.numel()) as tracker:
+            model = build_model(
+                shape, torch.device("cpu"), torch.bfloat16, lora_r=args.lora_r,
+                targets=args.lora_targets, checkpointing=True, seq=args.seq,
+                emulate_4bit=args.load_in_4bit,
+            )
+            batch = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))
+            resident = tracker.current_bytes
+            tracker.reset_peak()
+            backward_step(model, batch, mode, args.chunk_size, False)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            # AdamW keeps two fp32 moments per trainable (LoRA) parameter; present
+            # from the first optimizer step on, so in every later step's peak.
+            adamw_bytes = 8 * trainable
+            entry["weights_gib"] = round(resident / GIB, 3)
+            entry[mode] = {
+                "peak_bytes": tracker.peak_bytes,
+                "peak_gib": round(tracker.peak_bytes / GIB, 3),
+                "peak_above_weights_gib": round((tracker.peak_bytes - resident) / GIB, 3),
+                "adamw_state_gib": round(adamw_bytes / GIB, 3),
+                "peak_with_adamw_gib": round((tracker.peak_bytes + adamw_bytes) / GIB, 3),
+                "tokens_per_s": None,
+            }
+            del model, batch
+    stock, lean = entry.get("stock"), entry.get("lean")
+    if isinstance(stock, dict) and isinstance(lean, dict):
+        entry["peak_saved_gib"] = round(stock["peak_gib"] - lean["peak_gib"], 3)
+        entry["lean_peak_fraction"] = round(lean["peak_gib"] / stock["peak_gib"], 3)
+    return entry
+
+
 def bench_shape(shape: str, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     seq = args.seq
@@ -289,7 +449,7 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace) -> d
     model = _guarded(
         device,
         lambda: build_model(
-            shape, device, dtype, lora_r=args.lora_r, targets=ALL_PROJECTIONS,
+            shape, device, dtype, lora_r=args.lora_r, targets=args.lora_targets,
             checkpointing=True, seq=seq,
         ),
     )
@@ -322,6 +482,19 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace) -> d
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--estimate", action="store_true",
+        help="no GPU needed: estimate each mode's peak GPU memory from fake tensors "
+        "(bf16, Llasa shapes, 2048 tokens by default); no tokens/s",
+    )
+    p.add_argument(
+        "--load-in-4bit", action="store_true",
+        help="with --estimate: NF4 stand-ins for every projection (4 bits per weight + scales)",
+    )
+    p.add_argument(
+        "--lora-targets", nargs="+", choices=ALL_PROJECTIONS, default=ALL_PROJECTIONS,
+        help="LoRA target modules (default: all seven projections)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on one line")
     p.add_argument(
         "--model-shape", action="append", choices=sorted(SHAPES), dest="shapes",
@@ -343,8 +516,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
-    args.shapes = args.shapes or (["tiny"] if args.device == "cpu" else ["llasa-1b", "llasa-3b"])
-    args.seq = args.seq or (2048 if args.device == "cuda" else 256)
+    if args.estimate and args.device == "cuda":
+        p.error("--estimate runs on the CPU from fake tensors; drop --device cuda to estimate, or --estimate to measure")
+    if args.load_in_4bit and not args.estimate:
+        p.error("--load-in-4bit is an estimate-only stand-in; add --estimate")
+    full_size = args.device == "cuda" or args.estimate
+    args.shapes = args.shapes or (["llasa-1b", "llasa-3b"] if full_size else ["tiny"])
+    args.seq = args.seq or (2048 if full_size else 256)
     args.use_liger = {"auto": None, "on": True, "off": False}[args.liger]
     return args
 
@@ -358,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name = platform.processor() or platform.machine()
     uses_liger = device.type == "cuda" and args.use_liger is not False and liger_available()
     report: dict[str, Any] = {
-        "device": args.device,
+        "device": "estimate (fake tensors, no GPU)" if args.estimate else args.device,
         "device_name": device_name,
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__,
@@ -370,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report.update(correctness_check(device, args.use_liger))
     _free(device)
-    report["measurements"] = {shape: bench_shape(shape, device, args) for shape in args.shapes}
+    if args.estimate:
+        report["estimates"] = {shape: estimate_shape(shape, args) for shape in args.shapes}
+    else:
+        report["measurements"] = {shape: bench_shape(shape, device, args) for shape in args.shapes}
     report["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     return 0
