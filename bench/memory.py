@@ -514,10 +514,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="lean mode's use of liger-kernel (auto: when installed and on CUDA)",
     )
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
     if args.estimate and args.device == "cuda":
         p.error("--estimate runs on the CPU from fake tensors; drop --device cuda to estimate, or --estimate to measure")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
     if args.load_in_4bit and not args.estimate:
         p.error("--load-in-4bit is an estimate-only stand-in; add --estimate")
     full_size = args.device == "cuda" or args.estimate
