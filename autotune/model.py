@@ -92,7 +92,7 @@ def apply_lora(model, *, r: int, lora_alpha: int, lora_dropout: float, target_mo
                gradient_checkpointing: bool = False, quantized: bool = False):
     """Wrap with PEFT LoRA. Checkpointing with PEFT needs input grads and the
     non-reentrant variant, or the frozen embeddings cut the graph."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = [m for m in target_modules if m not in present]
@@ -100,8 +100,14 @@ def apply_lora(model, *, r: int, lora_alpha: int, lora_dropout: float, target_mo
         raise AutotuneError(f"`lora.target_modules` names {', '.join(unknown)}, which this model does not have; "
                             "Llama layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Not PEFT's prepare_model_for_kbit_training: it upcasts every
+        # non-quantized weight to fp32, and Llasa's is mostly the 193,800-row
+        # embedding tied to the head (+1.1 GiB for Llasa-3B, plus a half-size
+        # copy at each head matmul under autocast), with fp32 norms turning the
+        # residual stream fp32. The frozen rest stays in the compute dtype, as
+        # without 4-bit; LoRA's own weights are fp32 either way.
+        for param in model.parameters():
+            param.requires_grad = False
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
                         bias=bias, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)

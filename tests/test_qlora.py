@@ -1,7 +1,7 @@
 """4-bit NF4 base weights with LoRA on top (QLoRA), for real through bitsandbytes.
 
 bitsandbytes >= 0.46 runs NF4 on the CPU too, so the whole path (quantized
-load, k-bit preparation, LoRA on Linear4bit, lean loss, dry run, adapter save)
+load, frozen base kept in the compute dtype, LoRA on Linear4bit, lean loss, dry run, adapter save)
 runs here; skipped where bitsandbytes is missing or has no CPU backend.
 """
 
@@ -45,12 +45,26 @@ def test_lora_sits_on_4bit_linear_layers(tiny_folder: Path):
 
     from autotune.model import apply_lora, load_base_model
 
-    base = load_base_model(str(tiny_folder), precision="fp32", load_in_4bit=True)
-    model = apply_lora(base, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], quantized=True)
+    base = load_base_model(str(tiny_folder), precision="bf16", load_in_4bit=True)
+    model = apply_lora(base, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], quantized=True,
+                       gradient_checkpointing=True)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    # The frozen, non-quantized weights stay in the compute dtype: no fp32 copy
+    # of the vocab-sized embedding (tied to the head), no fp32 norms.
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.bfloat16 for p in norms)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    # and gradients still reach the adapter through checkpointed 4-bit layers
+    ids = torch.randint(0, 600, (2, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_b_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # A's is 0 while B is 0
+    assert lora_b_grads and all(g is not None and g.abs().sum() > 0 for g in lora_b_grads)
 
 
 def test_training_with_4bit_weights_writes_an_adapter_for_the_full_precision_base(tmp_path: Path, tiny_folder: Path):
