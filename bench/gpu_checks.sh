@@ -11,6 +11,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 run() { local name=$1; shift; echo "== $name"; timeout 240 python3 "$@" --json --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"; echo "rc=$?"; }
 
+# The CPU-side estimate of the same shapes, to set beside what the card measures.
+python3 bench/memory.py --estimate --json --model-shape llasa-1b --batch 16 > "$OUT/estimate-b16.json" 2> "$OUT/estimate-b16.log"; echo "estimate b16 rc=$?"
+python3 bench/memory.py --estimate --json --batch 1 > "$OUT/estimate-b1.json" 2> "$OUT/estimate-b1.log"; echo "estimate b1 rc=$?"
 # Lean vs stock loss: peak memory at batch 16 x 2048 (target: <= 1/4 of stock) and
 # throughput at equal batch (target: lean >= stock).
 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 4 > "$OUT/memory-b4.json" 2> "$OUT/memory-b4.log"; echo "memory b4 rc=$?"
