@@ -20,6 +20,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--auto", action="store_true",
                    help="run the OOM-backoff dry run on the real model and the longest batch, then train with its plan")
     p.add_argument("--dry-run", action="store_true", help="only run the dry run and report the plan; train nothing")
+    p.add_argument("--plan", metavar="FILE",
+                   help="train with the plan an earlier dry run measured (its autotune.json) instead of dry-running; "
+                        "unlike `--set`, its values can still step down the ladder after an out-of-memory error")
     p.add_argument("--check-data", action="store_true",
                    help="validate the data and report counts, hours and lengths; loads no model weights")
     p.add_argument("--json", action="store_true", help="with --check-data, --dry-run or --sweep: print one JSON object")

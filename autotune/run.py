@@ -57,6 +57,7 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
         from autotune.sweep import run_sweep
 
         return run_sweep(ctx)
+    check_plan_flags(args)
     from autotune.data import find_layout
 
     find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
 
     plan = Plan.from_config(config, ctx.processes)
     dry = None
-    if args.auto or args.dry_run:
+    if args.plan:
+        plan = plan_from_file(ctx, rec, Path(args.plan))
+    elif args.auto or args.dry_run:
         key = memory_shape(plan)
         if plan_cache is not None and key in plan_cache:
             dry = plan_cache[key]
@@ -152,6 +155,53 @@ def make_context(args: argparse.Namespace) -> Context:
     cache = getattr(args, "codec_cache", None)
     return Context(args, console, output, is_main=rank == 0, processes=processes,
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), codec_cache=Path(cache) if cache else None)
+
+
+# --------------------------------------------------------- a given plan ---
+
+def check_plan_flags(args: argparse.Namespace) -> None:
+    if args.plan and (args.auto or args.dry_run):
+        flag = "--auto" if args.auto else "--dry-run"
+        raise AutotuneError(f"`--plan` trains with a plan measured earlier and `{flag}` measures a new one: drop one of them")
+
+
+def plan_from_file(ctx: Context, rec, path: Path):
+    """The plan in a dry run's autotune.json (a sweep's shape.json has the same
+    "plan"). Its values are not pinned, so an out-of-memory error mid-training can
+    still take the next rung; what the user did pin must agree with it."""
+    from autotune.dryrun import Plan
+
+    fix = "pass the autotune.json a dry run (`--auto` or `--dry-run`) wrote"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AutotuneError(f"cannot read `--plan {path}` ({exc.strerror or exc}): {fix}") from None
+    except ValueError:
+        raise AutotuneError(f"`--plan {path}` is not JSON: {fix}") from None
+    try:
+        plan = Plan.from_dict(record["plan"])
+        planned = plan.apply(rec.config)   # pydantic checks every value on assignment
+        effective = plan.effective_batch_size
+    except Exception:  # noqa: BLE001 - any malformed plan is the same user error
+        raise AutotuneError(f"`--plan {path}` holds no valid dry-run plan: {fix}") from None
+    if plan.processes != ctx.processes:
+        raise AutotuneError(f"`--plan {path}` was measured for {plan.processes} process(es) and this run has "
+                            f"{ctx.processes}: run the dry run again with `--auto`")
+    ours, theirs = rec.config.model_dump(), planned.model_dump()
+    for key in sorted(rec.resolved.pinned):
+        a, b = _dotted(ours, key), _dotted(theirs, key)
+        if a != b:
+            raise AutotuneError(f"`{key}` is set to {a!r} but `--plan {path}` has {b!r}: drop the setting, "
+                                "or run the dry run again with it")
+    ctx.console.print(f"plan from {path}: {plan.label()} (effective batch {effective})", highlight=False,
+                      soft_wrap=True)
+    return plan
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 # ---------------------------------------------------------- output folder ---
@@ -325,7 +375,8 @@ def first_screen(ctx: Context, rec, data) -> None:
         c.print(gpu_table(rec.gpus))
     else:
         c.print("[bold]No GPU[/bold]: training on the CPU (fine for `--model tiny`, far too slow for Llasa)")
-    c.print(settings_table(rec, "Plan from the profile" + (" (the dry run may change it)" if ctx.args.auto else "")))
+    note = (" (the dry run may change it)" if ctx.args.auto else " (`--plan` replaces it)" if ctx.args.plan else "")
+    c.print(settings_table(rec, "Plan from the profile" + note))
     for reason in rec.reasons:
         c.print(f"  - {reason}")
     for warning in rec.warnings + ctx.notes:
@@ -666,6 +717,7 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         "gpus": [g.to_dict() for g in rec.gpus],
         "plan": plan.to_dict(),
         "dry_run": dry.to_dict() if dry else None,
+        "plan_from": str(ctx.args.plan) if getattr(ctx.args, "plan", None) else None,
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "final_train_loss": train_losses[-1] if train_losses else None,

@@ -36,8 +36,9 @@ one command:
   `<trial folder>/console.log` (in `<sweep dir>/.logs/<trial>.log` while it
   runs); the sweep's console shows one line per start and finish. With
   `--auto`, each memory shape is dry-run once, in `<sweep dir>/.dry-runs/<n>/`
-  (`train.py --dry-run`, on a free GPU), and its plan is passed to the trials
-  of that shape as `--set` values, without `--auto`. `sweep.json` records each
+  (`train.py --dry-run`, on a free GPU), and the trials of that shape train
+  with its plan (`train.py --plan <dry run>/shape.json`, without `--auto`), so
+  an out-of-memory error mid-trial can still step down the ladder. `sweep.json` records each
   trial's `gpu`, `started_at`, `finished_at` and `dry_run`, and the dry runs.
   On `--resume` a dry run whose shape and GPU are unchanged is reused. Ctrl-C
   (or SIGTERM) is passed on to the running trials, which save a checkpoint and
@@ -290,6 +291,9 @@ def check_flags(args) -> None:
     if getattr(args, "dry_run", False):
         raise AutotuneError("`--sweep` cannot be combined with `--dry-run`: to see one trial's plan run "
                             "`--dry-run --set key=value` without `--sweep` (the sweep itself dry-runs each memory shape once)")
+    if getattr(args, "plan", None):
+        raise AutotuneError("`--sweep` measures the plans itself (one dry run per memory shape with `--auto`): "
+                            "drop `--plan`, or pin single keys with `--set`")
     if getattr(args, "merge", False):
         raise AutotuneError("`--merge` with `--sweep` would write a merged model for every trial: "
                             "run the sweep without it, then rerun the winner with `--merge`")
@@ -598,19 +602,8 @@ POLL_SECONDS = 0.2
 # began), negative when the signal itself ended it.
 STOPPED = {130: "SIGINT", 143: "SIGTERM", -int(signal.SIGINT): "SIGINT", -int(signal.SIGTERM): "SIGTERM"}
 # train.py flags the sweep sets itself for each child (or refuses with `--sweep`).
-_NOT_PASSED = {"help", "sweep", "json", "resume", "overwrite", "output_dir", "dry_run", "check_data", "merge", "auto"}
-# What a dry run decides (`Plan.apply`), as the `--set` keys that give it to a trial.
-_PLAN_KEYS = (("training.per_device_train_batch_size", "per_device_train_batch_size"),
-              ("training.gradient_accumulation_steps", "gradient_accumulation_steps"),
-              ("training.gradient_checkpointing", "gradient_checkpointing"),
-              ("training.lean_loss", "lean_loss"),
-              ("training.optim", "optim"),
-              ("lora.r", "lora_r"),
-              ("lora.lora_alpha", "lora_alpha"),
-              ("model.load_in_4bit", "load_in_4bit"),
-              ("data.max_length", "max_length"))
-
-
+_NOT_PASSED = {"help", "sweep", "json", "resume", "overwrite", "output_dir", "dry_run", "check_data", "merge", "auto",
+               "plan"}
 class SweepTerminated(SystemExit):
     """SIGTERM during a sweep on several GPUs: the trials saved and stopped; exit 143."""
 
@@ -707,14 +700,14 @@ def child_command(flags: list[str]) -> list[str]:
     return [sys.executable, str(TRAIN_PY), *flags]
 
 
-def plan_sets(plan: dict[str, Any]) -> list[str]:
-    """A dry run's plan as `--set` values: the trial trains with it and dry-runs nothing."""
-    sets = [f"{key}={format_value(key, plan[name])}" for key, name in _PLAN_KEYS]
-    precision = plan.get("precision")
-    if precision in ("bf16", "fp16", "fp32"):
-        sets += [f"training.bf16={format_value('training.bf16', precision == 'bf16')}",
-                 f"training.fp16={format_value('training.fp16', precision == 'fp16')}"]
-    return sets
+def _readable_plan(plan: Any) -> bool:
+    from autotune.dryrun import Plan
+
+    try:
+        Plan.from_dict(plan)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def plan_label(plan: dict[str, Any]) -> str:
@@ -858,7 +851,7 @@ class ParallelSweep:
         if not isinstance(saved, dict) or saved.get("shape") != shape.key or saved.get("gpu") != _kind_record(self.gpus[0]):
             return None
         plan = saved.get("plan")
-        return plan if isinstance(plan, dict) and all(name in plan for _, name in _PLAN_KEYS) else None
+        return plan if _readable_plan(plan) else None
 
     def link_codec_cache(self) -> None:
         """A child caches codec output next to its output folder (`../.codec-cache`); point
@@ -943,12 +936,13 @@ class ParallelSweep:
             trial: Trial = item
             shape = self.shape_of.get(trial.name)
             a = trial_args(args, trial, self.out)
-            if shape is not None:
-                a.sets = a.sets + plan_sets(shape.plan)
-                trial.dry_run = shape.folder_name
             folder = self.out / trial.name
             log = self.out / LOGS / f"{trial.name}.log"
             flags = child_flags(a) + [f"--output-dir={folder}", "--overwrite"]
+            if shape is not None:
+                # Not as `--set`: pinned values could not step down after an OOM mid-trial.
+                flags.append(f"--plan={self.out / shape.folder_name / SHAPE_RECORD}")
+                trial.dry_run = shape.folder_name
             title = f"trial {trial.index + 1}/{total} {trial.name}"
             trial.gpu, trial.started_at, trial.finished_at = cuda_visible(gpu), time.time(), None
         command = child_command(flags)
@@ -1040,7 +1034,8 @@ class ParallelSweep:
             return
         try:
             plan = json.loads((folder / "autotune.json").read_text(encoding="utf-8"))["plan"]
-            plan_sets(plan)
+            if not _readable_plan(plan):
+                raise ValueError("its plan is incomplete")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.dry_run_failed(child.gpu, shape, f"the dry run left no readable plan in {folder / 'autotune.json'} "
                                                   f"({type(exc).__name__}: {exc})", title)

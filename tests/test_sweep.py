@@ -188,6 +188,7 @@ def test_a_failing_trial_is_ranked_last_and_the_sweep_goes_on(tmp_path, capsys):
     (["--sweep", "lora.r=8,8"], "twice"),
     (["--sweep", "lora.r=8,16", "--dry-run"], "--dry-run"),
     (["--sweep", "lora.r=8,16", "--check-data"], "--check-data"),
+    (["--sweep", "lora.r=8,16", "--plan", "autotune.json"], "drop `--plan`"),
     (["--sweep", "training.bf16=true,false", "--set", "training.fp16=true"], "both true"),
     (["--sweep", "lora.r=8,16", "--data", "no/such/folder"], "does not exist"),
 ])
@@ -410,7 +411,7 @@ def test_parallel_trials_run_one_per_gpu_two_at_a_time(parallel_sweep):
     assert record["best_sets"] in text.splitlines()
 
 
-def test_parallel_dry_runs_once_per_memory_shape_and_pins_its_plan(parallel_sweep):
+def test_parallel_dry_runs_once_per_memory_shape_and_trains_with_its_plan(parallel_sweep):
     record, out = parallel_sweep["record"], parallel_sweep["out"]
     dry = record["dry_runs"]
     assert len(dry) == 2 and [d["status"] for d in dry] == ["ok", "ok"]
@@ -425,7 +426,11 @@ def test_parallel_dry_runs_once_per_memory_shape_and_pins_its_plan(parallel_swee
         log = (out / t["name"] / "console.log").read_text()
         header = log.splitlines()[0]
         assert " --auto" not in header and " --dry-run" not in header
-        assert f"--set=lora.r={r}" in header and "--set=training.lean_loss=" in header
+        # The plan goes as `--plan`, not as pinned `--set` values, so an OOM mid-trial can still step down.
+        shape_record = out / by_r[r]["dry_run"] / "shape.json"
+        assert f"--set=lora.r={r}" in header and "--set=training.lean_loss=" not in header
+        assert f"--plan={shape_record}" in header
+        assert json.loads((out / t["name"] / "run_summary.json").read_text())["plan_from"] == str(shape_record)
         assert "Dry run" not in log
 
 

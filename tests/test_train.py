@@ -119,6 +119,78 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
     assert "out of memory during training" in capsys.readouterr().out
 
 
+def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: Path, monkeypatch, capsys):
+    """`--plan` (what a sweep on several GPUs gives its trials) trains with a measured plan;
+    unlike the same values given as `--set`, they are not pinned, so an OOM steps down."""
+    from autotune import trainer as T
+
+    dry = tmp_path / "dry"
+    assert train("--output-dir", str(dry), "--auto", "--dry-run") == 0
+    plan = json.loads((dry / "autotune.json").read_text())["plan"]
+    batch = plan["per_device_train_batch_size"]
+    assert batch > 1  # room to step down
+
+    real_step = T.LlasaTrainer.training_step
+    raised = []
+
+    def flaky(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 2 and self.args.per_device_train_batch_size == batch and not raised:
+            raised.append(self.state.global_step)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(T.LlasaTrainer, "training_step", flaky)
+    common = ["--set", "training.max_steps=4", "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+              "--set", "training.use_early_stopping=false"]
+    out = tmp_path / "out"
+    assert train("--output-dir", str(out), "--plan", str(dry / "autotune.json"), *common) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["dry_run"] is None and summary["plan_from"] == str(dry / "autotune.json")
+    assert not (out / "autotune.json").exists()
+    [recovery] = summary["oom_recoveries"]
+    assert recovery["plan"]["per_device_train_batch_size"] < batch
+    assert recovery["plan"]["effective_batch_size"] == plan["effective_batch_size"]
+    assert summary["steps"] == 4
+    assert f"plan from {dry / 'autotune.json'}" in capsys.readouterr().out
+
+    # The same values pinned with --set (as the sweep used to pass them) leave the ladder nowhere to go.
+    raised.clear()
+    pinned = [f"training.per_device_train_batch_size={batch}",
+              f"training.gradient_accumulation_steps={plan['gradient_accumulation_steps']}",
+              f"training.gradient_checkpointing={str(plan['gradient_checkpointing']).lower()}",
+              f"training.lean_loss={str(plan['lean_loss']).lower()}", f"data.max_length={plan['max_length']}"]
+    with pytest.raises(AutotuneError, match="no recovery is left"):
+        train("--output-dir", str(tmp_path / "pinned"), *common, *[a for s in pinned for a in ("--set", s)])
+
+
+@pytest.mark.parametrize("extra, make, words", [
+    (["--auto"], None, "drop one of them"),
+    ([], "missing", "cannot read"),
+    ([], "not json", "is not JSON"),
+    ([], '{"plan": {"per_device_train_batch_size": 2}}', "holds no valid dry-run plan"),
+    (["--set", "lora.r=4"], "dry", "`lora.r` is set to 4"),
+])
+def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make, words):
+    from train import main
+
+    path = tmp_path / "autotune.json"
+    if make == "dry":
+        assert train("--output-dir", str(tmp_path / "dry"), "--auto", "--dry-run") == 0
+        path = tmp_path / "dry" / "autotune.json"
+    elif make not in (None, "missing"):
+        path.write_text(make)
+    elif make is None:
+        path.write_text("{}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        from autotune.cli import run_main
+
+        run_main(main, [*FAST, "--output-dir", str(tmp_path / "out"), "--plan", str(path), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
 def test_errors_that_are_not_oom_are_not_recovered(tmp_path: Path, monkeypatch):
     from autotune import trainer as T
 
