@@ -696,6 +696,29 @@ def child_flags(args) -> list[str]:
     return flags
 
 
+def die_with_parent():
+    """A `preexec_fn` that has Linux send the child SIGTERM when the sweep dies, even by
+    SIGKILL: the trial then saves a checkpoint and stops (`--resume` finishes it), where
+    it would otherwise train on, orphaned, on a GPU the next sweep wants. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:   # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def child_command(flags: list[str]) -> list[str]:
     return [sys.executable, str(TRAIN_PY), *flags]
 
@@ -952,7 +975,7 @@ class ParallelSweep:
                 handle.write(f"# CUDA_VISIBLE_DEVICES={cuda_visible(gpu)} {shlex.join(command)}\n".encode("utf-8", "replace"))
                 handle.flush()
                 proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                        env=child_env(gpu), start_new_session=True)
+                                        env=child_env(gpu), start_new_session=True, preexec_fn=die_with_parent())
         except OSError as exc:
             error = f"cannot start `{command[0]}` ({exc.strerror or exc})"
             if kind == "dry":

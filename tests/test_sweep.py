@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -605,3 +606,44 @@ def test_which_gpus_a_sweep_spreads_over(monkeypatch):
     assert gpus_for_trials(one) == ([], [])
     monkeypatch.setattr(sweep_module, "visible_gpus", lambda: fake_gpus(H100, "NVIDIA GeForce RTX 4090"))
     assert gpus_for_trials(one) == ([], [])                               # one of a kind: sequential on the first
+
+
+def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):
+    """SIGKILL on the sweep cannot be caught; the kernel sends its children SIGTERM instead."""
+    if sweep_module.die_with_parent() is None:
+        pytest.skip("parent-death signals are Linux only")
+    pid_file = tmp_path / "child.pid"
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from autotune import sweep\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         start_new_session=True, preexec_fn=sweep.die_with_parent())\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT)
+    try:
+        deadline = time.time() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        child_pid = int(pid_file.read_text())
+        os.kill(child_pid, 0)  # running
+        parent.kill()
+        parent.wait(10)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            # a zombie until init reaps it still answers kill(0); its state says it ended
+            state = Path(f"/proc/{child_pid}/stat").read_text().split(")")[-1].split()[0]
+            if state == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(child_pid, signal.SIGKILL)
+            pytest.fail("the child outlived the killed sweep")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
