@@ -436,8 +436,7 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
     if codec_id == TINY_CODEC:
         return build_tiny_codec(device)
 
-    local = Path(codec_id).expanduser()
-    looks_local = codec_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
+    local, looks_local = _as_folder(codec_id)
     folder_hint = (
         "a transformers-format XCodec2 checkpoint (config.json and model.safetensors, e.g. a download of "
         f"`{DEFAULT_CODEC_ID}`), or use `--codec {TINY_CODEC}` for an offline test"
@@ -470,6 +469,61 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
     if int(feature_extractor.hop_length) != config.hop_length:
         feature_extractor.hop_length = config.hop_length
     return Codec(model, feature_extractor, _pretrained_codec_id(codec_id, source, looks_local, config), device)
+
+
+class DeferredCodec:
+    """Stands in for `load_codec(codec_id)` until audio has to be encoded.
+
+    The cache key (`codec_id`) comes from the checkpoint's files or hub commit
+    alone, so when every file's codes are already cached the weights (about a
+    gigabyte, and a download or GPU memory) are never loaded.
+    """
+
+    def __init__(self, codec_id: str, device: str = "cpu") -> None:
+        self._name, self._device = codec_id, device
+        self._codec: Codec | None = None
+        self.codec_id = _cache_id_without_weights(codec_id)
+
+    @property
+    def loaded(self) -> bool:
+        return self._codec is not None
+
+    def load(self) -> Codec:
+        if self._codec is None:
+            self._codec = load_codec(self._name, self._device)
+            # The same rule as the key above; should a hub commit move in between,
+            # encode under the key of the weights actually used.
+            self.codec_id = self._codec.codec_id
+        return self._codec
+
+    def encode(self, wave: np.ndarray) -> list[int]:
+        return self.load().encode(wave)
+
+
+def _as_folder(codec_id: str) -> tuple[Path, bool]:
+    """The path `codec_id` names, and whether it is meant as a local folder (not a hub id)."""
+    local = Path(codec_id).expanduser()
+    return local, codec_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
+
+
+def _cache_id_without_weights(codec_id: str) -> str:
+    """`load_codec(codec_id).codec_id`, reading only names, sizes, dates or the hub's
+    config; the tiny codec is built (it is small). A missing folder or an unreachable
+    hub id is the same one-line error `load_codec` gives."""
+    if codec_id == TINY_CODEC:
+        return build_tiny_codec().codec_id
+    local, looks_local = _as_folder(codec_id)
+    if looks_local:
+        if not local.is_dir():
+            return load_codec(codec_id).codec_id   # raises its one-line error
+        return _pretrained_codec_id(codec_id, str(local), True, None)
+    from transformers import Xcodec2Config
+
+    try:
+        config = Xcodec2Config.from_pretrained(codec_id)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id...: the user's to fix
+        raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): {_LOAD_HINT}") from exc
+    return _pretrained_codec_id(codec_id, codec_id, False, config)
 
 
 def _pretrained_codec_id(codec_id: str, source: str, local: bool, config: Any) -> str:

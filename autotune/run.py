@@ -327,9 +327,10 @@ def load_data(ctx: Context, config: Config, builder):
     from autotune.data import load_dataset
 
     def codec_loader():
-        from autotune.codec import load_codec
+        from autotune.codec import DeferredCodec
 
-        return load_codec(config.data.codec, device="cuda" if _cuda() else "cpu")
+        # Loads the weights only if some audio is not in the cache yet.
+        return DeferredCodec(config.data.codec, device="cuda" if _cuda() else "cpu")
 
     return load_dataset(ctx.args.data, max_length=config.data.max_length, val_fraction=config.data.val_fraction,
                         split_seed=config.data.split_seed, eval_data=config.eval_data_dir, prompt_builder=builder,

@@ -14,6 +14,7 @@ from autotune.codec import (
     DEFAULT_CODEC_ID,
     TINY_CODEC,
     Codec,
+    DeferredCodec,
     build_tiny_codec,
     encode_files,
     load_audio,
@@ -261,6 +262,41 @@ def test_encode_files_caches_and_reencodes_changed_files(codec: Codec, tmp_path:
     assert third[paths[1]] == first[paths[1]]
 
 
+@pytest.mark.parametrize("kind", ["folder", "tiny"])
+def test_a_deferred_codec_loads_weights_only_for_files_not_cached(codec: Codec, tmp_path: Path, offline: None,
+                                                                  monkeypatch, kind: str) -> None:
+    import autotune.codec as codec_module
+
+    name = TINY_CODEC
+    if kind == "folder":
+        name = str(tmp_path / "xcodec2")
+        codec.model.save_pretrained(name)
+        codec.feature_extractor.save_pretrained(name)
+    loads = []
+    real_load = codec_module.load_codec
+    monkeypatch.setattr(codec_module, "load_codec", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    paths, cache = _write_clips(tmp_path / "audio"), tmp_path / "cache"
+
+    first = DeferredCodec(name)
+    assert first.codec_id == real_load(name).codec_id and not loads  # the key needs no weights
+    encoded = encode_files(paths, first, cache, progress=False)
+    assert encoded.encoded == 3 and first.loaded and len(loads) == 1
+
+    again = DeferredCodec(name)
+    cached = encode_files(paths, again, cache, progress=False)
+    assert (cached.encoded, cached.from_cache) == (0, 3) and dict(cached) == dict(encoded)
+    assert not again.loaded and len(loads) == 1   # every file cached: the weights never loaded
+
+    sf.write(paths[0], tone(1.0, freq=700.0, seed=9), SR)
+    changed = encode_files(paths, DeferredCodec(name), cache, progress=False)
+    assert (changed.encoded, changed.from_cache) == (1, 2) and len(loads) == 2
+
+
+def test_a_deferred_codec_reports_a_missing_folder_at_once(tmp_path: Path, offline: None) -> None:
+    with pytest.raises(AutotuneError, match="no such folder"):
+        DeferredCodec(str(tmp_path / "nowhere"))
+
+
 def test_encode_files_reports_every_bad_file_at_once(codec: Codec, tmp_path: Path) -> None:
     good = _write_clips(tmp_path / "audio")[0]
     missing = tmp_path / "audio" / "missing.wav"
@@ -290,3 +326,13 @@ def test_a_corrupt_cache_entry_is_encoded_again(codec: Codec, tmp_path: Path) ->
     again = encode_files([path], codec, cache, progress=False)
     assert (again.encoded, again.from_cache) == (1, 0)
     assert len(again[path]) == 50
+
+
+def test_a_deferred_codec_names_an_unknown_hub_id_like_load_codec(offline: None) -> None:
+    with pytest.raises(AutotuneError) as deferred:
+        DeferredCodec("no-such-org/no-such-codec")
+    with pytest.raises(AutotuneError) as direct:
+        load_codec("no-such-org/no-such-codec")
+    assert "could not load the codec `no-such-org/no-such-codec` (" in str(deferred.value)
+    assert str(deferred.value).split(" (")[0] == str(direct.value).split(" (")[0]
+    assert str(deferred.value).rsplit("): ", 1)[1] == str(direct.value).rsplit("): ", 1)[1]
