@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -128,6 +129,44 @@ def _find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
                         "name the training file train.jsonl (and validation val.jsonl), or pass one file")
 
 
+def _not_utf8(path: Path, raw: bytes) -> AutotuneError | None:
+    """A whole file in another encoding is one error, not one per line. UTF-16 (Windows
+    "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS (CP932), common
+    for Japanese transcripts, when the file is not UTF-8 but decodes as CP932."""
+    head = raw[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 4:
+        name, iconv = "UTF-16", "UTF-16"
+    else:
+        try:
+            raw.decode("utf-8")
+            return None
+        except UnicodeDecodeError:
+            pass
+        if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
+            return None   # UTF-8 with some bad lines: those are listed one by one
+        try:
+            text = raw.decode("cp932")
+        except UnicodeDecodeError:
+            return None
+        # CP932 decodes almost any bytes; real Japanese text has kana or kanji and no
+        # private-use characters (which is what stray bytes such as 0xFF become).
+        if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any(
+                "\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in text):
+            return None
+        name, iconv = "Shift_JIS (CP932)", "CP932"
+    return AutotuneError(f"`{path}` looks like {name} text, not UTF-8: convert it, e.g. "
+                         f"`iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > utf8{path.suffix}`, "
+                         "and use the converted file")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
     samples: list[Sample] = []
     try:
@@ -136,6 +175,9 @@ def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
         raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a BOM from Windows editors is not part of the JSON
+    foreign = _not_utf8(path, raw)
+    if foreign is not None:
+        raise foreign
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -266,8 +308,15 @@ def read_ljspeech(path: Path, errors: _Errors) -> list[Sample]:
     samples = []
     wavs = path.parent / "wavs"
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
+    foreign = _not_utf8(path, raw)
+    try:
+        if foreign is not None:
+            raise foreign
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise AutotuneError(f"cannot read `{path}` as UTF-8 ({exc}): save metadata.csv as UTF-8") from None
     # Split on "\n" only: `splitlines` would also break a transcript at U+2028,
     # U+0085 or a form feed and shift every later line number.

@@ -799,3 +799,34 @@ def test_packed_collator_restarts_positions_per_sample(builder):
     assert batch["input_ids"].shape == (1, n0 + n1)
     assert batch["position_ids"][0].tolist() == list(range(n0)) + list(range(n1))
     assert batch["labels"][0, n0].item() == -100  # no loss across the boundary
+
+
+@pytest.mark.parametrize("encoding, words", [
+    ("utf-16", "looks like UTF-16 text, not UTF-8"),
+    ("utf-16-le", "looks like UTF-16 text, not UTF-8"),   # no byte-order mark
+    ("cp932", "looks like Shift_JIS (CP932) text, not UTF-8"),
+])
+def test_a_file_in_another_encoding_is_one_error_with_the_fix(tmp_path, encoding, words):
+    lines = [line(f"こんにちは、世界 {i}") for i in range(5)]
+    (tmp_path / "train.jsonl").write_bytes("\n".join(lines).encode(encoding))
+    err = errors_of(tmp_path)
+    assert words in str(err) and "iconv -f" in str(err) and not err.details
+    # the fix it gives works
+    fixed = (tmp_path / "train.jsonl").read_bytes().decode(encoding)
+    (tmp_path / "train.jsonl").write_text(fixed, encoding="utf-8")
+    assert len(load(tmp_path).train) + len(load(tmp_path).val) == 5
+
+
+def test_shift_jis_metadata_csv_is_one_error(tmp_path):
+    (tmp_path / "wavs").mkdir()
+    (tmp_path / "metadata.csv").write_bytes("a|こんにちは\nb|さようなら\n".encode("cp932"))
+    err = errors_of(tmp_path)
+    assert "looks like Shift_JIS (CP932) text, not UTF-8" in str(err) and "metadata.csv" in str(err)
+
+
+def test_a_utf8_file_with_one_bad_line_lists_that_line(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", [line("こんにちは"), line("世界")])
+    with path.open("ab") as handle:
+        handle.write("{\"text\": \"".encode() + "日本".encode("cp932") + b'", "code": [1]}\n')
+    err = errors_of(tmp_path)
+    assert err.details == [f"{path}:3: not UTF-8 (byte 10)"]
