@@ -468,7 +468,11 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
         )
     if int(feature_extractor.hop_length) != config.hop_length:
         feature_extractor.hop_length = config.hop_length
-    return Codec(model, feature_extractor, _pretrained_codec_id(codec_id, source, looks_local, config), device)
+    return Codec(model, feature_extractor, _pretrained_codec_id(codec_id, source, looks_local), device)
+
+
+class CodecLoadError(AutotuneError):
+    """The codec itself could not be loaded (raised once, not once per audio file)."""
 
 
 class DeferredCodec:
@@ -490,7 +494,11 @@ class DeferredCodec:
 
     def load(self) -> Codec:
         if self._codec is None:
-            self._codec = load_codec(self._name, self._device)
+            try:
+                self._codec = load_codec(self._name, self._device)
+            except AutotuneError as exc:
+                # About the codec, not the file being encoded: `encode_files` stops at once.
+                raise CodecLoadError(str(exc), details=exc.details) from exc
             # The same rule as the key above; should a hub commit move in between,
             # encode under the key of the weights actually used.
             self.codec_id = self._codec.codec_id
@@ -516,25 +524,26 @@ def _cache_id_without_weights(codec_id: str) -> str:
     if looks_local:
         if not local.is_dir():
             return load_codec(codec_id).codec_id   # raises its one-line error
-        return _pretrained_codec_id(codec_id, str(local), True, None)
-    from transformers import Xcodec2Config
-
+        return _pretrained_codec_id(codec_id, str(local), True)
     try:
-        config = Xcodec2Config.from_pretrained(codec_id)
+        return _pretrained_codec_id(codec_id, codec_id, False)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id...: the user's to fix
         raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): {_LOAD_HINT}") from exc
-    return _pretrained_codec_id(codec_id, codec_id, False, config)
 
 
-def _pretrained_codec_id(codec_id: str, source: str, local: bool, config: Any) -> str:
+def _pretrained_codec_id(codec_id: str, source: str, local: bool) -> str:
     """A cache key for a loaded checkpoint that changes when its weights do.
 
-    Hub checkpoints are keyed by their commit; local folders by the name, size
-    and modification time of their files, which is cheap where hashing gigabytes
-    of weights on every load is not.
+    Hub checkpoints are keyed by their commit (the snapshot folder the hub cache
+    resolves `config.json` to: transformers 5 configs no longer carry it); local
+    folders by the name, size and modification time of their files, which is
+    cheap where hashing gigabytes of weights on every load is not.
     """
     if not local:
-        commit = getattr(config, "_commit_hash", None)
+        from transformers.utils import cached_file
+
+        parts = Path(cached_file(codec_id, "config.json")).parts
+        commit = parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
         return f"{codec_id}@{commit}" if commit else codec_id
     digest = hashlib.sha256()
     for entry in sorted(Path(source).iterdir()):
@@ -603,6 +612,8 @@ def encode_files(
         for path in unique:
             try:
                 codes, was_cached = _encode_one(path, codec, cache)
+            except CodecLoadError:
+                raise
             except AutotuneError as exc:
                 problems.append(str(exc))  # already "path: what is wrong"
             else:
@@ -646,6 +657,8 @@ def _encode_one(path: Path, codec: Codec, cache: Path) -> tuple[list[int], bool]
         raise AutotuneError(f"{path}: cannot read audio ({exc})") from exc
     try:
         codes = codec.encode(wave)
+    except CodecLoadError:
+        raise
     except AutotuneError as exc:
         raise AutotuneError(f"{path}: {exc}") from exc
     _write_json_atomic(

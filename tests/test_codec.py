@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,26 @@ def test_a_deferred_codec_loads_weights_only_for_files_not_cached(codec: Codec, 
     assert (changed.encoded, changed.from_cache) == (1, 2) and len(loads) == 2
 
 
+def test_a_codec_that_fails_to_load_is_one_error_tried_once(codec: Codec, tmp_path: Path, offline: None,
+                                                            monkeypatch) -> None:
+    import autotune.codec as codec_module
+
+    folder = tmp_path / "xcodec2"
+    codec.model.save_pretrained(folder)
+    codec.feature_extractor.save_pretrained(folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()   # the key (file names, sizes) still resolves; the load fails
+    loads = []
+    real_load = codec_module.load_codec
+    monkeypatch.setattr(codec_module, "load_codec", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    paths = _write_clips(tmp_path / "audio")
+    with pytest.raises(AutotuneError) as info:
+        encode_files(paths, DeferredCodec(str(folder)), tmp_path / "cache", progress=False)
+    assert len(loads) == 1
+    assert str(info.value).startswith(f"could not load the codec `{folder}`")
+    assert "audio file" not in str(info.value)
+
+
 def test_a_deferred_codec_reports_a_missing_folder_at_once(tmp_path: Path, offline: None) -> None:
     with pytest.raises(AutotuneError, match="no such folder"):
         DeferredCodec(str(tmp_path / "nowhere"))
@@ -336,3 +357,26 @@ def test_a_deferred_codec_names_an_unknown_hub_id_like_load_codec(offline: None)
     assert "could not load the codec `no-such-org/no-such-codec` (" in str(deferred.value)
     assert str(deferred.value).split(" (")[0] == str(direct.value).split(" (")[0]
     assert str(deferred.value).rsplit("): ", 1)[1] == str(direct.value).rsplit("): ", 1)[1]
+
+
+def test_a_hub_codec_is_keyed_by_its_commit(codec: Codec, tmp_path: Path) -> None:
+    """A hub codec in the local hub cache (offline): the key names the snapshot's commit,
+    the same before the weights load (DeferredCodec) and after (load_codec)."""
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--some-org--xcodec2"
+    codec.model.save_pretrained(repo / "snapshots" / commit)
+    codec.feature_extractor.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = ("from autotune.codec import DeferredCodec, load_codec\n"
+              "print(DeferredCodec('some-org/xcodec2').codec_id)\n"
+              "print(load_codec('some-org/xcodec2').codec_id)\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"some-org/xcodec2@{commit}"] * 2
