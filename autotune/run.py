@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
         from autotune.sweep import run_sweep
 
         return run_sweep(ctx)
-    check_plan_flags(args)
+    given_plan = read_plan(args)
     from autotune.data import find_layout
 
     find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
 
     plan = Plan.from_config(config, ctx.processes)
     dry = None
-    if args.plan:
-        plan = plan_from_file(ctx, rec, Path(args.plan))
+    if given_plan is not None:
+        plan = check_plan_fits(ctx, rec, given_plan)
     elif args.auto or args.dry_run:
         key = memory_shape(plan)
         if plan_cache is not None and key in plan_cache:
@@ -159,18 +159,18 @@ def make_context(args: argparse.Namespace) -> Context:
 
 # --------------------------------------------------------- a given plan ---
 
-def check_plan_flags(args: argparse.Namespace) -> None:
-    if args.plan and (args.auto or args.dry_run):
+def read_plan(args: argparse.Namespace):
+    """`--plan FILE`: the plan in a dry run's autotune.json (a sweep's shape.json has the
+    same "plan"), read and checked before anything else happens, so that a bad file is
+    found at once and `--overwrite` cannot delete it before it is read. None without it."""
+    if not args.plan:
+        return None
+    if args.auto or args.dry_run:
         flag = "--auto" if args.auto else "--dry-run"
         raise AutotuneError(f"`--plan` trains with a plan measured earlier and `{flag}` measures a new one: drop one of them")
-
-
-def plan_from_file(ctx: Context, rec, path: Path):
-    """The plan in a dry run's autotune.json (a sweep's shape.json has the same
-    "plan"). Its values are not pinned, so an out-of-memory error mid-training can
-    still take the next rung; what the user did pin must agree with it."""
     from autotune.dryrun import Plan
 
+    path = Path(args.plan)
     fix = "pass the autotune.json a dry run (`--auto` or `--dry-run`) wrote"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -178,23 +178,45 @@ def plan_from_file(ctx: Context, rec, path: Path):
         raise AutotuneError(f"cannot read `--plan {path}` ({exc.strerror or exc}): {fix}") from None
     except ValueError:
         raise AutotuneError(f"`--plan {path}` is not JSON: {fix}") from None
+    values = record.get("plan") if isinstance(record, dict) else None
     try:
-        plan = Plan.from_dict(record["plan"])
-        planned = plan.apply(rec.config)   # pydantic checks every value on assignment
-        effective = plan.effective_batch_size
+        if (not isinstance(values, dict) or values.get("precision") not in ("bf16", "fp16", "fp32")
+                or not isinstance(values.get("lora_target_modules"), list)
+                or type(values.get("processes")) is not int or values["processes"] < 1):
+            raise ValueError("not a plan")
+        plan = Plan.from_dict(values)
+        # Through the schema and back: every value is checked (and typed) as a config value would be.
+        return Plan.from_config(plan.apply(Config()), plan.processes)
     except Exception:  # noqa: BLE001 - any malformed plan is the same user error
         raise AutotuneError(f"`--plan {path}` holds no valid dry-run plan: {fix}") from None
+
+
+def check_plan_fits(ctx: Context, rec, plan):
+    """A plan from `--plan` against this run: its processes, this machine, the keys the
+    user pinned. Its values themselves stay unpinned, so an out-of-memory error
+    mid-training can still take the next rung."""
+    from autotune.profiles import adapt_to_hardware
+
+    where = f"`--plan {ctx.args.plan}`"
     if plan.processes != ctx.processes:
-        raise AutotuneError(f"`--plan {path}` was measured for {plan.processes} process(es) and this run has "
+        raise AutotuneError(f"{where} was measured for {plan.processes} process(es) and this run has "
                             f"{ctx.processes}: run the dry run again with `--auto`")
+    wanted = {"bf16": plan.precision == "bf16", "fp16": plan.precision == "fp16", "optim": plan.optim}
+    adapted, reasons = adapt_to_hardware({"training": dict(wanted)}, rec.gpus)
+    runnable = {"bf16": ["bf16"], "fp16": ["bf16", "fp16"], "fp32": ["bf16", "fp16", "fp32"]}[plan.precision]
+    have = "bf16" if adapted["training"]["bf16"] else "fp16" if adapted["training"]["fp16"] else "fp32"
+    if have not in runnable or adapted["training"]["optim"] != plan.optim:
+        why = next((r for r in reasons if "instead of" in r), "this machine differs")
+        raise AutotuneError(f"{where} was measured on other hardware ({why}): run the dry run again with `--auto`")
+    planned = plan.apply(rec.config)
     ours, theirs = rec.config.model_dump(), planned.model_dump()
     for key in sorted(rec.resolved.pinned):
         a, b = _dotted(ours, key), _dotted(theirs, key)
         if a != b:
-            raise AutotuneError(f"`{key}` is set to {a!r} but `--plan {path}` has {b!r}: drop the setting, "
+            raise AutotuneError(f"`{key}` is set to {a!r} but {where} has {b!r}: drop the setting, "
                                 "or run the dry run again with it")
-    ctx.console.print(f"plan from {path}: {plan.label()} (effective batch {effective})", highlight=False,
-                      soft_wrap=True)
+    ctx.console.print(f"plan from {ctx.args.plan}: {plan.label()} (effective batch {plan.effective_batch_size})",
+                      highlight=False, soft_wrap=True)
     return plan
 
 

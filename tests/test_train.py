@@ -163,20 +163,44 @@ def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: 
         train("--output-dir", str(tmp_path / "pinned"), *common, *[a for s in pinned for a in ("--set", s)])
 
 
+def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
+    """Dry-run into a folder, then train there with its plan: `--overwrite` clears the
+    folder, so the plan must have been read first."""
+    out = tmp_path / "run"
+    assert train("--output-dir", str(out), "--auto", "--dry-run") == 0
+    plan = json.loads((out / "autotune.json").read_text())["plan"]
+    assert train("--output-dir", str(out), "--plan", str(out / "autotune.json"), "--overwrite",
+                 "--set", "training.max_steps=2", "--set", "training.eval_steps=2", "--set", "training.save_steps=2") == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["plan"] == plan and summary["steps"] == 2
+
+
 @pytest.mark.parametrize("extra, make, words", [
     (["--auto"], None, "drop one of them"),
     ([], "missing", "cannot read"),
     ([], "not json", "is not JSON"),
     ([], '{"plan": {"per_device_train_batch_size": 2}}', "holds no valid dry-run plan"),
     (["--set", "lora.r=4"], "dry", "`lora.r` is set to 4"),
+    ([], "precision=int8", "holds no valid dry-run plan"),
+    ([], "lora_target_modules=\"q_proj\"", "holds no valid dry-run plan"),
+    ([], "per_device_train_batch_size=0", "holds no valid dry-run plan"),
+    ([], "processes=2", "measured for 2 process(es)"),
+    ([], "precision=\"bf16\"", "measured on other hardware (precision fp32 instead of the table's bf16: no GPU"),
+    ([], "optim=\"adamw_8bit\"", "measured on other hardware (optimizer adamw_torch instead of adamw_8bit: no GPU)"),
 ])
 def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make, words):
     from train import main
 
     path = tmp_path / "autotune.json"
-    if make == "dry":
+    if make == "dry" or "=" in (make or ""):
         assert train("--output-dir", str(tmp_path / "dry"), "--auto", "--dry-run") == 0
         path = tmp_path / "dry" / "autotune.json"
+        if make != "dry":   # one value of a real plan changed
+            key, value = make.split("=", 1)
+            record = json.loads(path.read_text())
+            record["plan"][key] = json.loads(value) if value.startswith('"') else (
+                int(value) if value.isdigit() else value)
+            path.write_text(json.dumps(record))
     elif make not in (None, "missing"):
         path.write_text(make)
     elif make is None:
