@@ -148,10 +148,9 @@ def _not_utf8(path: Path, raw: bytes) -> AutotuneError | None:
             text = raw.decode("cp932")
         except UnicodeDecodeError:
             return None
-        # CP932 decodes almost any bytes; real Japanese text has kana or kanji and no
-        # private-use characters (which is what stray bytes such as 0xFF become).
-        if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any(
-                "\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in text):
+        # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
+        # Japanese text has kana, and no private-use characters (what 0xFF becomes).
+        if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
             return None
         name, iconv = "Shift_JIS (CP932)", "CP932"
     return AutotuneError(f"`{path}` looks like {name} text, not UTF-8: convert it, e.g. "

@@ -830,3 +830,11 @@ def test_a_utf8_file_with_one_bad_line_lists_that_line(tmp_path):
         handle.write("{\"text\": \"".encode() + "日本".encode("cp932") + b'", "code": [1]}\n')
     err = errors_of(tmp_path)
     assert err.details == [f"{path}:3: not UTF-8 (byte 10)"]
+
+
+@pytest.mark.parametrize("text", ["Informação", "São Paulo", "Élève éternel", "Première étape"])
+def test_latin1_text_is_not_taken_for_shift_jis(tmp_path, text):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes((json.dumps({"text": text, "code": [1, 2]}, ensure_ascii=False) + "\n").encode("latin-1"))
+    err = errors_of(tmp_path)
+    assert "Shift_JIS" not in str(err) and err.details and "not UTF-8" in err.details[0]
