@@ -698,8 +698,9 @@ def child_flags(args) -> list[str]:
 
 def die_with_parent():
     """A `preexec_fn` that has Linux send the child SIGTERM when the sweep dies, even by
-    SIGKILL: the trial then saves a checkpoint and stops (`--resume` finishes it), where
-    it would otherwise train on, orphaned, on a GPU the next sweep wants. None elsewhere."""
+    SIGKILL: the trial then saves a checkpoint and stops (the sweep's `--resume` runs it
+    again), where it would otherwise train on, orphaned, on a GPU the next sweep wants.
+    None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:

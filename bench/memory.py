@@ -78,8 +78,9 @@ class PeakTracker(TorchDispatchMode):
 
     A storage counts from the op that creates it until its Python object dies
     (PyTorch keeps one Python object per storage, so views share it). Works on
-    real and on fake tensors alike; tensors made before entering are not
-    counted unless passed to `add`.
+    real and on fake tensors alike. A tensor made before entering counts only
+    once an op returns it or a view of it (an in-place op, a slice), or when
+    passed to `add`.
     """
 
     def __init__(self) -> None:
@@ -518,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--estimate runs on the CPU from fake tensors; drop --device cuda to estimate, or --estimate to measure")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.estimate and args.liger == "on":
+        p.error("--estimate models the chunked lean loss, not liger-kernel's; drop --liger on")
     if args.load_in_4bit and not args.estimate:
         p.error("--load-in-4bit is an estimate-only stand-in; add --estimate")
     full_size = args.device == "cuda" or args.estimate

@@ -637,7 +637,10 @@ def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):
             except ProcessLookupError:
                 break
             # a zombie until init reaps it still answers kill(0); its state says it ended
-            state = Path(f"/proc/{child_pid}/stat").read_text().split(")")[-1].split()[0]
+            try:
+                state = Path(f"/proc/{child_pid}/stat").read_text().split(")")[-1].split()[0]
+            except FileNotFoundError:   # reaped in between
+                break
             if state == "Z":
                 break
             time.sleep(0.05)
