@@ -419,8 +419,11 @@ def trial_args(args, trial: Trial, out: Path):
     a.sweep = []
     a.sets = list(args.sets) + trial.sets
     a.output_dir = str(out / trial.name)
-    a.resume = None
-    a.overwrite = True   # an unfinished trial starts over in its folder
+    # The sweep's `--resume`: a trial stopped after it began training continues from its
+    # newest checkpoint; any other unfinished trial starts over in its folder.
+    resuming = bool(args.resume) and (out / trial.name / RUN_MARKER).is_file()
+    a.resume = "latest" if resuming else None
+    a.overwrite = not resuming
     a.dry_run = False
     a.check_data = False
     # Trials share the codec cache that plain runs beside the sweep use.
@@ -698,8 +701,8 @@ def child_flags(args) -> list[str]:
 
 def die_with_parent():
     """A `preexec_fn` that has Linux send the child SIGTERM when the sweep dies, even by
-    SIGKILL: the trial then saves a checkpoint and stops (the sweep's `--resume` runs it
-    again), where it would otherwise train on, orphaned, on a GPU the next sweep wants.
+    SIGKILL: the trial then saves a checkpoint and stops (the sweep's `--resume` continues
+    it from there), where it would otherwise train on, orphaned, on a GPU the next sweep wants.
     None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
@@ -962,7 +965,7 @@ class ParallelSweep:
             a = trial_args(args, trial, self.out)
             folder = self.out / trial.name
             log = self.out / LOGS / f"{trial.name}.log"
-            flags = child_flags(a) + [f"--output-dir={folder}", "--overwrite"]
+            flags = child_flags(a) + [f"--output-dir={folder}", "--resume" if a.resume else "--overwrite"]
             if shape is not None:
                 # Not as `--set`: pinned values could not step down after an OOM mid-trial.
                 flags.append(f"--plan={self.out / shape.folder_name / SHAPE_RECORD}")

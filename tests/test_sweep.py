@@ -294,6 +294,42 @@ def test_ctrl_c_saves_what_is_done_and_resume_finishes(tmp_path, monkeypatch):
         ("r=3", "ok"), ("r=2", "ok"), ("r=1", "skipped-finished")]
 
 
+def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
+    """A real Ctrl-C in the second trial: it saves a checkpoint and the sweep stops;
+    `--resume` continues that trial from the checkpoint instead of starting it over."""
+    from autotune import trainer as T
+
+    real_step = T.LlasaTrainer.training_step
+    interrupted = []
+
+    def ctrl_c_at_step_2(self, model, inputs, num_items_in_batch=None):
+        if self.args.output_dir.endswith("r=4") and self.state.global_step == 2 and not interrupted:
+            interrupted.append(self.args.output_dir)
+            os.kill(os.getpid(), signal.SIGINT)   # the handler lets this step finish, then saves
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    out = tmp_path / "sweep"
+    argv = [*FAST, "--sweep", "lora.r=2,4", "--output-dir", str(out), "--set", "training.max_steps=4",
+            "--set", "training.save_steps=2", "--set", "training.eval_steps=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T.LlasaTrainer, "training_step", ctrl_c_at_step_2)
+        with pytest.raises(KeyboardInterrupt):
+            main(*argv)
+    assert interrupted and (out / "r=4" / "checkpoint-3").is_dir()
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["pending"] == ["r=4"]
+    capsys.readouterr()
+    assert main(*argv, "--resume") == 0
+    squeezed = "".join(capsys.readouterr().out.split())   # rich wraps long paths anywhere
+    assert f"resumingfrom{out / 'r=4' / 'checkpoint-3'}" in squeezed
+    record = json.loads((out / "sweep.json").read_text())
+    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
+    assert json.loads((out / "r=4" / "run_summary.json").read_text())["steps"] == 4
+    state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged[:3] == [1, 2, 3] and logged[-1] == 4   # the first steps' history came from the checkpoint
+
+
 def test_resume_with_other_flags_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run_module, "run", fake_run({"r=1": (1.0, 1.0)}, []))
     out = tmp_path / "sweep"
@@ -567,10 +603,14 @@ def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_tra
     if how != "child":
         assert (out / "r=2" / "signals.txt").read_text() == forwarded + "\n"
     assert not (out / "r=3").exists()
+    (out / "r=1" / "run_config.yaml").write_text("{}\n")   # as a trial that began training leaves it
     fake_train(r1="1.0", r2="0.7", r3="0.5")
     assert main(*argv, "--resume") == 0
     record = json.loads((out / "sweep.json").read_text())
     assert [(t["name"], t["status"]) for t in record["trials"]] == [("r=3", "ok"), ("r=2", "ok"), ("r=1", "ok")]
+    flags = {r: json.loads((out / f"r={r}" / "env.json").read_text())["flags"] for r in (1, 2)}
+    assert "--resume" in flags[1] and "--overwrite" not in flags[1]   # continues from its checkpoint
+    assert "--overwrite" in flags[2] and "--resume" not in flags[2]   # never began training: starts over
 
 
 def test_child_flags_parse_back_to_the_same_run(tmp_path):
