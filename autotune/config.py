@@ -313,6 +313,12 @@ def validate(tree: dict[str, Any]) -> Config:
         return Config.model_validate(tree)
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
+        training = tree.get("training") if isinstance(tree, dict) else None
+        both = "`training`: `training.bf16` and `training.fp16` are both true: choose one"
+        if isinstance(training, dict) and training.get("bf16") is True and training.get("fp16") is True \
+                and both not in problems:
+            # The section's own check runs only once its fields are valid; say it now too.
+            problems.append(both)
         raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
                             details=problems) from None
 

@@ -483,7 +483,7 @@ def what_if_gpu(name: str, vram_gib: float | str, cc: str | None) -> GpuInfo:
         raise AutotuneError("a what-if GPU needs a name, for example `RTX 4090`")
     total_bytes = int(round(_parse_vram_gib(vram_gib) * GIB))
     if cc is not None:
-        capability = _parse_cc(cc)
+        capability = parse_cc(cc)
     else:
         guessed = known_cc(clean_name)
         if guessed is None:
@@ -518,7 +518,7 @@ def _parse_vram_gib(value: float | str) -> float:
     return number
 
 
-def _parse_cc(value: str) -> tuple[int, int]:
+def parse_cc(value: str) -> tuple[int, int]:
     # ASCII digits only (`\d` also takes e.g. Arabic-Indic digits), and no 30-digit versions.
     match = re.fullmatch(r"([0-9]{1,3})\.([0-9]{1,3})", str(value).strip())
     if match is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from autotune.config import load_yaml_file
 from autotune.errors import AutotuneError
-from autotune.hardware import GpuInfo, ProbeResult, probe, what_if_gpu
+from autotune.hardware import GpuInfo, ProbeResult, parse_cc, probe, what_if_gpu
 from autotune.profiles import Recommendation, recommend
 
 
@@ -34,7 +34,14 @@ def gather(args: argparse.Namespace) -> Report:
     what_if = any(getattr(args, name, None) is not None for name in ("gpu", "vram", "cc"))
     if what_if:
         if args.vram is None:
-            raise AutotuneError("what-if mode needs `--vram GIB` (and optionally `--gpu NAME --cc X.Y`), e.g. `--gpu 'RTX 4090' --vram 24`")
+            problems = ["what-if mode needs `--vram GIB` (and optionally `--gpu NAME --cc X.Y`), "
+                        "e.g. `--gpu 'RTX 4090' --vram 24`"]
+            if args.cc is not None:
+                try:
+                    parse_cc(args.cc)
+                except AutotuneError as exc:   # say both at once, not one per attempt
+                    problems.append(str(exc))
+            raise AutotuneError("; ".join(problems))
         count = getattr(args, "count", 1)
         if count is None or count < 1:
             raise AutotuneError(f"`--count` must be at least 1, got `{count}`")
