@@ -1,28 +1,49 @@
 #!/usr/bin/env bash
 # One-shot GPU checks for the "Memory and speed" targets, for a session that is
 # lent a GPU (see README's Measured section). Writes JSON files to $OUT (or ./gpu-out).
-# Needs ~6-8 minutes on an H100/H200. The device image has torch, transformers,
-# peft and accelerate; carry pydantic (and bitsandbytes for the 4-bit rows) as
-# wheels in .whl/ and install them first, e.g.
+# Expected ~5-7 minutes on an H100/H200; every step stops by DEADLINE seconds
+# (default 540) so that what finished comes back. The device image has torch,
+# transformers, peft and accelerate; carry pydantic (and bitsandbytes for the 4-bit
+# row) as wheels in .whl/ and install them first, e.g.
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
-OUT=${OUT:-gpu-out}
+cd "$(dirname "$0")/.."
+OUT=$(realpath -m "${OUT:-gpu-out}")
+DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-run() { local name=$1; shift; echo "== $name"; timeout 240 python3 "$@" --json --out "$OUT/$name.json" > /dev/null 2> "$OUT/$name.log"; echo "rc=$?"; }
+
+# step NAME MAX_SECONDS command...: stdout to $OUT/NAME.stdout (bench/memory.py's JSON),
+# stderr to $OUT/NAME.log, cut at MAX_SECONDS or at the deadline, whichever comes first.
+step() {
+    local name=$1 limit=$2; shift 2
+    local left=$(( DEADLINE - SECONDS ))
+    if (( left < 20 )); then echo "== $name skipped: deadline"; return; fi
+    (( limit > left )) && limit=$left
+    echo "== $name (up to ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.stdout" 2> "$OUT/$name.log"
+    echo "$name rc=$? at ${SECONDS}s"
+}
 
 # The CPU-side estimate of the same shapes, to set beside what the card measures.
-python3 bench/memory.py --estimate --json --model-shape llasa-1b --batch 16 > "$OUT/estimate-b16.json" 2> "$OUT/estimate-b16.log"; echo "estimate b16 rc=$?"
-python3 bench/memory.py --estimate --json --batch 1 > "$OUT/estimate-b1.json" 2> "$OUT/estimate-b1.log"; echo "estimate b1 rc=$?"
-# Lean vs stock loss: peak memory at batch 16 x 2048 (target: <= 1/4 of stock) and
-# throughput at equal batch (target: lean >= stock).
-python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 4 > "$OUT/memory-b4.json" 2> "$OUT/memory-b4.log"; echo "memory b4 rc=$?"
-python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 16 --modes lean > "$OUT/memory-b16.json" 2> "$OUT/memory-b16.log"; echo "memory b16 rc=$?"
+step estimate-b16 60 python3 bench/memory.py --estimate --json --model-shape llasa-1b --batch 16
+step estimate-b1 60 python3 bench/memory.py --estimate --json --batch 1
+# Lean vs stock loss: throughput at equal batch (target: lean >= stock) and peak
+# memory at batch 16 x 2048 (target: <= 1/4 of stock, whose 75.9 GiB is on record).
+step memory-b4 120 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 4
+step memory-b16 90 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 16 --modes lean
 # Llasa-1B trains at ~2048 tokens in 8 GiB; Llasa-3B in 12 GiB.
-run target-1b-8gib bench/autotune.py --shape llasa-1b --limits 8 --steps 5 --samples 64 --fixed-seconds 29 --only-ours
-run target-3b-12gib bench/autotune.py --shape llasa-3b --limits 12 --steps 5 --samples 64 --fixed-seconds 29 --only-ours
-# Llasa-3B with 4-bit weights in 8 GiB (needs bitsandbytes).
-python3 -c "import bitsandbytes" 2>/dev/null && run target-3b-4bit-8gib bench/autotune.py --shape llasa-3b --limits 8 \
-    --steps 5 --samples 64 --fixed-seconds 29 --only-ours --set model.load_in_4bit=true
+step target-1b-8gib 120 python3 bench/autotune.py --json --out "$OUT/target-1b-8gib.json" --shape llasa-1b --limits 8 --steps 5 --samples 64 \
+    --fixed-seconds 29 --only-ours
+step target-3b-12gib 150 python3 bench/autotune.py --json --out "$OUT/target-3b-12gib.json" --shape llasa-3b --limits 12 --steps 5 --samples 64 \
+    --fixed-seconds 29 --only-ours
 # Packed vs padded non-padding tokens/s on the realistic mix (target: >= 1.5x the padded stock Trainer).
-run packing bench/autotune.py --shape llasa-1b --limits 0 --steps 30 --no-afbs --packing
+step packing 180 python3 bench/autotune.py --json --out "$OUT/packing.json" --shape llasa-1b --limits 0 --steps 30 --no-afbs --packing
+# Llasa-3B with 4-bit weights in 8 GiB (needs bitsandbytes).
+if python3 -c "import bitsandbytes" 2>/dev/null; then
+    step target-3b-4bit-8gib 180 python3 bench/autotune.py --json --out "$OUT/target-3b-4bit-8gib.json" --shape llasa-3b --limits 8 --steps 5 --samples 64 \
+        --fixed-seconds 29 --only-ours --set model.load_in_4bit=true
+else
+    echo "== target-3b-4bit-8gib skipped: no bitsandbytes"
+fi
+echo "done at ${SECONDS}s"
