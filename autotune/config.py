@@ -110,6 +110,10 @@ class TrainingSection(_Section):
     early_stopping_patience: int = Field(5, gt=0, description="Evaluations without improvement before stopping.")
     early_stopping_threshold: float = Field(0.001, ge=0, description="Smallest improvement that counts.")
     lean_loss: bool = Field(True, description="Speech-only chunked cross-entropy that never holds full fp32 logits.")
+    lean_loss_chunk_size: int = Field(
+        1024, ge=1, le=65536,
+        description="Labelled tokens per chunk of the lean loss; a chunk holds its [tokens x 193,800] logits in "
+                    "fp32 plus their gradient in half precision (1.1 GiB at 1024).")
     nan_patience: int = Field(3, gt=0, description="Consecutive non-finite steps before rolling back to the last good checkpoint.")
 
     @field_validator("report_to", mode="before")

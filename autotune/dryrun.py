@@ -349,7 +349,8 @@ class RealMeasure:
     """
 
     def __init__(self, *, load_base: Callable[[str, bool], Any], examples: list[dict[str, list[int]]],
-                 collator: Callable, device: str, steps: int, learning_rate: float, lora_dropout: float):
+                 collator: Callable, device: str, steps: int, learning_rate: float, lora_dropout: float,
+                 chunk_size: int = 1024):
         self.load_base = load_base
         self.examples = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
         self.collator = collator
@@ -357,6 +358,7 @@ class RealMeasure:
         self.steps = steps
         self.learning_rate = learning_rate
         self.lora_dropout = lora_dropout
+        self.chunk_size = chunk_size  # the lean loss's, as training will use it
         self._base: dict[tuple[str, bool], Any] = {}
 
     def _batch(self, plan: Plan) -> dict[str, Any]:
@@ -403,7 +405,7 @@ class RealMeasure:
                 started = time.perf_counter()
                 with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype is not None and cuda):
                     if plan.lean_loss:
-                        loss, _ = compute_lean_loss(model, batch)
+                        loss, _ = compute_lean_loss(model, batch, chunk_size=self.chunk_size)
                     else:
                         loss = model(**batch).loss
                 loss.backward()

@@ -254,7 +254,7 @@ def lean_cross_entropy(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     lm_head_bias: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     use_liger: bool | None = None,
@@ -327,7 +327,7 @@ def compute_lean_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
     *,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     num_items_in_batch: torch.Tensor | int | None = None,
     use_liger: bool | None = None,
 ) -> tuple[torch.Tensor, int]:

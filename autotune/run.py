@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
     if given_plan is not None:
         plan = check_plan_fits(ctx, rec, given_plan)
     elif args.auto or args.dry_run:
-        key = memory_shape(plan)
+        key = memory_shape(plan, config)
         if plan_cache is not None and key in plan_cache:
             dry = plan_cache[key]
             ctx.console.print(f"dry run: reusing the plan measured for the same memory shape ({dry.plan.label()})")
@@ -141,9 +141,11 @@ def agree_on_plan(ctx: Context, rec, plan):
     return agreed
 
 
-def memory_shape(plan) -> str:
-    """What decides memory: everything in the plan (the learning rate is not in it)."""
-    return repr(sorted(plan.to_dict().items()))
+def memory_shape(plan, config: Config) -> str:
+    """What decides memory: everything in the plan, the lean loss's chunk and packing
+    (the learning rate is not in it)."""
+    return repr(sorted(plan.to_dict().items())
+                + [("lean_loss_chunk_size", config.training.lean_loss_chunk_size), ("packing", config.data.packing)])
 
 
 def make_context(args: argparse.Namespace) -> Context:
@@ -456,7 +458,7 @@ def dry_run(ctx: Context, rec, data, builder, start):
 
     measure = RealMeasure(load_base=load_base, examples=examples, collator=collator, device=device,
                           steps=config.autotune.dry_run_steps, learning_rate=config.training.learning_rate,
-                          lora_dropout=config.lora.lora_dropout)
+                          lora_dropout=config.lora.lora_dropout, chunk_size=config.training.lean_loss_chunk_size)
     cuda = device.startswith("cuda")
     ctx.console.print(f"[bold]Dry run[/bold] on {device}: longest batch "
                       f"{max(len(e['input_ids']) for e in examples)} tokens per row"
@@ -622,7 +624,8 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
                                 use_cpu=not device.startswith("cuda"), notes=ctx.notes)
     trainer = T.LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                              data_collator=collator, callbacks=T.callbacks_for(config, args.eval_strategy != "no"),
-                             lean_loss=config.training.lean_loss, console=ctx.console)
+                             lean_loss=config.training.lean_loss,
+                             lean_chunk_size=config.training.lean_loss_chunk_size, console=ctx.console)
     throughput = T.ThroughputCallback(trainer, ctx.processes)
     early = T.EarlyStopRecorder()
     from transformers.trainer_callback import PrinterCallback

@@ -849,7 +849,7 @@ class ParallelSweep:
         for trial in self.trials:
             rec = recommend(self.gpus[:1], user_yaml=user_yaml, sets=cli_sets(args) + trial.sets,
                             profiles=profiles, bnb_available=bnb)
-            key = memory_shape(Plan.from_config(rec.config, 1))
+            key = memory_shape(Plan.from_config(rec.config, 1), rec.config)
             if key not in by_key:
                 by_key[key] = Shape(len(by_key) + 1, key, [])
                 self.shapes.append(by_key[key])

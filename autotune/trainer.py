@@ -180,7 +180,7 @@ class LlasaTrainer(Trainer):
     # The lean loss returns sum / num_items_in_batch: already normalised over the accumulated batch.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 4096, console: Any = None,
+    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 1024, console: Any = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lean_loss = lean_loss

@@ -31,6 +31,8 @@ step estimate-b1 60 python3 bench/memory.py --estimate --json --batch 1
 # Lean vs stock loss: throughput at equal batch (target: lean >= stock) and peak
 # memory at batch 16 x 2048 (target: <= 1/4 of stock, whose 75.9 GiB is on record).
 step memory-b4 120 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 4
+step memory-b4-chunk4096 60 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 4 --modes lean \
+    --chunk-size 4096   # the lean loss's old chunk: does 1,024 cost speed?
 step memory-b16 90 python3 bench/memory.py --device cuda --json --model-shape llasa-1b --batch 16 --modes lean
 # Llasa-1B trains at ~2048 tokens in 8 GiB; Llasa-3B in 12 GiB.
 step target-1b-8gib 120 python3 bench/autotune.py --json --out "$OUT/target-1b-8gib.json" --shape llasa-1b --limits 8 --steps 5 --samples 64 \

@@ -503,7 +503,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=None, help="default: 2048 on cuda, 256 on cpu")
-    p.add_argument("--chunk-size", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=1024, help="the lean loss's (the product's default)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)

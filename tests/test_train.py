@@ -215,6 +215,28 @@ def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make,
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
 
 
+def test_the_lean_loss_chunk_size_reaches_the_dry_run_and_the_trainer(tmp_path: Path, monkeypatch):
+    import autotune.loss as loss_module
+    from autotune.config import resolve_config
+    from autotune.dryrun import Plan
+    from autotune.run import memory_shape
+
+    seen = []
+    real = loss_module.compute_lean_loss
+
+    def spy(model, inputs, **kwargs):
+        seen.append(kwargs.get("chunk_size"))
+        return real(model, inputs, **kwargs)
+
+    monkeypatch.setattr(loss_module, "compute_lean_loss", spy)
+    assert train("--output-dir", str(tmp_path / "out"), "--auto", "--set", "training.lean_loss_chunk_size=7",
+                 "--set", "training.max_steps=1", "--set", "training.eval_steps=1") == 0
+    assert seen and set(seen) == {7}   # dry-run steps, training steps and evaluation alike
+    # a sweep over the chunk size is not one memory shape
+    a, b = (resolve_config(None, None, [f"training.lean_loss_chunk_size={n}"]).config for n in (512, 1024))
+    assert memory_shape(Plan.from_config(a), a) != memory_shape(Plan.from_config(b), b)
+
+
 def test_errors_that_are_not_oom_are_not_recovered(tmp_path: Path, monkeypatch):
     from autotune import trainer as T
 
