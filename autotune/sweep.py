@@ -78,6 +78,7 @@ from autotune.run import RUN_MARKER, cli_sets, ensure_writable, looks_like_data
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
+RESUME_PLAN = "resume_plan.json"   # <trial>/: the plan a killed trial continues with on --resume
 EXAMPLE = "`--sweep lora.r=8,16,32` (a dotted config key, `=`, then comma-separated values)"
 
 # Short names for trial folders; any other key is named by its last part.
@@ -125,6 +126,7 @@ class Trial:
     started_at: float | None = None         # epoch seconds
     finished_at: float | None = None
     dry_run: str | None = None              # `.dry-runs/<n>`: where its plan was measured (several GPUs only)
+    resume_plan: str | None = None          # on --resume, a stopped trial's own plan: it continues from its checkpoint
 
     @property
     def done(self) -> bool:
@@ -420,16 +422,42 @@ def trial_args(args, trial: Trial, out: Path):
     a.sets = list(args.sets) + trial.sets
     a.output_dir = str(out / trial.name)
     # The sweep's `--resume`: a trial stopped after it began training continues from its
-    # newest checkpoint; any other unfinished trial starts over in its folder.
-    resuming = bool(args.resume) and (out / trial.name / RUN_MARKER).is_file()
+    # newest checkpoint with its own plan (a new dry run could choose a rank or optimizer
+    # the checkpoint cannot load); any other unfinished trial starts over in its folder.
+    resuming = trial.resume_plan is not None
     a.resume = "latest" if resuming else None
     a.overwrite = not resuming
+    a.plan = trial.resume_plan
+    a.auto = args.auto and not resuming
     a.dry_run = False
     a.check_data = False
     # Trials share the codec cache that plain runs beside the sweep use.
     a.codec_cache = str(out.parent / ".codec-cache")
     a.argv = None  # a trial's own resume hint would name the trial; the sweep prints its own
     return a
+
+
+def resume_plan(folder: Path, processes: int) -> str | None:
+    """The plan a stopped trial trained with, as a `--plan` file: its run_summary.json
+    (written when it stopped; it holds the plan after any out-of-memory step-down), else
+    one built from its run_config.yaml (a trial killed outright). None when neither reads."""
+    from autotune.dryrun import Plan
+
+    try:
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        if _readable_plan(summary.get("plan")):
+            return str(folder / SUMMARY)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        from autotune.config import validate
+
+        started = validate(load_yaml_file(folder / RUN_MARKER))
+        target = folder / RESUME_PLAN
+        write_record(target, {"plan": Plan.from_config(started, processes).to_dict()})
+        return str(target)
+    except (AutotuneError, OSError):
+        return None
 
 
 def _finite(x: Any) -> float | None:
@@ -847,6 +875,8 @@ class ParallelSweep:
         profiles, bnb = load_profiles(), bitsandbytes_installed()
         by_key: dict[str, Shape] = {}
         for trial in self.trials:
+            if trial.resume_plan is not None:
+                continue   # continues with its own plan; no dry run waits for it
             rec = recommend(self.gpus[:1], user_yaml=user_yaml, sets=cli_sets(args) + trial.sets,
                             profiles=profiles, bnb_available=bnb)
             key = memory_shape(Plan.from_config(rec.config, 1), rec.config)
@@ -966,8 +996,10 @@ class ParallelSweep:
             folder = self.out / trial.name
             log = self.out / LOGS / f"{trial.name}.log"
             flags = child_flags(a) + [f"--output-dir={folder}", "--resume" if a.resume else "--overwrite"]
-            if shape is not None:
-                # Not as `--set`: pinned values could not step down after an OOM mid-trial.
+            # As `--plan`, not as `--set`: pinned values could not step down after an OOM mid-trial.
+            if a.plan:
+                flags.append(f"--plan={a.plan}")
+            elif shape is not None:
                 flags.append(f"--plan={self.out / shape.folder_name / SHAPE_RECORD}")
                 trial.dry_run = shape.folder_name
             title = f"trial {trial.index + 1}/{total} {trial.name}"
@@ -1193,6 +1225,12 @@ def run_sweep(ctx) -> int:
         gpus, left_out = [], []
     # Decided up front, so every process of a DDP sweep skips the same trials.
     finished = {t.name for t in trials if args.resume and _finished(out / t.name / SUMMARY)}
+    # Only trials the last sweep left pending (stopped, or never started) continue; a failed
+    # one starts over, or it would fail the same way from its checkpoint.
+    stopped = set((previous or {}).get("pending") or []) if args.resume else set()
+    for t in trials:
+        if t.name in stopped and t.name not in finished and (out / t.name / RUN_MARKER).is_file():
+            t.resume_plan = resume_plan(out / t.name, ctx.processes)
     keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
     how = (f"{len(gpus)} at a time, one per GPU ({', '.join(gpu_label(g) for g in gpus)})" if gpus
            else "one after another")

@@ -319,15 +319,53 @@ def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
     record = json.loads((out / "sweep.json").read_text())
     assert record["pending"] == ["r=4"]
     capsys.readouterr()
-    assert main(*argv, "--resume") == 0
+
+    def no_dry_run(*a, **k):
+        # A new dry run could pick a rank or optimizer its checkpoint cannot load.
+        raise AssertionError("a resumed trial continues with its own plan")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_module, "dry_run", no_dry_run)
+        assert main(*argv, "--resume") == 0
     squeezed = "".join(capsys.readouterr().out.split())   # rich wraps long paths anywhere
     assert f"resumingfrom{out / 'r=4' / 'checkpoint-3'}" in squeezed
+    assert f"planfrom{out / 'r=4' / 'run_summary.json'}" in squeezed
     record = json.loads((out / "sweep.json").read_text())
     assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
     assert json.loads((out / "r=4" / "run_summary.json").read_text())["steps"] == 4
     state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [h["step"] for h in state["log_history"] if "loss" in h]
     assert logged[:3] == [1, 2, 3] and logged[-1] == 4   # the first steps' history came from the checkpoint
+
+
+def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
+    """A trial that failed (not one that was stopped) would fail the same way from its
+    checkpoint: `--resume` starts it over."""
+    from autotune import trainer as T
+
+    real_step = T.LlasaTrainer.training_step
+
+    def crash_at_step_3(self, model, inputs, num_items_in_batch=None):
+        if self.args.output_dir.endswith("r=4") and self.state.global_step == 3:
+            raise RuntimeError("boom")
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    out = tmp_path / "sweep"
+    argv = [*FAST, "--sweep", "lora.r=2,4", "--output-dir", str(out), "--set", "training.max_steps=4",
+            "--set", "training.save_steps=2", "--set", "training.eval_steps=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(T.LlasaTrainer, "training_step", crash_at_step_3)
+        assert main(*argv) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "ok", "r=4": "failed"}
+    assert (out / "r=4" / "checkpoint-2").is_dir() and record["pending"] == []
+    capsys.readouterr()
+    assert main(*argv, "--resume") == 0
+    assert "resumingfrom" not in "".join(capsys.readouterr().out.split())
+    record = json.loads((out / "sweep.json").read_text())
+    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
+    state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
 
 
 def test_resume_with_other_flags_is_refused(tmp_path, monkeypatch, capsys):
@@ -610,6 +648,8 @@ def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_tra
     assert [(t["name"], t["status"]) for t in record["trials"]] == [("r=3", "ok"), ("r=2", "ok"), ("r=1", "ok")]
     flags = {r: json.loads((out / f"r={r}" / "env.json").read_text())["flags"] for r in (1, 2)}
     assert "--resume" in flags[1] and "--overwrite" not in flags[1]   # continues from its checkpoint
+    assert f"--plan={out / 'r=1' / 'resume_plan.json'}" in flags[1]  # with its own plan, built from run_config.yaml
+    assert json.loads((out / "r=1" / "resume_plan.json").read_text())["plan"]["lora_r"] > 0
     assert "--overwrite" in flags[2] and "--resume" not in flags[2]   # never began training: starts over
 
 
