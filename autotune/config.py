@@ -19,7 +19,8 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from autotune.errors import AutotuneError
 
@@ -319,12 +320,20 @@ def validate(tree: dict[str, Any]) -> Config:
         problems = [_describe(err) for err in exc.errors()]
         training = tree.get("training") if isinstance(tree, dict) else None
         both = "`training`: `training.bf16` and `training.fp16` are both true: choose one"
-        if isinstance(training, dict) and training.get("bf16") is True and training.get("fp16") is True \
+        if isinstance(training, dict) and _true(training.get("bf16")) and _true(training.get("fp16")) \
                 and both not in problems:
             # The section's own check runs only once its fields are valid; say it now too.
             problems.append(both)
         raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
                             details=problems) from None
+
+
+def _true(value: Any) -> bool:
+    """True as the schema's bool fields read it (`true`, `1`, "yes", ...)."""
+    try:
+        return TypeAdapter(bool).validate_python(value) is True
+    except ValidationError:
+        return False
 
 
 ALIASES = {"training.evaluation_strategy": "training.eval_strategy"}  # the guide's old names

@@ -481,10 +481,20 @@ def what_if_gpu(name: str, vram_gib: float | str, cc: str | None) -> GpuInfo:
     clean_name = " ".join(str(name).split())
     if not clean_name:
         raise AutotuneError("a what-if GPU needs a name, for example `RTX 4090`")
-    total_bytes = int(round(_parse_vram_gib(vram_gib) * GIB))
+    problems: list[str] = []
+    total_bytes = capability = None
+    try:
+        total_bytes = int(round(_parse_vram_gib(vram_gib) * GIB))
+    except AutotuneError as exc:
+        problems.append(str(exc))
     if cc is not None:
-        capability = parse_cc(cc)
-    else:
+        try:
+            capability = parse_cc(cc)
+        except AutotuneError as exc:
+            problems.append(str(exc))
+    if problems:   # both at once, not one per attempt
+        raise AutotuneError("; ".join(problems))
+    if cc is None:
         guessed = known_cc(clean_name)
         if guessed is None:
             raise AutotuneError(

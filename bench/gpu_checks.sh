@@ -7,9 +7,10 @@
 # row) as wheels in .whl/ and install them first, e.g.
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
-cd "$(dirname "$0")/.."
-OUT=$(realpath -m "${OUT:-gpu-out}")
+OUT=$(realpath -m "${OUT:-gpu-out}")   # before the cd: a relative OUT is the caller's
+cd "$(dirname "$0")/.." || exit 1
 DEADLINE=${DEADLINE:-540}
+[[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "DEADLINE must be whole seconds, got '$DEADLINE'" >&2; exit 2; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -18,10 +19,11 @@ export PYTHONUNBUFFERED=1
 step() {
     local name=$1 limit=$2; shift 2
     local left=$(( DEADLINE - SECONDS ))
-    if (( left < 20 )); then echo "== $name skipped: deadline"; return; fi
-    (( limit > left )) && limit=$left
+    if (( left < 30 )); then echo "== $name skipped: deadline"; return; fi
+    (( limit > left - 10 )) && limit=$(( left - 10 ))   # room for timeout's -k
     echo "== $name (up to ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.stdout" 2> "$OUT/$name.log"
+    # -k: bench/autotune.py saves and goes on to its next timed run on SIGTERM; KILL ends it.
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.stdout" 2> "$OUT/$name.log"
     echo "$name rc=$? at ${SECONDS}s"
 }
 

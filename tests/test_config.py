@@ -227,7 +227,7 @@ def test_bf16_and_fp16_both_true_is_an_error_with_other_errors():
 def test_bf16_and_fp16_both_true_is_said_even_when_another_training_key_is_invalid():
     # The section's own check runs only after its fields validate; the user still hears of both.
     with pytest.raises(AutotuneError) as excinfo:
-        resolve_config(None, None, ["training.bf16=true", "training.fp16=true", "training.max_steps=abc"])
+        resolve_config(None, None, ["training.bf16=1", "training.fp16=true", "training.max_steps=abc"])
     problems = problems_of(excinfo)
     assert len(problems) == 2 and problems[0].startswith("`training.max_steps`")
     assert problems[1] == "`training`: `training.bf16` and `training.fp16` are both true: choose one"

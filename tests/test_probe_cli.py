@@ -109,6 +109,8 @@ BAD_YAML = "training:\n  bf16: [true\n"
     (["--vram", "-1"], "error: `--vram` must be a positive number of GiB, got `-1`"),
     (["--gpu", "RTX 4090", "--vram", "24", "--cc", "x"],
      "error: `--cc` must look like MAJOR.MINOR (for example 8.6), got `x`"),
+    (["--vram", "abc", "--cc", "x"],
+     "error: `--vram` must be a positive number of GiB, got `abc`; `--cc` must look like MAJOR.MINOR"),
     (["--cc", "x"], "error: what-if mode needs `--vram GIB` (and optionally `--gpu NAME --cc X.Y`), e.g. `--gpu 'RTX 4090' --vram 24`; `--cc` must look like MAJOR.MINOR"),
     (["--gpu", "Mystery", "--vram", "8"], "error: cannot guess the compute capability of `Mystery`"),
     (["--gpu", "RTX 4090", "--vram", "24", "--count", "0"], "error: `--count` must be at least 1, got `0`"),
