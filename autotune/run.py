@@ -57,7 +57,7 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
         from autotune.sweep import run_sweep
 
         return run_sweep(ctx)
-    given_plan = read_plan(args)
+    given = read_plan(args)
     from autotune.data import find_layout
 
     find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
 
     plan = Plan.from_config(config, ctx.processes)
     dry = None
-    if given_plan is not None:
-        plan = check_plan_fits(ctx, rec, given_plan)
+    if given is not None:
+        plan = check_plan_fits(ctx, rec, *given)
     elif args.auto or args.dry_run:
         key = memory_shape(plan, config)
         if plan_cache is not None and key in plan_cache:
@@ -188,12 +188,20 @@ def read_plan(args: argparse.Namespace):
             raise ValueError("not a plan")
         plan = Plan.from_dict(values)
         # Through the schema and back: every value is checked (and typed) as a config value would be.
-        return Plan.from_config(plan.apply(Config()), plan.processes)
+        plan = Plan.from_config(plan.apply(Config()), plan.processes)
     except Exception:  # noqa: BLE001 - any malformed plan is the same user error
         raise AutotuneError(f"`--plan {path}` holds no valid dry-run plan: {fix}") from None
+    measured_with = record.get("measured_with")
+    return plan, measured_with if isinstance(measured_with, dict) else {}
 
 
-def check_plan_fits(ctx: Context, rec, plan):
+def measured_with(config: Config) -> dict[str, Any]:
+    """What decides memory besides the plan (see `memory_shape`), as a dry run records it."""
+    return {"training.lean_loss_chunk_size": config.training.lean_loss_chunk_size,
+            "data.packing": config.data.packing}
+
+
+def check_plan_fits(ctx: Context, rec, plan, measured: dict[str, Any]):
     """A plan from `--plan` against this run: its processes, this machine, the keys the
     user pinned. Its values themselves stay unpinned, so an out-of-memory error
     mid-training can still take the next rung."""
@@ -210,6 +218,12 @@ def check_plan_fits(ctx: Context, rec, plan):
     if have not in runnable or adapted["training"]["optim"] != plan.optim:
         why = next((r for r in reasons if "instead of" in r), "this machine differs")
         raise AutotuneError(f"{where} was measured on other hardware ({why}): run the dry run again with `--auto`")
+    now = measured_with(rec.config)
+    for key, value in sorted(measured.items()):
+        if key in now and now[key] != value:
+            raise AutotuneError(f"{where} was measured with `{key}` {json.dumps(value)} and this run has "
+                                f"{json.dumps(now[key])}: "
+                                f"`--set {key}={json.dumps(value)}`, or run the dry run again with `--auto`")
     planned = plan.apply(rec.config)
     ours, theirs = rec.config.model_dump(), planned.model_dump()
     for key in sorted(rec.resolved.pinned):
@@ -484,6 +498,7 @@ def dry_run(ctx: Context, rec, data, builder, start):
         apply_vram_limit(config, device, 1.0)  # training gets the whole (limited) card back
     record = result.to_dict()
     record["device"] = device
+    record["measured_with"] = measured_with(config)
     if ctx.args.json and ctx.args.dry_run:
         print(json.dumps(record, indent=2))
     show_attempts(ctx, result)

@@ -187,6 +187,9 @@ def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     ([], "processes=2", "measured for 2 process(es)"),
     ([], "precision=\"bf16\"", "measured on other hardware (precision fp32 instead of the table's bf16: no GPU"),
     ([], "optim=\"adamw_8bit\"", "measured on other hardware (optimizer adamw_torch instead of adamw_8bit: no GPU)"),
+    (["--set", "training.lean_loss_chunk_size=4096"], "dry",
+     "measured with `training.lean_loss_chunk_size` 1024 and this run has 4096"),
+    (["--set", "data.packing=true"], "dry", "measured with `data.packing` false and this run has true"),
 ])
 def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make, words):
     from train import main
