@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from autotune.config import Config, dump_yaml, load_yaml_file
+from autotune.config import Config, dump_yaml, load_yaml_file, validate
 from autotune.errors import AutotuneError
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -174,6 +174,13 @@ def read_plan(args: argparse.Namespace):
 
     path = Path(args.plan)
     fix = "pass the autotune.json a dry run (`--auto` or `--dry-run`) wrote"
+    if path.suffix in (".yaml", ".yml"):
+        # A run's run_config.yaml: the config it trained with (a sweep resumes killed trials so).
+        try:
+            config = validate(load_yaml_file(path))
+        except AutotuneError as exc:
+            raise AutotuneError(f"`--plan {path}` holds no valid run config ({exc.one_line()}): {fix}") from None
+        return Plan.from_config(config, int(os.environ.get("WORLD_SIZE", "1"))), measured_with(config)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -191,8 +198,8 @@ def read_plan(args: argparse.Namespace):
         plan = Plan.from_config(plan.apply(Config()), plan.processes)
     except Exception:  # noqa: BLE001 - any malformed plan is the same user error
         raise AutotuneError(f"`--plan {path}` holds no valid dry-run plan: {fix}") from None
-    measured_with = record.get("measured_with")
-    return plan, measured_with if isinstance(measured_with, dict) else {}
+    recorded = record.get("measured_with")
+    return plan, recorded if isinstance(recorded, dict) else {}
 
 
 def measured_with(config: Config) -> dict[str, Any]:
@@ -219,6 +226,8 @@ def check_plan_fits(ctx: Context, rec, plan, measured: dict[str, Any]):
         why = next((r for r in reasons if "instead of" in r), "this machine differs")
         raise AutotuneError(f"{where} was measured on other hardware ({why}): run the dry run again with `--auto`")
     now = measured_with(rec.config)
+    if not plan.lean_loss:
+        now.pop("training.lean_loss_chunk_size")   # no chunks without the lean loss
     for key, value in sorted(measured.items()):
         if key in now and now[key] != value:
             raise AutotuneError(f"{where} was measured with `{key}` {json.dumps(value)} and this run has "
@@ -552,8 +561,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         return (T.ExampleDataset(build_examples(data.train, builder)),
                 T.ExampleDataset(build_examples(data.val, builder)) if data.val else None)
 
-    if ctx.is_main:
-        (out / RUN_MARKER).write_text(dump_yaml(config), encoding="utf-8")
+    write_run_config(ctx, config)
     train_set, val_set = datasets(config.data.max_length)
     collator = make_collator(builder.tokens.pad, config.data.packing)
 
@@ -578,6 +586,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
             outcome = None  # this attempt's model goes before the next one loads
             free_cuda_memory()
             config, rollback = R.nan_rollback(config, guard, len(nan_rollbacks), out)  # raises after the last one
+            write_run_config(ctx, config)
             nan_rollbacks.append(rollback)
             resume_from = Path(rollback["resumed_from"]) if rollback["resumed_from"] else None
             ctx.console.print(R.describe_rollback(rollback), style="yellow", markup=False, highlight=False)
@@ -598,6 +607,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
                                 "`--auto`; checkpoints so far are kept in the output folder")
         why, plan = step
         config = plan.apply(config)
+        write_run_config(ctx, config)   # a run killed from here on resumes with the stepped-down plan
         if config.data.max_length < max(len(e["input_ids"]) for e in train_set.examples):
             train_set, val_set = datasets(config.data.max_length)
         resume_from = T.newest_checkpoint(out)
@@ -607,6 +617,17 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
                           f"from {resume_from or 'the start'}[/yellow]")
     return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer,
                   nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps)
+
+
+def write_run_config(ctx: Context, config: Config) -> None:
+    """run_config.yaml: marks the folder as a run and holds the config it trains with now
+    (rewritten after an out-of-memory step-down or a NaN rollback), written whole or not at all."""
+    if not ctx.is_main:
+        return
+    target = ctx.output_dir / RUN_MARKER
+    staging = target.with_name(f".{RUN_MARKER}.tmp")
+    staging.write_text(dump_yaml(config), encoding="utf-8")
+    os.replace(staging, target)
 
 
 @dataclass

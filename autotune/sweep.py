@@ -78,7 +78,7 @@ from autotune.run import RUN_MARKER, cli_sets, ensure_writable, looks_like_data
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
-RESUME_PLAN = "resume_plan.json"   # <trial>/: the plan a killed trial continues with on --resume
+FAILED_MARKER = "failed.json"      # <trial>/: it failed; --resume starts it over
 EXAMPLE = "`--sweep lora.r=8,16,32` (a dotted config key, `=`, then comma-separated values)"
 
 # Short names for trial folders; any other key is named by its last part.
@@ -437,11 +437,13 @@ def trial_args(args, trial: Trial, out: Path):
     return a
 
 
-def resume_plan(folder: Path, processes: int) -> str | None:
+def resume_plan(folder: Path) -> str | None:
     """The plan a stopped trial trained with, as a `--plan` file: its run_summary.json
     (written when it stopped; it holds the plan after any out-of-memory step-down), else
-    one built from its run_config.yaml (a trial killed outright). None when neither reads."""
-    from autotune.dryrun import Plan
+    its run_config.yaml (a trial killed outright; rewritten at each step-down). Only
+    read, never written, so the processes of a DDP sweep all see the same answer.
+    None when neither reads."""
+    from autotune.config import validate
 
     try:
         summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
@@ -450,14 +452,21 @@ def resume_plan(folder: Path, processes: int) -> str | None:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        from autotune.config import validate
-
-        started = validate(load_yaml_file(folder / RUN_MARKER))
-        target = folder / RESUME_PLAN
-        write_record(target, {"plan": Plan.from_config(started, processes).to_dict()})
-        return str(target)
-    except (AutotuneError, OSError):
+        validate(load_yaml_file(folder / RUN_MARKER))
+    except AutotuneError:
         return None
+    return str(folder / RUN_MARKER)
+
+
+def mark_failed(ctx, trial: Trial, folder: Path) -> None:
+    """A failed trial's own record that it failed: the next `--resume` starts it over,
+    where continuing from its checkpoint would fail the same way."""
+    if not ctx.is_main or not folder.is_dir():
+        return
+    try:
+        write_record(folder / FAILED_MARKER, {"error": trial.error})
+    except OSError:
+        pass
 
 
 def _finite(x: Any) -> float | None:
@@ -522,6 +531,8 @@ def run_trial(ctx, trial: Trial, cache: dict) -> None:
     finally:
         free_cuda_memory()
         trial.finished_at = time.time()
+    if trial.status == "failed":
+        mark_failed(ctx, trial, folder)
     if trial.wall_seconds is None:
         trial.wall_seconds = round(trial.finished_at - started, 2)
 
@@ -1063,6 +1074,8 @@ class ParallelSweep:
             trial.status, trial.error = "failed", child_error(log, code)
         else:
             record_summary(trial, folder)
+        if trial.status == "failed":
+            mark_failed(self.ctx, trial, folder)
         if trial.wall_seconds is None:
             trial.wall_seconds = round(trial.finished_at - (trial.started_at or trial.finished_at), 2)
         shape = self.shape_of.get(trial.name)
@@ -1225,12 +1238,15 @@ def run_sweep(ctx) -> int:
         gpus, left_out = [], []
     # Decided up front, so every process of a DDP sweep skips the same trials.
     finished = {t.name for t in trials if args.resume and _finished(out / t.name / SUMMARY)}
-    # Only trials the last sweep left pending (stopped, or never started) continue; a failed
-    # one starts over, or it would fail the same way from its checkpoint.
-    stopped = set((previous or {}).get("pending") or []) if args.resume else set()
+    # A trial that began training and was stopped continues from its checkpoint; one that
+    # failed (failed.json) starts over, or it would fail the same way from its checkpoint.
     for t in trials:
-        if t.name in stopped and t.name not in finished and (out / t.name / RUN_MARKER).is_file():
-            t.resume_plan = resume_plan(out / t.name, ctx.processes)
+        folder = out / t.name
+        if (args.resume and t.name not in finished and (folder / RUN_MARKER).is_file()
+                and not (folder / FAILED_MARKER).exists()):
+            t.resume_plan = resume_plan(folder)
+            if t.resume_plan is None:
+                c.print(f"[yellow]! trial {escape(t.name)} starts over: its run_config.yaml does not read[/yellow]")
     keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
     how = (f"{len(gpus)} at a time, one per GPU ({', '.join(gpu_label(g) for g in gpus)})" if gpus
            else "one after another")

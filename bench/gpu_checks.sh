@@ -11,6 +11,7 @@ OUT=$(realpath -m "${OUT:-gpu-out}")   # before the cd: a relative OUT is the ca
 cd "$(dirname "$0")/.." || exit 1
 DEADLINE=${DEADLINE:-540}
 [[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "DEADLINE must be whole seconds, got '$DEADLINE'" >&2; exit 2; }
+DEADLINE=$((10#$DEADLINE))   # "090" is ninety, not octal
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 

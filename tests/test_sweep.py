@@ -359,6 +359,11 @@ def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
     record = json.loads((out / "sweep.json").read_text())
     assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "ok", "r=4": "failed"}
     assert (out / "r=4" / "checkpoint-2").is_dir() and record["pending"] == []
+    assert json.loads((out / "r=4" / "failed.json").read_text())["error"] == "RuntimeError: boom"
+    # A --resume stopped before it reaches the failed trial leaves it listed as pending;
+    # its own failed.json still says it failed.
+    record["pending"] = ["r=4"]
+    (out / "sweep.json").write_text(json.dumps(record))
     capsys.readouterr()
     assert main(*argv, "--resume") == 0
     assert "resumingfrom" not in "".join(capsys.readouterr().out.split())
@@ -366,6 +371,7 @@ def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
     assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
     state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    assert not (out / "r=4" / "failed.json").exists()   # gone with the old attempt
 
 
 def test_resume_with_other_flags_is_refused(tmp_path, monkeypatch, capsys):
@@ -509,12 +515,15 @@ def test_parallel_dry_runs_once_per_memory_shape_and_trains_with_its_plan(parall
         assert "Dry run" not in log
 
 
-def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus, tmp_path):
+@pytest.mark.parametrize("began_training", [False, True])
+def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus, tmp_path, began_training):
     out = tmp_path / "sweep"
     shutil.copytree(parallel_sweep["out"], out, symlinks=True)
     (out / "sweep.json").write_text(json.dumps({**parallel_sweep["record"], "output_dir": str(out)}))
     victim = parallel_sweep["record"]["trials"][1]["name"]
     (out / victim / "run_summary.json").unlink()
+    if not began_training:
+        (out / victim / "run_config.yaml").unlink()
     assert main(*PARALLEL, *GRID, "--output-dir", str(out), "--resume") == 0
     record = json.loads((out / "sweep.json").read_text())
     assert len(record["trials"]) == 4 and record["complete"] and ranked_ok(record["trials"])
@@ -522,10 +531,17 @@ def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus
     assert status.pop(victim) == "ok" and set(status.values()) == {"skipped-finished"}
     ran = [t["name"] for t in record["trials"] if t["started_at"] is not None]
     assert ran == [victim]
-    # its memory shape was dry-run by the first sweep: measured once, reused
-    assert not list(out.glob("*/autotune.json"))
-    shape = next(d for d in record["dry_runs"] if victim in d["trials"])
-    assert shape["status"] == "reused" and shape["started_at"] is None
+    assert not list(out.glob("*/autotune.json"))   # nothing dry-ran again
+    header = (out / victim / "console.log").read_text().splitlines()[0]
+    if began_training:
+        # it continues from its checkpoint with the config it trained with; no dry run waits for it
+        assert " --resume" in header and f"--plan={out / victim / 'run_config.yaml'}" in header
+        assert not any(victim in d["trials"] for d in record["dry_runs"])
+    else:
+        # it starts over with its memory shape's plan, measured by the first sweep and reused
+        assert " --overwrite" in header and "shape.json" in header
+        shape = next(d for d in record["dry_runs"] if victim in d["trials"])
+        assert shape["status"] == "reused" and shape["started_at"] is None
 
 
 def test_parallel_failing_trial_is_listed_with_its_error(two_gpus, tmp_path, capsys):
@@ -648,8 +664,7 @@ def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_tra
     assert [(t["name"], t["status"]) for t in record["trials"]] == [("r=3", "ok"), ("r=2", "ok"), ("r=1", "ok")]
     flags = {r: json.loads((out / f"r={r}" / "env.json").read_text())["flags"] for r in (1, 2)}
     assert "--resume" in flags[1] and "--overwrite" not in flags[1]   # continues from its checkpoint
-    assert f"--plan={out / 'r=1' / 'resume_plan.json'}" in flags[1]  # with its own plan, built from run_config.yaml
-    assert json.loads((out / "r=1" / "resume_plan.json").read_text())["plan"]["lora_r"] > 0
+    assert f"--plan={out / 'r=1' / 'run_config.yaml'}" in flags[1]   # with the config it trained with
     assert "--overwrite" in flags[2] and "--resume" not in flags[2]   # never began training: starts over
 
 

@@ -117,6 +117,11 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
     assert recovery["plan"]["effective_batch_size"] == summary["plan"]["effective_batch_size"] == 4
     assert summary["steps"] == 6
     assert "out of memory during training" in capsys.readouterr().out
+    # run_config.yaml follows the step-down: a run killed after it resumes with batch 1, not 2
+    import yaml
+
+    started = yaml.safe_load((out / "run_config.yaml").read_text())["training"]
+    assert (started["per_device_train_batch_size"], started["gradient_accumulation_steps"]) == (1, 4)
 
 
 def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: Path, monkeypatch, capsys):
@@ -161,6 +166,22 @@ def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: 
               f"training.lean_loss={str(plan['lean_loss']).lower()}", f"data.max_length={plan['max_length']}"]
     with pytest.raises(AutotuneError, match="no recovery is left"):
         train("--output-dir", str(tmp_path / "pinned"), *common, *[a for s in pinned for a in ("--set", s)])
+
+
+def test_a_run_config_yaml_is_a_plan_too(tmp_path: Path, capsys):
+    """What a sweep resumes a killed trial with: the config the run trained with."""
+    first = tmp_path / "first"
+    assert train("--output-dir", str(first), "--set", "training.max_steps=1", "--set", "training.eval_steps=1",
+                 "--set", "training.per_device_train_batch_size=1", "--set", "training.gradient_accumulation_steps=4") == 0
+    capsys.readouterr()
+    out = tmp_path / "second"
+    assert train("--output-dir", str(out), "--plan", str(first / "run_config.yaml"),
+                 "--set", "training.max_steps=1", "--set", "training.eval_steps=1") == 0
+    plan = json.loads((out / "run_summary.json").read_text())["plan"]
+    assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (1, 4)
+    (tmp_path / "broken.yaml").write_text("training: {max_steps: abc}\n")
+    with pytest.raises(AutotuneError, match="holds no valid run config"):
+        train("--output-dir", str(tmp_path / "third"), "--plan", str(tmp_path / "broken.yaml"))
 
 
 def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
