@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import autotune.run as run_module  # noqa: E402
 from autotune.cli import run_main  # noqa: E402
+from autotune import trainer as T  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
 
 FAST = ["--data", str(ROOT / "examples" / "tiny"), "--model", "tiny", "--codec", "tiny", "--auto",
@@ -294,25 +295,37 @@ def test_ctrl_c_saves_what_is_done_and_resume_finishes(tmp_path, monkeypatch):
         ("r=3", "ok"), ("r=2", "ok"), ("r=1", "skipped-finished")]
 
 
+def two_trials(out: Path) -> list[str]:
+    """A real two-trial sweep (lora.r=2,4) of four steps, a checkpoint every two."""
+    return [*FAST, "--sweep", "lora.r=2,4", "--output-dir", str(out), "--set", "training.max_steps=4",
+            "--set", "training.save_steps=2", "--set", "training.eval_steps=2"]
+
+
+def in_trial_r4(action):
+    """LlasaTrainer.training_step that first calls `action(global_step)` in trial r=4."""
+    real_step = T.LlasaTrainer.training_step
+
+    def step(self, model, inputs, num_items_in_batch=None):
+        if self.args.output_dir.endswith("r=4"):
+            action(self.state.global_step)
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    return step
+
+
 def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
     """A real Ctrl-C in the second trial: it saves a checkpoint and the sweep stops;
     `--resume` continues that trial from the checkpoint instead of starting it over."""
-    from autotune import trainer as T
-
-    real_step = T.LlasaTrainer.training_step
     interrupted = []
 
-    def ctrl_c_at_step_2(self, model, inputs, num_items_in_batch=None):
-        if self.args.output_dir.endswith("r=4") and self.state.global_step == 2 and not interrupted:
-            interrupted.append(self.args.output_dir)
+    def ctrl_c_at_step_2(step: int) -> None:
+        if step == 2 and not interrupted:
+            interrupted.append(step)
             os.kill(os.getpid(), signal.SIGINT)   # the handler lets this step finish, then saves
-        return real_step(self, model, inputs, num_items_in_batch)
 
-    out = tmp_path / "sweep"
-    argv = [*FAST, "--sweep", "lora.r=2,4", "--output-dir", str(out), "--set", "training.max_steps=4",
-            "--set", "training.save_steps=2", "--set", "training.eval_steps=2"]
+    out, argv = tmp_path / "sweep", two_trials(tmp_path / "sweep")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T.LlasaTrainer, "training_step", ctrl_c_at_step_2)
+        mp.setattr(T.LlasaTrainer, "training_step", in_trial_r4(ctrl_c_at_step_2))
         with pytest.raises(KeyboardInterrupt):
             main(*argv)
     assert interrupted and (out / "r=4" / "checkpoint-3").is_dir()
@@ -341,20 +354,13 @@ def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
 def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
     """A trial that failed (not one that was stopped) would fail the same way from its
     checkpoint: `--resume` starts it over."""
-    from autotune import trainer as T
-
-    real_step = T.LlasaTrainer.training_step
-
-    def crash_at_step_3(self, model, inputs, num_items_in_batch=None):
-        if self.args.output_dir.endswith("r=4") and self.state.global_step == 3:
+    def crash_at_step_3(step: int) -> None:
+        if step == 3:
             raise RuntimeError("boom")
-        return real_step(self, model, inputs, num_items_in_batch)
 
-    out = tmp_path / "sweep"
-    argv = [*FAST, "--sweep", "lora.r=2,4", "--output-dir", str(out), "--set", "training.max_steps=4",
-            "--set", "training.save_steps=2", "--set", "training.eval_steps=2"]
+    out, argv = tmp_path / "sweep", two_trials(tmp_path / "sweep")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T.LlasaTrainer, "training_step", crash_at_step_3)
+        mp.setattr(T.LlasaTrainer, "training_step", in_trial_r4(crash_at_step_3))
         assert main(*argv) == 0
     record = json.loads((out / "sweep.json").read_text())
     assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "ok", "r=4": "failed"}
