@@ -251,6 +251,13 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         raise AutotuneError(f"`{path}` {exc}") from None
 
 
+def get_dotted(tree: dict[str, Any], key: str) -> Any:
+    """`tree["a"]["b"]` for `a.b`; None where a part is missing."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree

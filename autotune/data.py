@@ -129,33 +129,34 @@ def _find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
                         "name the training file train.jsonl (and validation val.jsonl), or pass one file")
 
 
-def _not_utf8(path: Path, raw: bytes) -> AutotuneError | None:
+def _require_utf8(path: Path, raw: bytes) -> None:
     """A whole file in another encoding is one error, not one per line. UTF-16 (Windows
     "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS (CP932), common
-    for Japanese transcripts, when the file is not UTF-8 but decodes as CP932."""
+    for Japanese transcripts, when the file is not UTF-8 but decodes as CP932. Anything
+    else returns, for the line-by-line checks to list."""
     head = raw[:4096]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 4:
         name, iconv = "UTF-16", "UTF-16"
     else:
         try:
             raw.decode("utf-8")
-            return None
+            return
         except UnicodeDecodeError:
             pass
         if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
-            return None   # UTF-8 with some bad lines: those are listed one by one
+            return   # UTF-8 with some bad lines: those are listed one by one
         try:
             text = raw.decode("cp932")
         except UnicodeDecodeError:
-            return None
+            return
         # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
         # Japanese text has kana, and no private-use characters (what 0xFF becomes).
         if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
-            return None
+            return
         name, iconv = "Shift_JIS (CP932)", "CP932"
-    return AutotuneError(f"`{path}` looks like {name} text, not UTF-8: convert it, e.g. "
-                         f"`iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > utf8{path.suffix}`, "
-                         "and use the converted file")
+    raise AutotuneError(f"`{path}` looks like {name} text, not UTF-8: convert it, e.g. "
+                        f"`iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > utf8{path.suffix}`, "
+                        "and use the converted file")
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -174,9 +175,7 @@ def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
         raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a BOM from Windows editors is not part of the JSON
-    foreign = _not_utf8(path, raw)
-    if foreign is not None:
-        raise foreign
+    _require_utf8(path, raw)
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -310,10 +309,8 @@ def read_ljspeech(path: Path, errors: _Errors) -> list[Sample]:
         raw = path.read_bytes()
     except OSError as exc:
         raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
-    foreign = _not_utf8(path, raw)
+    _require_utf8(path, raw)
     try:
-        if foreign is not None:
-            raise foreign
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise AutotuneError(f"cannot read `{path}` as UTF-8 ({exc}): save metadata.csv as UTF-8") from None

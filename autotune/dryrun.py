@@ -56,6 +56,18 @@ class Plan:
         kept["lora_target_modules"] = tuple(kept["lora_target_modules"])
         return cls(**kept)
 
+    @classmethod
+    def from_record(cls, values: Any) -> "Plan":
+        """A plan as a file recorded it (`to_dict`), checked: every value goes through the
+        config schema and back, so it is typed and in range as a config value would be.
+        Raises ValueError (or a pydantic error) when it is not one."""
+        if (not isinstance(values, dict) or values.get("precision") not in ("bf16", "fp16", "fp32")
+                or not isinstance(values.get("lora_target_modules"), list)
+                or type(values.get("processes")) is not int or values["processes"] < 1):
+            raise ValueError("not a recorded plan")
+        plan = cls.from_dict(values)
+        return cls.from_config(plan.apply(Config()), plan.processes)
+
     def apply(self, config: Config) -> Config:
         """The config with this plan's values."""
         out = config.model_copy(deep=True)
@@ -350,7 +362,7 @@ class RealMeasure:
 
     def __init__(self, *, load_base: Callable[[str, bool], Any], examples: list[dict[str, list[int]]],
                  collator: Callable, device: str, steps: int, learning_rate: float, lora_dropout: float,
-                 chunk_size: int = 1024):
+                 chunk_size: int):
         self.load_base = load_base
         self.examples = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
         self.collator = collator

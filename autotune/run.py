@@ -21,7 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
-from autotune.config import Config, dump_yaml, load_yaml_file, validate
+from autotune.config import Config, dump_yaml, get_dotted, load_yaml_file, validate
 from autotune.errors import AutotuneError
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -187,15 +187,8 @@ def read_plan(args: argparse.Namespace):
         raise AutotuneError(f"cannot read `--plan {path}` ({exc.strerror or exc}): {fix}") from None
     except ValueError:
         raise AutotuneError(f"`--plan {path}` is not JSON: {fix}") from None
-    values = record.get("plan") if isinstance(record, dict) else None
     try:
-        if (not isinstance(values, dict) or values.get("precision") not in ("bf16", "fp16", "fp32")
-                or not isinstance(values.get("lora_target_modules"), list)
-                or type(values.get("processes")) is not int or values["processes"] < 1):
-            raise ValueError("not a plan")
-        plan = Plan.from_dict(values)
-        # Through the schema and back: every value is checked (and typed) as a config value would be.
-        plan = Plan.from_config(plan.apply(Config()), plan.processes)
+        plan = Plan.from_record(record.get("plan") if isinstance(record, dict) else None)
     except Exception:  # noqa: BLE001 - any malformed plan is the same user error
         raise AutotuneError(f"`--plan {path}` holds no valid dry-run plan: {fix}") from None
     recorded = record.get("measured_with")
@@ -236,19 +229,13 @@ def check_plan_fits(ctx: Context, rec, plan, measured: dict[str, Any]):
     planned = plan.apply(rec.config)
     ours, theirs = rec.config.model_dump(), planned.model_dump()
     for key in sorted(rec.resolved.pinned):
-        a, b = _dotted(ours, key), _dotted(theirs, key)
+        a, b = get_dotted(ours, key), get_dotted(theirs, key)
         if a != b:
             raise AutotuneError(f"`{key}` is set to {a!r} but {where} has {b!r}: drop the setting, "
                                 "or run the dry run again with it")
     ctx.console.print(f"plan from {ctx.args.plan}: {plan.label()} (effective batch {plan.effective_batch_size})",
                       highlight=False, soft_wrap=True)
     return plan
-
-
-def _dotted(tree: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 # ---------------------------------------------------------- output folder ---
@@ -622,12 +609,10 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
 def write_run_config(ctx: Context, config: Config) -> None:
     """run_config.yaml: marks the folder as a run and holds the config it trains with now
     (rewritten after an out-of-memory step-down or a NaN rollback), written whole or not at all."""
-    if not ctx.is_main:
-        return
-    target = ctx.output_dir / RUN_MARKER
-    staging = target.with_name(f".{RUN_MARKER}.tmp")
-    staging.write_text(dump_yaml(config), encoding="utf-8")
-    os.replace(staging, target)
+    if ctx.is_main:
+        from autotune.trainer import write_text
+
+        write_text(ctx.output_dir / RUN_MARKER, dump_yaml(config))
 
 
 @dataclass

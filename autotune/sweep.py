@@ -770,8 +770,8 @@ def _readable_plan(plan: Any) -> bool:
     from autotune.dryrun import Plan
 
     try:
-        Plan.from_dict(plan)
-    except (KeyError, TypeError, ValueError, AttributeError):
+        Plan.from_record(plan)   # the check `train.py --plan` makes
+    except Exception:  # noqa: BLE001 - any malformed plan is unreadable
         return False
     return True
 

@@ -537,10 +537,13 @@ def save_adapter(model, output_dir: Path, console=None) -> bool:
 
 
 def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
+    write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan))
+
+
+def write_text(path: Path, text: str) -> None:
     """Atomic: a kill mid-write leaves the old file, never half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan),
-                   encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
