@@ -3,8 +3,9 @@
 Llasa does not see waveforms. Each 20 ms of 16 kHz mono audio is one code of
 XCodec2's single 65,536-entry codebook, so a second of speech is 50 codes.
 This module loads that codec (natively from `transformers`, never the PyPI
-`xcodec2` package), reads audio files into 16 kHz mono float32 arrays, and
-turns a list of audio files into cached code sequences for training.
+`xcodec2` package; strictly, and converting the original format on first
+use), reads audio files into 16 kHz mono float32 arrays, and turns a list of
+audio files into cached code sequences for training.
 
 Only numpy and soundfile are imported at module level: torch, transformers and
 rich are imported inside the functions that need them, so importing this module
@@ -18,7 +19,9 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -51,7 +54,7 @@ __all__ = [
 ]
 
 #: The transformers-format XCodec2 checkpoint (the one `Xcodec2Model` docs use).
-#: `HKUSTAudio/xcodec2` is the original-format repo and does not load here.
+#: `HKUSTAudio/xcodec2`, the original-format repo, is converted on first use.
 DEFAULT_CODEC_ID = "HKUSTAudio/xcodec2-hf"
 #: Pass this as the codec id to get the tiny random offline codec.
 TINY_CODEC = "tiny"
@@ -60,12 +63,6 @@ SAMPLING_RATE = 16_000
 HOP_LENGTH = 320
 CODES_PER_SECOND = SAMPLING_RATE // HOP_LENGTH
 CODEBOOK_SIZE = 4**8
-
-_LOAD_HINT = (
-    "download it once and pass a local folder with `--codec PATH` or `data.codec=PATH`, "
-    f"or use `--codec {TINY_CODEC}` for an offline test"
-)
-
 
 # --------------------------------------------------------------------------- audio I/O
 
@@ -424,37 +421,43 @@ def _reinit_tiny_weights(model: Xcodec2Model) -> None:
 def load_codec(codec_id: str, device: str = "cpu") -> Codec:
     """Load the codec named `codec_id` onto `device`.
 
-    `codec_id` is `"tiny"` (see `build_tiny_codec`), a local folder holding a
-    transformers-format XCodec2 checkpoint, or a Hugging Face Hub id such as
-    `DEFAULT_CODEC_ID` (fetched or taken from the local hub cache by
-    `from_pretrained`; set `HF_HUB_OFFLINE=1` to forbid the network).
+    `codec_id` is `"tiny"` (see `build_tiny_codec`), a local folder, or a
+    Hugging Face Hub id such as `DEFAULT_CODEC_ID`. A hub id is taken from the
+    local hub cache when it is there; otherwise it is downloaded, unless
+    `HF_HUB_OFFLINE` is set or the hub does not answer within a few seconds
+    (then one error says how to get it). The checkpoint may be in transformers'
+    format (`HKUSTAudio/xcodec2-hf`) or X-Codec-2.0's original one
+    (`HKUSTAudio/xcodec2`), which is converted once and cached (see
+    `autotune.xcodec2_convert`). Either way the weights load strictly: a
+    checkpoint whose weight names do not all match is an error, never a codec
+    with random parts.
 
     Raises:
-        AutotuneError: the checkpoint cannot be loaded, or it is not a
-            16 kHz / 50 codes-per-second codec as Llasa needs.
+        AutotuneError: the checkpoint cannot be found or loaded, does not match
+            `Xcodec2Model`, or is not a 16 kHz / 50 codes-per-second codec as
+            Llasa needs.
     """
     if codec_id == TINY_CODEC:
         return build_tiny_codec(device)
 
-    local, looks_local = _as_folder(codec_id)
-    folder_hint = (
-        "a transformers-format XCodec2 checkpoint (config.json and model.safetensors, e.g. a download of "
-        f"`{DEFAULT_CODEC_ID}`), or use `--codec {TINY_CODEC}` for an offline test"
-    )
-    if looks_local and not local.is_dir():
-        raise AutotuneError(f"could not load the codec `{codec_id}`: no such folder; pass a folder holding {folder_hint}")
+    from autotune.xcodec2_convert import converted_folder, locate, original_weights_file
 
+    folder, key = locate(codec_id, weights=True)
     from transformers import Xcodec2Model
     from transformers.models.xcodec2.feature_extraction_xcodec2 import Xcodec2FeatureExtractor
 
-    source = str(local) if looks_local else codec_id
+    from autotune.model import strict_from_pretrained
+
+    source = converted_folder(folder, key, label=codec_id) if original_weights_file(folder) else folder
     try:
-        model = Xcodec2Model.from_pretrained(source)
+        model = strict_from_pretrained(Xcodec2Model, str(source), label=codec_id, fix=_STRICT_FIX)
+    except AutotuneError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as the user's to fix
-        hint = f"check that the folder holds {folder_hint}" if looks_local else _LOAD_HINT
-        raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): {hint}") from exc
+        raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): check that the folder "
+                            f"holds {_FOLDER_HINT}") from exc
     try:
-        feature_extractor = Xcodec2FeatureExtractor.from_pretrained(source)
+        feature_extractor = Xcodec2FeatureExtractor.from_pretrained(str(source))
     except Exception:  # noqa: BLE001
         # The extractor has no weights, only settings; the model's rate and hop are the ones that matter.
         feature_extractor = Xcodec2FeatureExtractor(
@@ -468,7 +471,18 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
         )
     if int(feature_extractor.hop_length) != config.hop_length:
         feature_extractor.hop_length = config.hop_length
-    return Codec(model, feature_extractor, _pretrained_codec_id(codec_id, source, looks_local), device)
+    return Codec(model, feature_extractor, key, device)
+
+
+_FOLDER_HINT = (
+    "an XCodec2 checkpoint: transformers' format (config.json and model.safetensors, e.g. a download of "
+    f"`{DEFAULT_CODEC_ID}`) or the original one (`HKUSTAudio/xcodec2`), or use `--codec {TINY_CODEC}` for an "
+    "offline test"
+)
+_STRICT_FIX = (
+    f"download it again (`hf download {DEFAULT_CODEC_ID}`) and pass that, or the original `HKUSTAudio/xcodec2` "
+    f"(converted automatically); `--codec {TINY_CODEC}` runs an offline test"
+)
 
 
 class CodecLoadError(AutotuneError):
@@ -480,7 +494,8 @@ class DeferredCodec:
 
     The cache key (`codec_id`) comes from the checkpoint's files or hub commit
     alone, so when every file's codes are already cached the weights (about a
-    gigabyte, and a download or GPU memory) are never loaded.
+    gigabyte, and a download or GPU memory) are never loaded, and an
+    original-format checkpoint is never converted.
     """
 
     def __init__(self, codec_id: str, device: str = "cpu") -> None:
@@ -497,7 +512,8 @@ class DeferredCodec:
             try:
                 self._codec = load_codec(self._name, self._device)
             except AutotuneError as exc:
-                # About the codec, not the file being encoded: `encode_files` stops at once.
+                # About the codec, not the file being encoded: `encode_files` stops at once,
+                # before anything is written to the cache.
                 raise CodecLoadError(str(exc), details=exc.details) from exc
             # The same rule as the key above; should a hub commit move in between,
             # encode under the key of the weights actually used.
@@ -508,49 +524,15 @@ class DeferredCodec:
         return self.load().encode(wave)
 
 
-def _as_folder(codec_id: str) -> tuple[Path, bool]:
-    """The path `codec_id` names, and whether it is meant as a local folder (not a hub id)."""
-    local = Path(codec_id).expanduser()
-    return local, codec_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
-
-
 def _cache_id_without_weights(codec_id: str) -> str:
     """`load_codec(codec_id).codec_id`, reading only names, sizes, dates or the hub's
     config; the tiny codec is built (it is small). A missing folder or an unreachable
     hub id is the same one-line error `load_codec` gives."""
     if codec_id == TINY_CODEC:
         return build_tiny_codec().codec_id
-    local, looks_local = _as_folder(codec_id)
-    if looks_local:
-        if not local.is_dir():
-            return load_codec(codec_id).codec_id   # raises its one-line error
-        return _pretrained_codec_id(codec_id, str(local), True)
-    try:
-        return _pretrained_codec_id(codec_id, codec_id, False)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown id...: the user's to fix
-        raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): {_LOAD_HINT}") from exc
+    from autotune.xcodec2_convert import locate
 
-
-def _pretrained_codec_id(codec_id: str, source: str, local: bool) -> str:
-    """A cache key for a loaded checkpoint that changes when its weights do.
-
-    Hub checkpoints are keyed by their commit (the snapshot folder the hub cache
-    resolves `config.json` to: transformers 5 configs no longer carry it); local
-    folders by the name, size and modification time of their files, which is
-    cheap where hashing gigabytes of weights on every load is not.
-    """
-    if not local:
-        from transformers.utils import cached_file
-
-        parts = Path(cached_file(codec_id, "config.json")).parts
-        commit = parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
-        return f"{codec_id}@{commit}" if commit else codec_id
-    digest = hashlib.sha256()
-    for entry in sorted(Path(source).iterdir()):
-        if entry.is_file():
-            stat = entry.stat()
-            digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return f"{Path(source).resolve()}#{digest.hexdigest()[:16]}"
+    return locate(codec_id, weights=False)[1]
 
 
 # --------------------------------------------------------------------------- batch encoding
@@ -562,12 +544,40 @@ class EncodedFiles(dict[Path, list[int]]):
     Attributes:
         encoded: files run through the codec in this call.
         from_cache: files whose codes were read from the cache.
+        warnings: one line per cache problem met (invalid entries, a cache that
+            cannot be written); encoding went on regardless.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.encoded = 0
         self.from_cache = 0
+        self.warnings: list[str] = []
+
+
+class _CacheUse:
+    """What went wrong with the cache during one `encode_files` call, for its warnings."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.invalid: list[str] = []  # "entry: why", re-encoded
+        self.unwritten = 0
+        self.write_error: str | None = None
+        self.writable = True
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.invalid:
+            many = len(self.invalid) > 1
+            out.append(f"{len(self.invalid)} codec cache entr{'ies' if many else 'y'} in `{self.folder}` "
+                       f"{'were' if many else 'was'} invalid and encoded again ({'e.g. ' if many else ''}"
+                       f"{self.invalid[0]})")
+        if self.unwritten:
+            out.append(f"could not write to the codec cache `{self.folder}` ({self.write_error}): "
+                       f"{self.unwritten} file{'s' if self.unwritten != 1 else ''} encoded but not cached, so "
+                       "encoded again next run; make the folder writable, free disk space, or use another "
+                       "`--output-dir`")
+        return out
 
 
 def encode_files(
@@ -586,30 +596,36 @@ def encode_files(
     given (as `Path`); the result's `encoded` and `from_cache` attributes
     count the two ways codes were obtained.
 
+    The cache is a convenience, never a reason to fail: an entry that is not
+    valid (see `_cache_problem`) is encoded again, and a cache that cannot be
+    written (read-only, full disk, an entry path taken by a folder) is
+    bypassed. Either way one warning line per kind goes to stderr and into the
+    result's `warnings`.
+
     Every file is tried before any error is raised, and what did succeed is
     cached, so fixing the listed files and running again only encodes those.
+    A codec that fails to load (`CodecLoadError`) stops everything at once,
+    before anything is written.
 
     Raises:
         AutotuneError: one or more files are missing, unreadable or too short;
             its `details` hold one "path: what is wrong" per file.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _CacheUse(Path(cache_dir))
+    try:
+        cache.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        cache.writable, cache.write_error = False, _reason(exc)
     result = EncodedFiles()
     problems: list[str] = []
     unique = list(dict.fromkeys(Path(p) for p in paths))
 
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("encoding audio", total=len(unique))
+    with Progress(*_progress_columns(), disable=not progress, transient=False) as bar:
+        task = bar.add_task("encoding audio", total=len(unique), encoded=0, encode_seconds=0.0)
         for path in unique:
+            started = time.monotonic()
             try:
                 codes, was_cached = _encode_one(path, codec, cache)
             except CodecLoadError:
@@ -622,8 +638,14 @@ def encode_files(
                     result.from_cache += 1
                 else:
                     result.encoded += 1
+                    fields = bar.tasks[task].fields
+                    bar.update(task, encoded=fields["encoded"] + 1,
+                               encode_seconds=fields["encode_seconds"] + time.monotonic() - started)
             bar.advance(task)
 
+    result.warnings = cache.warnings()
+    for line in result.warnings:
+        sys.stderr.write(f"warning: {line}\n")
     if problems:
         noun = "file" if len(problems) == 1 else "files"
         raise AutotuneError(
@@ -634,7 +656,36 @@ def encode_files(
     return result
 
 
-def _encode_one(path: Path, codec: Codec, cache: Path) -> tuple[list[int], bool]:
+def _progress_columns() -> tuple[Any, ...]:
+    """Bar, count, elapsed time and an ETA that shows from the first encoded file on.
+
+    rich's own TimeRemainingColumn waits for a speed estimate over several
+    updates, and cached files (done at once) would make its rate meaningless;
+    this one divides the time spent encoding by the files encoded so far.
+    """
+    from datetime import timedelta
+
+    from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class EncodeEtaColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            encoded, seconds = task.fields.get("encoded", 0), task.fields.get("encode_seconds", 0.0)
+            if task.finished or not encoded:
+                return Text("")
+            left = timedelta(seconds=round(seconds / encoded * (task.remaining or 0)))
+            return Text(f"about {left} left, {encoded / max(seconds, 1e-9):.1f} files/s", style="progress.remaining")
+
+    return (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        EncodeEtaColumn(),
+    )
+
+
+def _encode_one(path: Path, codec: Codec, cache: _CacheUse) -> tuple[list[int], bool]:
     """Codes of one file and whether they came from the cache."""
     if not path.is_file():
         raise AutotuneError(f"{path}: audio file is missing")
@@ -646,10 +697,12 @@ def _encode_one(path: Path, codec: Codec, cache: Path) -> tuple[list[int], bool]
 
     audio_hash = hashlib.sha256(data).hexdigest()
     key = hashlib.sha256(f"{codec.codec_id}\0{audio_hash}".encode()).hexdigest()
-    entry = cache / f"{key}.json"
-    cached = _read_cache(entry, codec.codec_id, audio_hash)
+    entry = cache.folder / f"{key}.json"
+    cached, problem = _read_cache(entry, codec.codec_id, audio_hash)
     if cached is not None:
         return cached, True
+    if problem:
+        cache.invalid.append(f"`{entry.name}` for {path}: {problem}")
 
     try:
         wave = _decode_audio(io.BytesIO(data))
@@ -661,33 +714,68 @@ def _encode_one(path: Path, codec: Codec, cache: Path) -> tuple[list[int], bool]
         raise
     except AutotuneError as exc:
         raise AutotuneError(f"{path}: {exc}") from exc
-    _write_json_atomic(
-        entry,
-        {"codec_id": codec.codec_id, "audio_sha256": audio_hash, "num_samples": int(wave.size), "codes": codes},
-    )
+    if cache.writable:
+        payload = {"codec_id": codec.codec_id, "audio_sha256": audio_hash, "num_samples": int(wave.size),
+                   "codes": codes}
+        try:
+            _write_json_atomic(entry, payload)
+        except OSError as exc:
+            cache.unwritten += 1
+            cache.write_error = cache.write_error or _reason(exc)
+            # A folder squatting on one entry's name spoils that entry only; anything
+            # else (read-only, disk full) would fail the same way for every file.
+            cache.writable = isinstance(exc, IsADirectoryError)
+    else:
+        cache.unwritten += 1
     return codes, False
 
 
-def _read_cache(entry: Path, codec_id: str, audio_hash: str) -> list[int] | None:
-    """The cached codes, or None when absent or not trustworthy (then the file is encoded again)."""
+def _read_cache(entry: Path, codec_id: str, audio_hash: str) -> tuple[list[int] | None, str | None]:
+    """The cached codes, else None and why the entry is unusable (None when there is no entry)."""
     try:
-        payload = json.loads(entry.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+        text = entry.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except IsADirectoryError:
+        return None, "a folder, not a file"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"unreadable ({_reason(exc)})"
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return None, "not valid JSON"
+    problem = _cache_problem(payload, codec_id, audio_hash)
+    return (None, problem) if problem else (payload["codes"], None)
+
+
+def _cache_problem(payload: Any, codec_id: str, audio_hash: str) -> str | None:
+    """Why a parsed cache entry cannot be trusted, or None when it can.
+
+    The codes must be a non-empty list of ints in 0..65535 whose length is
+    `Codec.num_codes(num_samples)`, i.e. `(num_samples + 1) // 320`.
+    """
     if not isinstance(payload, dict):
-        return None
-    codes = payload.get("codes")
-    if (
-        payload.get("codec_id") != codec_id
-        or payload.get("audio_sha256") != audio_hash
-        or not isinstance(codes, list)
-        or not all(isinstance(c, int) and not isinstance(c, bool) for c in codes)
-    ):
-        return None
-    return codes
+        return "not a JSON object"
+    if payload.get("codec_id") != codec_id or payload.get("audio_sha256") != audio_hash:
+        return "written for another codec or audio"
+    codes, num_samples = payload.get("codes"), payload.get("num_samples")
+    if not isinstance(codes, list) or not codes:
+        return "no list of codes"
+    if not all(type(c) is int for c in codes):  # bools and floats are not codes
+        return "codes that are not integers"
+    out_of_range = next((c for c in codes if not 0 <= c < CODEBOOK_SIZE), None)
+    if out_of_range is not None:
+        return f"code {out_of_range} outside 0..{CODEBOOK_SIZE - 1}"
+    if type(num_samples) is not int or num_samples < 0:
+        return "no valid `num_samples`"
+    expected = (num_samples + 1) // HOP_LENGTH
+    if len(codes) != expected:
+        return f"{len(codes)} codes for {num_samples} samples, not {expected}"
+    return None
 
 
 def _write_json_atomic(target: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to `target` via a temporary file; on any failure the temporary file is removed."""
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
