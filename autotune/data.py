@@ -1,22 +1,32 @@
 """Llasa data: read, validate, split, encode audio, build training samples.
 
-Accepted layouts for `--data DIR`:
-  (a) DIR/train.jsonl [+ DIR/val.jsonl]
-  (b) DIR holding a single JSONL file (e.g. all_data.jsonl), or the file itself
-  (c) LJSpeech style: DIR/metadata.csv (`id|text` or `id|text|normalized`) + DIR/wavs/
+Accepted layouts for `--data DIR` (or one transcript file of them): JSONL
+(train.jsonl [+ val.jsonl], or a single .jsonl), LJSpeech, JSUT, JVS, Common
+Voice, Hugging Face audiofolder, Style-Bert-VITS2 `*.list`, and a folder of
+audio files with same-named .txt/.lab transcripts. `autotune.corpora` detects
+them (its docstring gives the rules and their order) and reads all but JSONL.
 A JSONL line is `{"text": ..., "code"|"codes": [int, ...]}` or `{"text": ..., "audio": "rel/path.wav"}`,
 with an optional `speaker`.
+
+Reads are bounded: files are read a line at a time, and a line, a `text` or a
+code list over its limit is one error by position, never parsed whole. Audio
+must stay inside the data folder (its resolved path, so a symlink that leads
+out counts as outside) unless `allow_outside_paths`, and must be a regular file.
 """
 
 from __future__ import annotations
 
+import codecs
+import errno
 import json
 import math
+import os
 import random
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
@@ -24,6 +34,14 @@ from autotune.errors import AutotuneError
 
 MAX_CODE = 65535
 CODES_PER_SECOND = 50
+
+# Limits far above any real sample (Llasa reads 2,048 tokens) that keep a broken
+# file from growing into gigabytes of strings and lists.
+MAX_TEXT_BYTES = 1_000_000        # one transcript, UTF-8
+MAX_CODES = 100_000               # one sample's speech codes: 2,000 s at 50 codes/s
+# A JSON line holds a text (up to 2x longer as `\uXXXX` escapes) and its codes (up to 7 bytes each).
+MAX_JSON_LINE_BYTES = 4_000_000
+MAX_LINE_BYTES = MAX_TEXT_BYTES   # a line of a transcript file (csv, tsv, list, txt)
 
 
 @dataclass
@@ -91,62 +109,130 @@ class _Errors:
 # ----------------------------------------------------------------- reading ---
 
 def find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
-    """-> (layout, training files, validation file or None)."""
-    try:
-        return _find_layout(data)
-    except OSError as exc:  # e.g. a name over the file system's 255-byte limit
-        raise AutotuneError(f"cannot use data path `{_clip(str(data))}` ({exc.strerror or exc}): "
-                            "pass the folder holding train.jsonl, a single .jsonl, or metadata.csv + wavs/") from None
+    """-> (layout, training files, validation file or None). For a folder of audio
+    with .txt transcripts the "file" is the folder itself."""
+    found = _find_layout(data)
+    return found.name, [part.path for part in found.train], found.val.path if found.val else None
 
 
 def _clip(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _find_layout(data: Path) -> tuple[str, list[Path], Path | None]:
-    if not data.exists():
-        raise AutotuneError(f"data path `{data}` does not exist: pass the folder holding train.jsonl, "
-                            "a single .jsonl, or metadata.csv + wavs/")
-    if data.is_file():
-        if data.suffix.lower() in (".jsonl", ".json"):
-            return "jsonl", [data], None
-        if data.name == "metadata.csv":
-            return "ljspeech", [data], None
-        raise AutotuneError(f"`{data}` is not a .jsonl file or metadata.csv: pass the data folder instead")
-    if (data / "train.jsonl").is_file():
-        val = data / "val.jsonl"
-        return "train+val" if val.is_file() else "train", [data / "train.jsonl"], val if val.is_file() else None
-    if (data / "metadata.csv").is_file():
-        return "ljspeech", [data / "metadata.csv"], None
-    files = sorted(p for p in data.glob("*.jsonl") if p.is_file())
-    if len(files) == 1:
-        return "single-jsonl", files, None
-    if not files:
-        raise AutotuneError(f"`{data}` holds no train.jsonl, no .jsonl file and no metadata.csv: "
-                            "see README for the accepted layouts")
-    names = ", ".join(p.name for p in files[:5])
-    raise AutotuneError(f"`{data}` holds several .jsonl files ({names}) and no train.jsonl: "
-                        "name the training file train.jsonl (and validation val.jsonl), or pass one file")
+def _find_layout(data: Path):
+    """The `autotune.corpora.Layout` of a folder or file; see that module for the rules."""
+    from autotune.corpora import detect
+
+    try:
+        return detect(data)
+    except (OSError, ValueError) as exc:  # e.g. a name over the file system's 255-byte limit, a NUL
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AutotuneError(f"cannot use data path `{_clip(str(data))}` ({reason}): "
+                            "pass the folder holding train.jsonl, a single .jsonl, or metadata.csv + wavs/") from None
 
 
-def _require_utf8(path: Path, raw: bytes) -> None:
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular file is, for messages; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular(path: Path, what: str = "data") -> IO[bytes]:
+    """Open a file for reading, refusing anything but a regular file. O_NONBLOCK makes
+    opening a FIFO return at once (a plain open waits for a writer forever)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise AutotuneError(f"{what} file `{path}` does not exist: check the path") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AutotuneError(f"{what} file `{path}` is a symlink loop: point it at a real file") from None
+        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
+    kind = special_file_kind(os.fstat(fd).st_mode)
+    if kind:
+        os.close(fd)
+        raise AutotuneError(f"{what} file `{path}` is {kind}, not a regular file: pass the file itself")
+    return os.fdopen(fd, "rb")
+
+
+_SNIFF_BYTES = 1 << 20   # the encoding is judged on the first MiB: enough lines, never the whole file
+
+
+def read_lines(path: Path, limit_bytes: int, errors: _Errors, *, limit_note: str = "") -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes without the line end) for each line of `path`, one line in
+    memory at a time. A line over `limit_bytes` is one error by position and is skipped
+    in chunks, never held whole: a 200 MB line must not become a 200 MB string, let alone
+    a JSON object. A UTF-8 byte-order mark is dropped; a file in another encoding is one
+    error (`_require_utf8`)."""
+    with open_regular(path) as handle:
+        _require_utf8(path, handle.read(_SNIFF_BYTES))
+        handle.seek(0)
+        number = 0
+        while True:
+            line = handle.readline(limit_bytes + 1)
+            if not line:
+                return
+            number += 1
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            elif len(line) > limit_bytes:
+                size = len(line) + _skip_rest_of_line(handle)
+                errors.add(f"{path}:{number}", f"line is {_mb(size)}, longer than the {limit_bytes / 1e6:g} MB "
+                                               f"limit{limit_note}")
+                continue
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM from Windows editors is not data
+            yield number, line.removesuffix(b"\r")
+
+
+def _skip_rest_of_line(handle: IO[bytes]) -> int:
+    skipped = 0
+    while True:
+        chunk = handle.readline(1 << 20)
+        if not chunk:
+            return skipped
+        if chunk.endswith(b"\n"):
+            return skipped + len(chunk) - 1
+        skipped += len(chunk)
+
+
+def converted_name(path: Path) -> Path:
+    """Where the encoding hint puts the UTF-8 copy: beside the original (so relative
+    audio paths still resolve), same suffix (so its layout is still recognised)."""
+    return path.with_name(f"{path.stem}.utf8{path.suffix}")
+
+
+def _require_utf8(path: Path, raw: bytes, fix: Callable[[str], str] | None = None) -> None:
     """A whole file in another encoding is one error, not one per line. UTF-16 (Windows
     "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS (CP932), common
     for Japanese transcripts, when the file is not UTF-8 but decodes as CP932. Anything
-    else returns, for the line-by-line checks to list."""
+    else returns, for the line-by-line checks to list. `raw` is the start of the file
+    (a character cut at its end is fine); `fix(iconv_name)` words the remedy, by default
+    a converted copy beside the file (`converted_name`) passed as `--data`."""
     head = raw[:4096]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 4:
         name, iconv = "UTF-16", "UTF-16"
     else:
-        try:
-            raw.decode("utf-8")
+        if _is_utf8(raw):
             return
-        except UnicodeDecodeError:
-            pass
         if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
             return   # UTF-8 with some bad lines: those are listed one by one
         try:
-            text = raw.decode("cp932")
+            text = codecs.getincrementaldecoder("cp932")().decode(raw)
         except UnicodeDecodeError:
             return
         # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
@@ -154,29 +240,31 @@ def _require_utf8(path: Path, raw: bytes) -> None:
         if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
             return
         name, iconv = "Shift_JIS (CP932)", "CP932"
-    raise AutotuneError(f"`{path}` looks like {name} text, not UTF-8: convert it, e.g. "
-                        f"`iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > utf8{path.suffix}`, "
-                        "and use the converted file")
+    if fix is None:
+        target = shlex.quote(str(converted_name(path)))
+        remedy = (f"convert it, e.g. `iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > {target}`, "
+                  f"then pass the converted file: `--data {target}` (or `--val`)")
+    else:
+        remedy = fix(iconv)
+    raise AutotuneError(f"`{path}` looks like {name} text, not UTF-8: {remedy}")
 
 
 def _is_utf8(data: bytes) -> bool:
     try:
-        data.decode("utf-8")
+        codecs.getincrementaldecoder("utf-8")().decode(data)  # not final: a cut last character is fine
     except UnicodeDecodeError:
         return False
     return True
 
 
-def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
+def read_jsonl(path: Path, errors: _Errors, *, root: Path | None = None, allow_outside_paths: bool = False,
+               aliases: bool = False) -> list[Sample]:
+    """`aliases`: Hugging Face audiofolder's metadata.jsonl, where `file_name` is the
+    audio and `transcription` (or `sentence`) the text."""
     samples: list[Sample] = []
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a BOM from Windows editors is not part of the JSON
-    _require_utf8(path, raw)
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    root = path.parent if root is None else root
+    note = f" of a JSON line (up to {MAX_TEXT_BYTES / 1e6:g} MB of `text` and {MAX_CODES:,} codes)"
+    for number, line in read_lines(path, MAX_JSON_LINE_BYTES, errors, limit_note=note):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -196,13 +284,35 @@ def read_jsonl(path: Path, errors: _Errors) -> list[Sample]:
         except ValueError:  # an integer of over 4,300 digits (Python's int/str conversion limit)
             errors.add(where, "invalid JSON (a number is too long)")
             continue
-        sample = _parse_item(item, where, path.parent, errors, check_bools=b"true" in line or b"false" in line)
+        if aliases and isinstance(item, dict):
+            item = _audiofolder_item(item, where, errors)
+            if item is None:
+                continue
+        sample = _parse_item(item, where, path.parent, errors, check_bools=b"true" in line or b"false" in line,
+                             root=root, allow_outside_paths=allow_outside_paths)
         if sample is not None:
             samples.append(sample)
     return samples
 
 
-def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools: bool) -> Sample | None:
+def _audiofolder_item(item: dict, where: str, errors: _Errors) -> dict | None:
+    item = dict(item)
+    if "text" not in item:
+        key = next((k for k in ("transcription", "sentence") if k in item), None)
+        if key is None:
+            errors.add(where, "missing `transcription` (or `text`)")
+            return None
+        item["text"] = item.pop(key)
+    if "audio" not in item and "code" not in item and "codes" not in item:
+        if "file_name" not in item:
+            errors.add(where, "missing `file_name`")
+            return None
+        item["audio"] = item.pop("file_name")
+    return item
+
+
+def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools: bool, *,
+                root: Path | None = None, allow_outside_paths: bool = False) -> Sample | None:
     if not isinstance(item, dict):
         errors.add(where, f"expected a JSON object, got {type(item).__name__}")
         return None
@@ -213,16 +323,10 @@ def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools:
     if not isinstance(text, str):
         errors.add(where, f"`text` must be a string, got {type(text).__name__}")
         return None
-    if not text.strip():
-        errors.add(where, "empty `text`")
+    problem = text_problem(text, "`text`")
+    if problem:
+        errors.add(where, problem)
         return None
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
-            errors.add(where, f"`text` is not valid Unicode (unpaired surrogate {ascii(text[exc.start])} "
-                              f"at character {exc.start})")
-            return None
     speaker = item.get("speaker")
     if speaker is not None and not isinstance(speaker, (str, int)):
         errors.add(where, f"`speaker` must be a string, got {type(speaker).__name__}")
@@ -241,11 +345,29 @@ def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools:
         errors.add(where, "`audio` must be a non-empty path string")
         return None
     path = (base / audio)
-    problem = check_audio_file(path)
+    problem = check_audio_file(path, root=base if root is None else root, allow_outside_paths=allow_outside_paths)
     if problem:
         errors.add(where, problem)
         return None
     return Sample(text=text, source=where, audio=path, speaker=None if speaker is None else str(speaker))
+
+
+def text_problem(text: str, name: str = "text") -> str | None:
+    """What is wrong with a transcript, or None: empty, over `MAX_TEXT_BYTES`, or holding
+    an unpaired surrogate (which no tokenizer can encode)."""
+    if not text.strip():
+        return f"empty {name}"
+    if len(text) > MAX_TEXT_BYTES // 4:  # cheap first: only a long text can be over the byte limit
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_TEXT_BYTES:
+            return f"{name} is {_mb(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            return (f"{name} is not valid Unicode (unpaired surrogate {ascii(text[exc.start])} "
+                    f"at character {exc.start})")
+    return None
 
 
 def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools: bool) -> np.ndarray | None:
@@ -254,6 +376,10 @@ def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools:
         return None
     if not value:
         errors.add(where, f"`{key}` is empty")
+        return None
+    if len(value) > MAX_CODES:
+        errors.add(where, f"`{key}` holds {len(value):,} codes, more than the {MAX_CODES:,} limit "
+                          f"({MAX_CODES // CODES_PER_SECOND:,} s of speech)")
         return None
     # The fast path: numpy decides "all ints" for the common case in C.
     try:
@@ -283,72 +409,75 @@ def _short(value: Any) -> str:
     return text if len(text) <= 30 else text[:27] + "..."
 
 
-def check_audio_file(path: Path) -> str | None:
-    """A cheap header read; the codec reads the samples later."""
+OUTSIDE_FIX = "move the audio inside the data folder or set `--set data.allow_outside_paths=true`"
+
+
+def check_audio_file(path: Path, root: Path | None = None, allow_outside_paths: bool = False) -> str | None:
+    """What is wrong with an audio path, or None. In order: it must lie inside `root`
+    (by its resolved path, so a symlink leading out counts as outside) unless
+    `allow_outside_paths`; it must be a regular file (a folder, FIFO, device or
+    symlink loop is said as such, and is never opened); then a cheap header read
+    (the codec reads the samples later) for its format and length."""
     try:
-        if not path.is_file():
+        if root is not None and not allow_outside_paths:
+            problem = _outside_problem(path, root)
+            if problem:
+                return problem
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(path):
+                return f"audio file `{path}` is a symlink to a missing file (`{os.readlink(path)}`)"
             return f"audio file `{path}` is missing"
     except OSError as exc:  # e.g. a name over the file system's 255-byte limit
+        if exc.errno == errno.ELOOP:
+            return f"audio file `{path}` is a symlink loop"
         return f"audio path `{_clip(str(path))}` is unusable ({exc.strerror or exc})"
+    except ValueError:  # os functions refuse a NUL byte
+        return f"audio path `{_clip(ascii(str(path)))}` holds a NUL character"
+    kind = special_file_kind(mode)
+    if kind:
+        return f"audio file `{path}` is {kind}, not an audio file"
     try:
         import soundfile
 
-        info = soundfile.info(str(path))
+        # Bytes, not str: soundfile encodes a str path strictly, and a folder name
+        # that is not UTF-8 reaches us as surrogate escapes.
+        info = soundfile.info(os.fsencode(path))
     except Exception as exc:  # soundfile raises its own LibsndfileError and RuntimeError
-        reason = " ".join(str(exc).split()).replace(f"Error opening {str(path)!r}: ", "")  # the path is said once
+        reason = " ".join(str(exc).split()).replace(f"Error opening {os.fsencode(path)!r}: ", "")  # said once
         return f"audio file `{path}` is unreadable ({reason[:80]})"
     if info.frames <= 0:
         return f"audio file `{path}` is empty"
+    seconds = info.frames / max(info.samplerate, 1)
+    if seconds > MAX_CODES / CODES_PER_SECOND:
+        return (f"audio file `{path}` is {seconds / 60:,.0f} min long, longer than the "
+                f"{MAX_CODES // CODES_PER_SECOND:,} s limit of one sample: cut it into utterances")
     return None
 
 
-def read_ljspeech(path: Path, errors: _Errors) -> list[Sample]:
-    samples = []
-    wavs = path.parent / "wavs"
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
-    _require_utf8(path, raw)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise AutotuneError(f"cannot read `{path}` as UTF-8 ({exc}): save metadata.csv as UTF-8") from None
-    # Split on "\n" only: `splitlines` would also break a transcript at U+2028,
-    # U+0085 or a form feed and shift every later line number.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        parts = line.split("|")
-        if len(parts) < 2 or not parts[0].strip():
-            errors.add(where, "expected `id|text`")
-            continue
-        # LJSpeech's third column is the normalised transcript (numbers spelled out).
-        transcript = parts[2] if len(parts) > 2 and parts[2].strip() else parts[1]
-        if not transcript.strip():
-            errors.add(where, "empty text")
-            continue
-        audio = wavs / f"{parts[0].strip()}.wav"
-        problem = check_audio_file(audio)
-        if problem:
-            errors.add(where, problem)
-            continue
-        samples.append(Sample(text=transcript, source=where, audio=audio))
-    return samples
+def _outside_problem(path: Path, root: Path) -> str | None:
+    base = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+        return None
+    lexical = os.path.normpath(os.path.abspath(path))
+    if lexical == base or lexical.startswith(base.rstrip(os.sep) + os.sep):
+        return f"audio file `{path}` links to `{real}`, outside the data folder `{root}`: {OUTSIDE_FIX}"
+    return f"audio path `{path}` is outside the data folder `{root}`: {OUTSIDE_FIX}"
 
 
-def read_any(path: Path, errors: _Errors) -> list[Sample]:
-    if path.is_dir():
-        _, files, val = find_layout(path)
-        out = []
-        for f in files + ([val] if val else []):
-            out += read_any(f, errors)
-        return out
-    if path.name == "metadata.csv":
-        return read_ljspeech(path, errors)
-    return read_jsonl(path, errors)
+def read_any(path: Path, errors: _Errors, *, root: Path | None = None,
+             allow_outside_paths: bool = False) -> list[Sample]:
+    """Every sample of a folder or file of any layout, validation part included."""
+    from autotune.corpora import read_part
+
+    found = _find_layout(path)
+    root = root if root is not None else path if path.is_dir() else path.parent
+    out: list[Sample] = []
+    for part in found.train + ([found.val] if found.val else []):
+        out += read_part(part, errors, root=root, allow_outside_paths=allow_outside_paths)
+    return out
 
 
 # -------------------------------------------------------------- splitting ---
@@ -402,14 +531,21 @@ def drop_too_long(samples: list[Sample], max_length: int, skipped: list[dict[str
 def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, split_seed: int,
                  eval_data: str | Path | None = None, prompt_builder=None,
                  codec_loader: Callable[[], Any] | None = None, cache_dir: Path | None = None,
-                 max_errors_shown: int = 50, progress: bool = True) -> DataReport:
-    """Read, validate, encode audio, measure, skip over-long samples, split."""
+                 max_errors_shown: int = 50, progress: bool = True,
+                 allow_outside_paths: bool = False) -> DataReport:
+    """Read, validate, encode audio, measure, skip over-long samples, split.
+    Audio must lie inside the folder given (a file's own folder for a file) unless
+    `allow_outside_paths`."""
+    from autotune.corpora import read_part
+
     data = Path(data)
-    layout, files, val_file = find_layout(data)
+    found = _find_layout(data)
+    layout, files = found.name, [part.path for part in found.train]
     errors = _Errors(max_errors_shown)
+    root = data if data.is_dir() else data.parent
     train: list[Sample] = []
-    for f in files:
-        train += read_any(f, errors)
+    for part in found.train:
+        train += read_part(part, errors, root=root, allow_outside_paths=allow_outside_paths)
     val: list[Sample] = []
     val_source = ""
     if eval_data is not None:
@@ -421,10 +557,10 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
                                 "check `--val` or `eval_data_dir`") from None
         if not exists:
             raise AutotuneError(f"validation data `{eval_path}` does not exist: check `--val` or `eval_data_dir`")
-        val = read_any(eval_path, errors)
+        val = read_any(eval_path, errors, allow_outside_paths=allow_outside_paths)
         val_source = "eval_data_dir"
-    elif val_file is not None:
-        val = read_jsonl(val_file, errors)
+    elif found.val is not None:
+        val = read_part(found.val, errors, root=root, allow_outside_paths=allow_outside_paths)
         val_source = "file"
     errors.raise_if_any()
 
