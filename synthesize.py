@@ -81,12 +81,17 @@ def build_parser() -> ArgumentParser:
                    help="XCodec2 that decodes the speech (default: the run's `data.codec`, else HKUSTAudio/xcodec2-hf)")
     p.add_argument("--reference", metavar="CLIP", help="speaker prompt clip for voice cloning (needs --reference-text)")
     p.add_argument("--reference-text", metavar="TEXT", help="transcript of --reference")
-    p.add_argument("--temperature", type=_positive_float, default=0.8, metavar="T", help="sampling temperature (default 0.8)")
+    p.add_argument("--speaker", metavar="NAME",
+                   help="speak in this speaker's voice (a multi-speaker run: its speakers are in run_summary.json)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8, metavar="T",
+                   help="sampling temperature (default 0.8, the Llasa model card's)")
     p.add_argument("--top-p", type=_positive_float, default=1.0, metavar="P",
-                   help="nucleus sampling threshold, at most 1 (default 1.0)")
-    p.add_argument("--repetition-penalty", type=_positive_float, default=1.2, metavar="X", help="repetition penalty (default 1.2)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=2048, metavar="N",
-                   help="longest speech in tokens, 50 per second (default 2048)")
+                   help="nucleus sampling threshold, at most 1 (default 1.0, the model card's)")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0, metavar="X",
+                   help="repetition penalty (default 1.0: none, as the model card; the official LoRA example uses 1.2)")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help="longest speech in tokens, 50 per second (default: all that fits; prompt plus speech "
+                        "never pass Llasa's 2,048 positions)")
     p.add_argument("--seed", type=_seed, metavar="N", help="make the sampling reproducible (each text uses this seed)")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -172,6 +177,41 @@ def check_reference(args) -> None:
         raise AutotuneError(f"`--reference {args.reference}`: audio file is missing")
 
 
+def check_speaker(speaker: str | None, adapter: Path) -> None:
+    """A name the run did not train is a one-line error listing the ones it did."""
+    if speaker is None:
+        return
+    if not speaker.strip():
+        raise AutotuneError("`--speaker` is empty: give a speaker name from the training data")
+    known = trained_speakers(adapter)
+    if known is not None and speaker not in known:
+        import difflib
+
+        if not known:
+            raise AutotuneError(f"`--speaker {speaker}`: the run in `{adapter}` was trained without speaker names "
+                                "in its prompts (its data has fewer than two speakers); leave out `--speaker`")
+        close = difflib.get_close_matches(speaker, list(known), n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        shown = ", ".join(list(known)[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        raise AutotuneError(f"`--speaker {speaker}` is not a speaker of this run{hint}: it knows {shown}")
+
+
+def trained_speakers(adapter: Path) -> dict[str, float] | None:
+    """`speakers` of the run's run_summary.json ({name: seconds}); None when not recorded."""
+    for folder in (adapter, adapter.parent):
+        summary = folder / "run_summary.json"
+        if summary.is_file():
+            try:
+                speakers = json.loads(summary.read_text(encoding="utf-8")).get("speakers")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                return None
+            if not isinstance(speakers, dict):
+                return None
+            conditioned = json.loads(summary.read_text(encoding="utf-8")).get("speaker_conditioning", True)
+            return speakers if conditioned else {}
+    return None
+
+
 def output_paths(args, count: int) -> list[Path]:
     out = Path(args.output).expanduser()
     if args.text is not None:
@@ -241,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = read_texts(args)
     check_reference(args)
     paths = output_paths(args, len(texts))
+    check_speaker(args.speaker, adapter)
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
 
     from autotune.codec import DEFAULT_CODEC_ID, SAMPLING_RATE, load_audio, load_codec, write_wav
@@ -265,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"loaded {model_name} + adapter {adapter} and codec {codec_id} on {device} "
         f"in {time.perf_counter() - started:.1f} s")
 
-    from autotune.samples import generate_codes
+    from autotune.llasa import PromptBuilder
+    from autotune.samples import generate_codes, new_token_budget, prompt_ids
+
+    prompt_builder = PromptBuilder(tokenizer)
+    reference_text = args.reference_text.strip() if reference_codes else None
 
     results = []
     for text, path in zip(texts, paths):
@@ -273,15 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         codes, dropped, generated = generate_codes(
             model, tokenizer, text, temperature=args.temperature, top_p=args.top_p,
             repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-            reference_text=args.reference_text.strip() if reference_codes else None, reference_codes=reference_codes,
-            seed=args.seed)
+            reference_text=reference_text, reference_codes=reference_codes, speaker=args.speaker, seed=args.seed)
         wave = codec.decode(codes)
         write_wav(path, wave, SAMPLING_RATE)
         seconds = wave.size / SAMPLING_RATE
-        ended = generated < args.max_new_tokens
+        budget = new_token_budget(len(prompt_ids(prompt_builder, text, reference_text=reference_text,
+                                                  reference_codes=reference_codes, speaker=args.speaker)),
+                                  args.max_new_tokens)
+        ended = generated < budget
         results.append({"text": text, "output": str(path), "codes": len(codes), "dropped": dropped,
                         "generated": generated, "seconds": seconds, "ended": ended})
-        note = "" if ended else f" (hit --max-new-tokens {args.max_new_tokens} before the end of speech)"
+        note = "" if ended else f" (hit the limit of {budget} new tokens before the end of speech)"
         say(f"{path}: {seconds:.2f} s of audio from {generated} generated tokens, {dropped} non-speech dropped"
             f"{note} [{time.perf_counter() - t0:.1f} s]")
         if not codes:

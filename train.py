@@ -7,6 +7,7 @@ function in `autotune.run`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from autotune.cli import ArgumentParser, add_config_args, run_main
@@ -14,8 +15,9 @@ from autotune.cli import ArgumentParser, add_config_args, run_main
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, metavar="DIR",
-                   help="train.jsonl [+ val.jsonl], a single .jsonl, or an LJSpeech folder (metadata.csv + wavs/)")
+    p.add_argument("--data", metavar="DIR",
+                   help="the data folder or transcript file (train.jsonl, LJSpeech, JSUT, Common Voice, audiofolder, "
+                        "esd.list, ... see README); default: `data_dir` of a llasa-trainer `--config` file")
     p.add_argument("--val", metavar="PATH", help="validation set (file or folder); same as `eval_data_dir`")
     p.add_argument("--auto", action="store_true",
                    help="run the OOM-backoff dry run on the real model and the longest batch, then train with its plan")
@@ -47,9 +49,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The exact command line, so an interrupted run can print how to resume it.
     args.argv = list(argv) if argv is not None else sys.argv[1:]
+    apply_file_run_keys(args)
     from autotune.run import run
 
     return run(args)
+
+
+def apply_file_run_keys(args) -> None:
+    """A llasa-trainer `--config` file names the data, the output folder and the GPUs at its
+    top level: they fill in what the command line left out (flags win; so does an
+    already set CUDA_VISIBLE_DEVICES)."""
+    if args.config:
+        from autotune.config import load_yaml_file, run_keys
+
+        keys = run_keys(load_yaml_file(args.config))
+        args.data = args.data or keys.get("data_dir")
+        args.output_dir = args.output_dir or keys.get("output_dir")
+        if "cuda_visible_devices" in keys:
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", keys["cuda_visible_devices"])
+    if not args.data:
+        from autotune.errors import AutotuneError
+
+        raise AutotuneError("no data given: pass `--data DIR` (a folder or transcript file), "
+                            "or `data_dir:` in the `--config` file")
 
 
 if __name__ == "__main__":

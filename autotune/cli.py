@@ -52,7 +52,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     try:
         code = main(argv)
     except AutotuneError as exc:
-        sys.stderr.write(f"error: {exc.one_line()}\n")
+        sys.stderr.write("error: " + "\n".join(exc.lines()) + "\n")
         code = exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

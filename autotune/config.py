@@ -70,6 +70,7 @@ class DataSection(_Section):
     split_seed: int = Field(42, description="Seed of the reproducible train/validation split.")
     packing: bool = Field(False, description="Padding-free batches: pack samples into rows without cross-sample attention.")
     max_errors_shown: int = Field(50, gt=0, description="Cap on malformed lines listed before stopping.")
+    allow_outside_paths: bool = Field(False, description="Read audio paths that lead outside the data folder (`../x.wav`, absolute paths).")
 
 
 class TrainingSection(_Section):
@@ -94,6 +95,8 @@ class TrainingSection(_Section):
     max_steps: int = Field(-1, description="Total optimizer steps; -1 means use num_train_epochs.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to validate (the guide's `evaluation_strategy`).")
     eval_steps: int = Field(50, gt=0, description="Validate every this many optimizer steps.")
+    save_strategy: Literal["steps", "epoch", "no"] = Field(
+        "steps", description="When to checkpoint. Without checkpoints (`no`) neither `--resume` nor the out-of-memory recovery can continue a run.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every this many optimizer steps.")
     save_total_limit: int | None = Field(3, gt=0, description="Checkpoints kept on disk (the best is always kept).")
     logging_steps: int = Field(10, gt=0, description="Log the loss every this many optimizer steps.")
@@ -120,7 +123,8 @@ class TrainingSection(_Section):
     @field_validator("report_to", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        # `report_to: null` (llasa-trainer's files) means no reporting, as in `TrainingArguments`.
+        return ["none"] if value is None else [value] if isinstance(value, str) else value
 
     @field_validator("eval_strategy", mode="before")
     @classmethod
@@ -167,14 +171,25 @@ class AutotuneSection(_Section):
 
 
 class SamplesSection(_Section):
+    """Audio samples spoken during training. Sampling follows the Llasa model card."""
+
     every_n_steps: int | None = Field(None, gt=0, description="Generate audio samples every N steps; default: at each evaluation.")
-    num_texts: int = Field(2, ge=0, description="Validation texts spoken at each sampling (0 turns samples off).")
-    temperature: float = Field(0.8, gt=0, description="Sampling temperature (Llasa's recommendation).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
-    repetition_penalty: float = Field(1.2, gt=0, description="Repetition penalty.")
-    max_new_tokens: int = Field(2048, gt=0, description="Longest generated speech, in tokens (50 per second).")
+    num_texts: int = Field(2, ge=0, description="Validation texts spoken at each sampling (0 turns samples off); with speakers, one text per speaker.")
+    texts: list[str] = Field(default_factory=list, description="Fixed texts to speak instead of validation texts (llasa-trainer's `test.text`).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (the Llasa model card's 0.8).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (the model card's 1.0).")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="Repetition penalty; 1.0 is none, as in the model card (the official LoRA example uses 1.2).")
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Longest generated speech in tokens (50 per second); default about 1.5x the longest "
+                                "validation sample. Prompt plus speech never pass Llasa's 2,048 positions.")
     reference_audio: str | None = Field(None, description="Optional speaker prompt clip (voice cloning).")
     reference_text: str | None = Field(None, description="Transcript of `reference_audio`.")
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _listify(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else [] if value is None else value
 
 
 class Config(_Section):
@@ -192,6 +207,27 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------- rules ---
+
+def config_rule_problems(config: Config) -> list[str]:
+    """Rules between keys that Hugging Face would only raise once training starts,
+    each as a one-line problem with its fix. Checked before the dry run."""
+    t = config.training
+    problems = []
+    evaluating = t.eval_strategy != "no"
+    if t.load_best_model_at_end and evaluating:
+        if t.save_strategy != t.eval_strategy:
+            problems.append(f"`training.save_strategy` ({t.save_strategy}) must match `training.eval_strategy` "
+                            f"({t.eval_strategy}) when `training.load_best_model_at_end` is true: "
+                            f"`--set training.save_strategy={t.eval_strategy}`, or "
+                            "`--set training.load_best_model_at_end=false`")
+        elif t.eval_strategy == "steps" and t.save_steps % t.eval_steps:
+            problems.append(f"`training.save_steps` ({t.save_steps}) must be a multiple of `training.eval_steps` "
+                            f"({t.eval_steps}) when `training.load_best_model_at_end` is true: e.g. "
+                            f"`--set training.save_steps={t.eval_steps * max(1, t.save_steps // t.eval_steps)}`")
+    return problems
 
 
 # ---------------------------------------------------------------- layering ---
@@ -307,6 +343,7 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
     """Layer profile < user YAML < `--set`, validate once, report every error together."""
     notes: list[str] = []
     user = _normalise_aliases(copy.deepcopy(user_yaml or {}), notes)
+    user, _run_keys = translate_llasa_trainer(user, notes)  # those are the command line's (see `run_keys`)
     for item in sets or []:
         key, value = parse_set(item)
         set_dotted(user, _canonical_key(key, notes), value)
@@ -317,7 +354,22 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
     # Choosing one precision pins the other off, or the tuner could turn both on.
     if "training.bf16" in pinned or "training.fp16" in pinned:
         pinned |= {"training.bf16", "training.fp16"}
+    _align_save_and_eval_steps(config, pinned, notes)
     return Resolved(config=config, pinned=pinned, notes=notes)
+
+
+def _align_save_and_eval_steps(config: Config, pinned: set[str], notes: list[str]) -> None:
+    """The best checkpoint can only be one that was saved at an evaluation: when the user
+    set one of the two intervals, the other (left to us) follows it."""
+    t = config.training
+    if t.save_steps % t.eval_steps == 0:
+        return
+    if "training.save_steps" in pinned and "training.eval_steps" not in pinned:
+        t.eval_steps = t.save_steps
+        notes.append(f"`training.eval_steps` follows your `save_steps`: {t.save_steps}")
+    elif "training.eval_steps" in pinned and "training.save_steps" not in pinned:
+        t.save_steps = t.eval_steps
+        notes.append(f"`training.save_steps` follows your `eval_steps`: {t.eval_steps}")
 
 
 def validate(tree: dict[str, Any]) -> Config:
@@ -364,6 +416,67 @@ def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]
             value = node.pop(old_key)
             node.setdefault(_canonical_key(old, notes).split(".")[1], value)
     return tree
+
+
+# ------------------------------------------------------ llasa-trainer files ---
+
+# laksjdjf/llasa-trainer (the trainer the tuning guide was written for) keeps a run's
+# paths at the top level of its YAML; they are defaults for our command-line flags.
+LLASA_TRAINER_RUN_KEYS = {"data_dir": "--data", "output_dir": "--output-dir",
+                          "cuda_visible_devices": "CUDA_VISIBLE_DEVICES"}
+# ... and names two config values its own way.
+LLASA_TRAINER_CONFIG_KEYS = {"model_name": "model.name_or_path", "codec_model_name": "data.codec",
+                             "test.text": "samples.texts", "test.interval": "samples.every_n_steps"}
+
+
+def translate_llasa_trainer(tree: dict[str, Any], notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A llasa-trainer YAML read as ours: -> (our config tree, run keys for the command line).
+
+    What has no meaning here is refused with the reason: `lora: null` (llasa-trainer's full
+    fine-tuning) is out of scope for a LoRA trainer. A tree without their keys comes back as it is."""
+    run: dict[str, Any] = {}
+    mapped: list[str] = []
+    for key, flag in LLASA_TRAINER_RUN_KEYS.items():
+        if key in tree:
+            value = tree.pop(key)
+            if value is None:
+                continue
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise AutotuneError(f"`{key}` must be a path or a value such as \"0,1\", got `{_short(value)}`")
+            run[key] = str(value)
+            mapped.append(f"{key} -> {flag}")
+    if "test" in tree:
+        test = tree.pop("test")
+        if test is not None:
+            if not isinstance(test, dict):
+                raise AutotuneError(f"`test` must be a mapping with `text` and `interval`, got `{_short(test)}`")
+            unknown = sorted(set(test) - {"text", "interval"})
+            if unknown:
+                raise AutotuneError(f"unknown key `test.{unknown[0]}` (allowed: text, interval)")
+            for sub in ("text", "interval"):
+                if sub in test:
+                    tree.setdefault("samples", {}).setdefault(LLASA_TRAINER_CONFIG_KEYS[f"test.{sub}"].split(".")[1],
+                                                              test[sub])
+                    mapped.append(f"test.{sub} -> {LLASA_TRAINER_CONFIG_KEYS[f'test.{sub}']}")
+    for key in ("model_name", "codec_model_name"):
+        if key in tree:
+            value = tree.pop(key)
+            ours = LLASA_TRAINER_CONFIG_KEYS[key]
+            section, name = ours.split(".")
+            if value is not None and get_dotted(tree, ours) is None:   # our own key wins where a file has both
+                tree.setdefault(section, {})[name] = value
+                mapped.append(f"{key} -> {ours}")
+    if "lora" in tree and tree["lora"] is None:
+        raise AutotuneError("`lora: null` asks for full fine-tuning, which this trainer does not do (it trains LoRA "
+                            "adapters): give a `lora:` section, e.g. `lora: {r: 16, lora_alpha: 32}`")
+    if mapped:
+        notes.append("read llasa-trainer keys: " + ", ".join(mapped))
+    return tree, run
+
+
+def run_keys(tree: dict[str, Any] | None) -> dict[str, str]:
+    """The command-line defaults a llasa-trainer YAML holds (`data_dir`, `output_dir`, `cuda_visible_devices`)."""
+    return translate_llasa_trainer(copy.deepcopy(tree or {}), [])[1]
 
 
 def _precision_choice_turns_other_off(user: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from autotune.errors import AutotuneError
 
 TINY = "tiny"
 NUM_SPEECH_TOKENS = 65536
+IGNORE_INDEX = -100  # the label of a position the loss skips (PyTorch cross-entropy's and HF's default)
 LLASA_SPECIALS = [
     "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>",
     "<|TEXT_UNDERSTANDING_START|>", "<|TEXT_UNDERSTANDING_END|>",
@@ -23,6 +24,9 @@ LLASA_SPECIALS = [
 ]
 USER_PREFIX = "Convert the text to speech:"
 _MARK = "\u2063TEXT\u2063"  # invisible separator: never in a real transcript
+_SPEAKER_MARK = "\u2063SPEAKER\u2063"
+# Llasa was trained on sequences of at most 2,048 positions: prompt plus speech.
+MAX_POSITIONS = 2048
 
 # Llama-3's chat template without the system-date preamble; HF trims after the
 # final message when `continue_final_message=True`.
@@ -81,17 +85,28 @@ class LlasaTokens:
                    text_end=ids["<|TEXT_UNDERSTANDING_END|>"], pad=pad)
 
 
-def chat_messages(text: str, reference_text: str | None = None, reference_ids: str = "") -> list[dict[str, str]]:
+def chat_messages(text: str, reference_text: str | None = None, reference_ids: str = "",
+                  speaker: str | None = None) -> list[dict[str, str]]:
     """Llasa's chat: user asks for speech, assistant starts with SPEECH_GENERATION_START.
 
-    With a reference clip (voice cloning) its transcript precedes the text and its
+    With a reference clip (voice cloning) its transcript precedes the text with
+    nothing in between (the model card's `prompt_text + target_text`) and its
     speech tokens follow SPEECH_GENERATION_START, as in Llasa's own inference code.
+    With a speaker the assistant turn opens with `Speaker {name}`, as the official
+    multi-speaker recipe does (LLaSA_training, finetune/online_finetune/
+    tts_online_dataset_genshin.py: assistant content f"Speaker {speaker}", the
+    speech sequence from SPEECH_GENERATION_START appended after it).
     """
-    full = f"{reference_text} {text}" if reference_text else text
+    full = f"{reference_text}{text}" if reference_text else text
+    opening = speaker_opening(speaker)
     return [
         {"role": "user", "content": f"{USER_PREFIX}<|TEXT_UNDERSTANDING_START|>{full}<|TEXT_UNDERSTANDING_END|>"},
-        {"role": "assistant", "content": f"<|SPEECH_GENERATION_START|>{reference_ids}"},
+        {"role": "assistant", "content": f"{opening}<|SPEECH_GENERATION_START|>{reference_ids}"},
     ]
+
+
+def speaker_opening(speaker: str | None) -> str:
+    return f"Speaker {speaker}" if speaker else ""
 
 
 class PromptBuilder:
@@ -100,6 +115,8 @@ class PromptBuilder:
     The template is rendered once around a marker; the transcript is tokenized on
     its own between two special tokens, so `prefix + tokens(text) + suffix` equals
     the full template's tokenization (a test checks this) at a fraction of the cost.
+    A speaker changes only the suffix (the assistant turn's opening), which is
+    tokenized once per speaker.
     """
 
     def __init__(self, tokenizer: Any):
@@ -107,10 +124,23 @@ class PromptBuilder:
         self.tokens = LlasaTokens.from_tokenizer(tokenizer)
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
-        rendered = tokenizer.apply_chat_template(chat_messages(_MARK), tokenize=False, continue_final_message=True)
+        messages = chat_messages(_MARK)
+        messages[1]["content"] = _SPEAKER_MARK + messages[1]["content"]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         before, _, after = rendered.partition(_MARK)
         self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False)["input_ids"]
-        self.suffix_ids: list[int] = tokenizer(after, add_special_tokens=False)["input_ids"]
+        self._suffix_template = after
+        self._suffixes: dict[str | None, list[int]] = {}
+        self.suffix_ids: list[int] = self.suffix_for(None)
+
+    def suffix_for(self, speaker: str | None) -> list[int]:
+        """The ids after the transcript, up to and including SPEECH_GENERATION_START."""
+        ids = self._suffixes.get(speaker)
+        if ids is None:
+            # The whole suffix is tokenized as one string, as the template's full rendering would be.
+            text = self._suffix_template.replace(_SPEAKER_MARK, speaker_opening(speaker))
+            ids = self._suffixes[speaker] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
 
     def text_ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -130,12 +160,16 @@ class PromptBuilder:
             return [len(ids) for ids in self.text_ids(texts)]
         return [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
-    def prompt_ids(self, text: str) -> list[int]:
-        return self.prefix_ids + self.text_ids([text])[0] + self.suffix_ids
+    def prompt_ids(self, text: str, speaker: str | None = None) -> list[int]:
+        return self.prefix_ids + self.text_ids([text])[0] + self.suffix_for(speaker)
 
     @property
     def overhead(self) -> int:
-        return len(self.prefix_ids) + len(self.suffix_ids)
+        """Prompt tokens around the transcript (no speaker)."""
+        return self.overhead_for(None)
+
+    def overhead_for(self, speaker: str | None) -> int:
+        return len(self.prefix_ids) + len(self.suffix_for(speaker))
 
 
 # An upper bound on the template's tokens around the transcript for a Llama-3

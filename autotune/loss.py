@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotune.errors import AutotuneError
-
-IGNORE_INDEX = -100
+from autotune.llasa import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",

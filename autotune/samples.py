@@ -10,8 +10,8 @@ does that for a few validation texts at each evaluation (or every
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from autotune.dryrun import free_cuda_memory
 from autotune.errors import AutotuneError
-from autotune.llasa import LlasaTokens, PromptBuilder
+from autotune.llasa import MAX_POSITIONS, LlasaTokens, PromptBuilder
 
 __all__ = [
     "SampleCallback",
@@ -34,21 +34,32 @@ __all__ = [
 # ------------------------------------------------------------- generation ---
 
 def prompt_ids(builder: PromptBuilder, text: str, *, reference_text: str | None = None,
-               reference_codes: Sequence[int] | None = None) -> list[int]:
+               reference_codes: Sequence[int] | None = None, speaker: str | None = None) -> list[int]:
     """Llasa's generation prompt: the chat template (continued final message) ending
     with <|SPEECH_GENERATION_START|>, exactly as training builds it.
 
-    With a reference clip (voice cloning) its transcript precedes the text and its
+    With a reference clip (voice cloning) its transcript precedes the text directly,
+    with nothing in between (the model card's `prompt_text + target_text`), and its
     speech ids follow SPEECH_GENERATION_START, as in `llasa.chat_messages`. The
     speech ids are added by offset rather than by tokenizing `<|s_N|>` strings,
     which gives the same ids as the template for Llasa's tokenizer and also works
     for tokenizers where the speech tokens are not registered as added tokens.
     """
-    full = f"{reference_text} {text}" if reference_text else text
-    ids = builder.prompt_ids(full)
+    full = f"{reference_text}{text}" if reference_text else text
+    ids = builder.prompt_ids(full, speaker=speaker)
     if reference_codes:
         ids = ids + [builder.tokens.code_to_id(int(c)) for c in reference_codes]
     return ids
+
+
+def new_token_budget(prompt_length: int, max_new_tokens: int | None) -> int:
+    """How many tokens may be generated: what was asked, and never past Llasa's
+    2,048 trained positions (prompt included), as the model card's `max_length=2048`."""
+    room = MAX_POSITIONS - prompt_length
+    if room <= 0:
+        raise AutotuneError(f"the prompt is {prompt_length} tokens and Llasa was trained on {MAX_POSITIONS} positions "
+                            "in all: shorten the text (or the reference clip and its transcript)")
+    return room if max_new_tokens is None else min(int(max_new_tokens), room)
 
 
 def codes_from_new_ids(new_ids: Sequence[int], tokens: LlasaTokens) -> tuple[list[int], int, int]:
@@ -100,32 +111,51 @@ def _model_device(model: Any):
 
 
 def generate_codes(model: Any, tokenizer: Any, text: str, *, temperature: float = 0.8, top_p: float = 1.0,
-                   repetition_penalty: float = 1.2, max_new_tokens: int = 2048, reference_text: str | None = None,
-                   reference_codes: Sequence[int] | None = None,
-                   seed: int | None = None) -> tuple[list[int], int, int]:
+                   repetition_penalty: float = 1.0, max_new_tokens: int | None = None,
+                   reference_text: str | None = None, reference_codes: Sequence[int] | None = None,
+                   speaker: str | None = None, seed: int | None = None,
+                   should_stop: Callable[[], bool] | None = None,
+                   on_token: Callable[[int, int], None] | None = None) -> tuple[list[int], int, int]:
     """Speak `text` with a Llasa model (plain or PEFT): sampled XCodec2 codes.
 
+    Sampling is the model card's by default (temperature 0.8, top_p 1, no repetition
+    penalty), and prompt plus new tokens never pass 2,048 positions (`new_token_budget`).
     Returns `(codes, dropped, generated)` as `codes_from_new_ids` describes; the
     codes (each in 0..65535) are only the new speech, never the reference clip's.
     With `seed` the sampling is reproducible and the caller's random state (CPU
     and the model's CUDA device) is left as it was; without it the global
     generator is used. The model is put in eval mode for the call and returned
-    to train mode if it was training.
+    to train mode if it was training. `on_token(done, budget)` is called after each
+    new token (a progress line); `should_stop()` true ends generation at the next token
+    (a signal arrived), keeping what was generated so far.
     """
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     if not text or not text.strip():
         raise AutotuneError("the text to speak is empty")
     builder = _prompt_builder(tokenizer)
     tokens = builder.tokens
-    ids = prompt_ids(builder, text, reference_text=reference_text, reference_codes=reference_codes)
+    ids = prompt_ids(builder, text, reference_text=reference_text, reference_codes=reference_codes, speaker=speaker)
+    budget = new_token_budget(len(ids), max_new_tokens)
     device = _model_device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
+
+    class _Watch(StoppingCriteria):
+        # Called once per generated token, on the host: the progress line and the signal check.
+        def __call__(self, input_ids, scores, **kwargs):
+            if on_token is not None:
+                on_token(input_ids.shape[1] - len(ids), budget)
+            stop = bool(should_stop and should_stop())
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=float(temperature),
                   top_p=float(top_p), repetition_penalty=float(repetition_penalty),
-                  max_new_tokens=int(max_new_tokens), eos_token_id=tokens.speech_end, pad_token_id=tokens.pad,
+                  max_new_tokens=budget, eos_token_id=tokens.speech_end, pad_token_id=tokens.pad,
                   use_cache=True)
+    if on_token is not None or should_stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Watch()])
 
     was_training = bool(getattr(model, "training", False))
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -147,6 +177,14 @@ def generate_codes(model: Any, tokenizer: Any, text: str, *, temperature: float 
 
 
 # --------------------------------------------------------------- callback ---
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One text to speak at each sampling, in a speaker's voice when the data has speakers."""
+
+    text: str
+    speaker: str | None = None
+
 
 @dataclass
 class _Reference:
@@ -172,21 +210,26 @@ class SampleCallback(TrainerCallback):
 
     output_dir: Path
     tokenizer: Any
-    texts: list[str]
+    texts: list[SamplePrompt | str]
     codec_id: str
     console: Any = None
     every_n_steps: int | None = None
     temperature: float = 0.8
     top_p: float = 1.0
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = 2048
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
     reference: _Reference | None = None
+    should_stop: Callable[[], bool] | None = None   # a signal arrived: end the generation at the next token
     tensorboard: Any = None          # transformers' TensorBoardCallback, whose tb_writer we borrow
     codec_device: str = "cpu"
     codec: Any = field(default=None, init=False)
     codec_error: str | None = field(default=None, init=False)
     _codec_tried: bool = field(default=False, init=False)
     sampled_steps: list[int] = field(default_factory=list, init=False)
+    interrupted_steps: list[int] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.texts = [t if isinstance(t, SamplePrompt) else SamplePrompt(t) for t in self.texts]
 
     # -- when ---------------------------------------------------------------
 
@@ -216,12 +259,17 @@ class SampleCallback(TrainerCallback):
         writer = getattr(self.tensorboard, "tb_writer", None) if self.tensorboard is not None else None
         records = []
         seconds = 0.0
-        for i, text in enumerate(self.texts):
+        self._say(f"samples at step {step}: speaking {len(self.texts)} text{'s' if len(self.texts) != 1 else ''}")
+        for i, prompt in enumerate(self.texts):
+            if self._stopping():
+                records.append({"index": i, "text": prompt.text, "speaker": prompt.speaker, "skipped": "interrupted"})
+                continue
             try:
-                record, wave = self._speak(model, codec, text, i, folder, seed=_sample_seed(args.seed, step, i))
+                record, wave = self._speak(model, codec, prompt, i, folder, seed=_sample_seed(args.seed, step, i))
             except Exception as exc:  # noqa: BLE001 - a failed sample must not end an hours-long run
                 reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-                records.append({"index": i, "text": text, "error": f"{type(exc).__name__}: {reason}"})
+                records.append({"index": i, "text": prompt.text, "speaker": prompt.speaker,
+                                "error": f"{type(exc).__name__}: {reason}"})
                 self._warn(f"samples: text {i} at step {step} failed ({type(exc).__name__}: {reason}); "
                            "training goes on")
                 free_cuda_memory()
@@ -237,14 +285,19 @@ class SampleCallback(TrainerCallback):
 
                     clipped = torch.from_numpy(np.clip(wave, -1.0, 1.0)).reshape(1, -1)
                     writer.add_audio(f"samples/{i}", clipped, step, sample_rate=SAMPLING_RATE)
-                    writer.add_text(f"samples/{i}/text", text, step)
-        done = [r for r in records if "error" not in r]
+                    writer.add_text(f"samples/{i}/text", prompt.text, step)
+        interrupted = self._stopping()
+        if interrupted:
+            self.interrupted_steps.append(step)
+        done = [r for r in records if "error" not in r and "skipped" not in r]
         total_generated = sum(r["generated_tokens"] for r in done)
         total_dropped = sum(r["dropped_ids"] for r in done)
         payload = {"step": step, "codec": self.codec_id, "decoded": codec is not None,
                    "reference_audio": self.reference.audio if self._reference_codes() else None,
-                   "samples": records}
-        (folder / "codes.json").write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
+                   "interrupted": interrupted, "samples": records}
+        from autotune.trainer import write_json
+
+        write_json(folder / "codes.json", payload)
         if writer is not None and done:
             writer.add_scalar("samples/generated_tokens", total_generated, step)
             writer.add_scalar("samples/dropped_ids", total_dropped, step)
@@ -258,16 +311,26 @@ class SampleCallback(TrainerCallback):
     def _reference_codes(self) -> list[int] | None:
         return self.reference.codes if self.reference is not None and self.reference.codes else None
 
-    def _speak(self, model, codec, text: str, index: int, folder: Path, *, seed: int):
+    def _speak(self, model, codec, prompt: SamplePrompt, index: int, folder: Path, *, seed: int):
         """One text: generate, decode when there is a codec, write `<index>.wav`."""
         reference_codes = self._reference_codes()
+        shown = [0.0]
+
+        def progress(done: int, budget: int) -> None:
+            # A line every 10 s: long generation on a slow machine must not look like a hang.
+            now = time.monotonic()
+            if now - shown[0] >= 10.0:
+                if shown[0]:
+                    self._say(f"  sample {index + 1}/{len(self.texts)}: {done} of at most {budget} tokens")
+                shown[0] = now
+
         codes, dropped, generated = generate_codes(
-            model, self.tokenizer, text, temperature=self.temperature, top_p=self.top_p,
+            model, self.tokenizer, prompt.text, temperature=self.temperature, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
             reference_text=self.reference.text if reference_codes else None, reference_codes=reference_codes,
-            seed=seed)
-        record = {"index": index, "text": text, "generated_tokens": generated, "dropped_ids": dropped,
-                  "codes": codes, "wav": None}
+            speaker=prompt.speaker, seed=seed, should_stop=self._stopping, on_token=progress)
+        record = {"index": index, "text": prompt.text, "speaker": prompt.speaker, "generated_tokens": generated,
+                  "dropped_ids": dropped, "codes": codes, "wav": None}
         if codec is None:
             return record, None
         from autotune.codec import SAMPLING_RATE, write_wav
@@ -277,6 +340,13 @@ class SampleCallback(TrainerCallback):
         write_wav(path, wave, SAMPLING_RATE)
         record["wav"] = path.name
         return record, wave
+
+    def _stopping(self) -> bool:
+        return bool(self.should_stop is not None and self.should_stop())
+
+    def _say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message, markup=False, highlight=False)
 
     def _get_codec(self):
         if self._codec_tried:
@@ -354,20 +424,69 @@ def _reference(samples: Any) -> _Reference | None:
     return _Reference(audio=str(audio), text=text.strip())
 
 
-def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, texts, console) -> None:
-    """Add a `SampleCallback` when `samples.num_texts > 0` and there are validation texts.
+MAX_SAMPLED_SPEAKERS = 8
+
+
+def choose_prompts(samples_config: Any, val: Sequence[Any], train: Sequence[Any] = ()) -> tuple[list[SamplePrompt], str | None]:
+    """What to speak at each sampling, and a note when speakers were left out.
+
+    Without speakers: `samples.texts` if set, else the first `num_texts` validation texts.
+    With speakers: every speaker (the first `MAX_SAMPLED_SPEAKERS` by amount of audio), each
+    with its first validation text (a training text when it has none in validation), or with
+    each of `samples.texts`."""
+    if samples_config.num_texts <= 0:
+        return [], None
+    fixed = [t.strip() for t in samples_config.texts if t and t.strip()]
+    pool = list(val) + list(train)
+    seconds: dict[str, int] = {}
+    for sample in pool:
+        if sample.speaker is not None:
+            seconds[sample.speaker] = seconds.get(sample.speaker, 0) + len(sample.codes)
+    if not seconds:
+        texts = fixed or [s.text for s in val if s.text and s.text.strip()][: samples_config.num_texts]
+        return [SamplePrompt(t) for t in texts], None
+    speakers = sorted(seconds, key=lambda name: (-seconds[name], name))
+    note = None
+    if len(speakers) > MAX_SAMPLED_SPEAKERS:
+        note = (f"samples: {len(speakers)} speakers; the {MAX_SAMPLED_SPEAKERS} with the most audio are spoken "
+                "at each sampling")
+        speakers = speakers[:MAX_SAMPLED_SPEAKERS]
+    prompts = []
+    for name in speakers:
+        if fixed:
+            prompts += [SamplePrompt(t, name) for t in fixed]
+        else:
+            own = next((s.text for s in pool if s.speaker == name and s.text.strip()), None)
+            if own:
+                prompts.append(SamplePrompt(own, name))
+    return prompts, note
+
+
+def auto_max_new_tokens(val: Sequence[Any], train: Sequence[Any] = ()) -> int | None:
+    """About 1.5 times the longest validation sample's speech (training's when there is no
+    validation): a random or early model that never says END stops there, not at 2,048."""
+    lengths = [len(s.codes) for s in (val or train) if s.codes is not None]
+    return max(16, (3 * max(lengths)) // 2) if lengths else None
+
+
+def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, val, console, *, train=(),
+                              should_stop: Callable[[], bool] | None = None) -> SampleCallback | None:
+    """Add a `SampleCallback` when `samples.num_texts > 0` and there is something to speak.
 
     Raises:
         AutotuneError: the reference clip is set without a transcript (or the
             reverse), or it is missing or unreadable.
     """
     s = config.samples
-    chosen = [t for t in (texts or []) if t and t.strip()][: s.num_texts]
-    if s.num_texts <= 0 or not chosen or tokenizer is None:
+    prompts, note = choose_prompts(s, val, train)
+    if not prompts or tokenizer is None:
         return None
+    if note and console is not None:
+        console.print(f"[yellow]! {note}[/yellow]")
     callback = SampleCallback(
-        output_dir=Path(output_dir), tokenizer=tokenizer, texts=chosen, codec_id=config.data.codec, console=console,
+        output_dir=Path(output_dir), tokenizer=tokenizer, texts=prompts, codec_id=config.data.codec, console=console,
         every_n_steps=s.every_n_steps, temperature=s.temperature, top_p=s.top_p,
-        repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens, reference=_reference(s),
-        tensorboard=_find_tensorboard(trainer))
+        repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens or auto_max_new_tokens(val, train),
+        reference=_reference(s), tensorboard=_find_tensorboard(trainer), should_stop=should_stop)
     trainer.add_callback(callback)
+    return callback

@@ -588,7 +588,7 @@ def test_llasa_tokens_are_read_from_the_tokenizer(tok):
     assert tokens.is_speech_id(tokens.speech_offset) and not tokens.is_speech_id(tokens.speech_end)
 
 
-def test_build_example_masks_the_prompt_and_labels_speech_and_end(builder, tok):
+def test_build_example_labels_from_speech_generation_start_as_the_official_recipe(builder, tok):
     tokens = builder.tokens
     sample = Sample(text=JAPANESE, source="x:1", codes=np.array([0, 7, MAX_CODE, 42], dtype=np.int32))
     ex = build_example(sample, builder)
@@ -598,8 +598,10 @@ def test_build_example_masks_the_prompt_and_labels_speech_and_end(builder, tok):
     prompt = ids[:start + 1]
     assert prompt == builder.prompt_ids(JAPANESE)
     assert prompt[-1] == tokens.speech_start
-    assert labels[:start + 1] == [-100] * (start + 1)  # up to and including SPEECH_GENERATION_START
-    assert ids[start + 1] == tokens.speech_offset + 0  # first label position is the first speech id
+    # LLaSA_training labels from SPEECH_GENERATION_START on: everything before it is -100.
+    assert labels[:start] == [-100] * start
+    assert labels[start] == tokens.speech_start
+    assert ids[start + 1] == tokens.speech_offset + 0
     assert labels[start + 1] == ids[start + 1]
     assert ids[start + 1:] == [tokens.speech_offset + c for c in (0, 7, MAX_CODE, 42)] + [tokens.speech_end]
     assert labels[start + 1:] == ids[start + 1:]  # speech ids and END are all labelled

@@ -147,8 +147,55 @@ def test_generate_codes_prompt_and_generate_arguments(tokenizer, tokens):
     ids = kw["input_ids"][0].tolist()
     assert ids[-3:] == [tokens.speech_start, s(11), s(12)], "reference speech follows SPEECH_GENERATION_START"
     text = tokenizer.decode(ids)
-    assert "参照 本文" in text, "the reference transcript precedes the text"
+    # The model card joins them with nothing in between: `prompt_text + target_text`.
+    assert "<|TEXT_UNDERSTANDING_START|>参照本文<|TEXT_UNDERSTANDING_END|>" in text
     assert kw["attention_mask"].shape == kw["input_ids"].shape
+
+
+def test_generation_defaults_are_the_model_cards_and_never_pass_2048_positions(tokenizer, tokens):
+    from autotune.errors import AutotuneError
+    from autotune.llasa import MAX_POSITIONS
+
+    stub = _StubModel([tokens.speech_end])
+    generate_codes(stub, tokenizer, "本文")
+    kw = stub.kwargs
+    assert (kw["temperature"], kw["top_p"], kw["repetition_penalty"]) == (0.8, 1.0, 1.0)
+    prompt = kw["input_ids"].shape[1]
+    assert prompt + kw["max_new_tokens"] == MAX_POSITIONS          # asked for nothing: all the room left
+    generate_codes(stub, tokenizer, "本文", max_new_tokens=5000)
+    assert prompt + stub.kwargs["max_new_tokens"] == MAX_POSITIONS  # asked for more than fits: capped
+    generate_codes(stub, tokenizer, "本文", max_new_tokens=7)
+    assert stub.kwargs["max_new_tokens"] == 7
+    with pytest.raises(AutotuneError, match="2048 positions"):
+        generate_codes(stub, tokenizer, "本文", reference_text="参照", reference_codes=[1] * MAX_POSITIONS)
+
+
+def test_speaker_prompt_is_the_official_multi_speaker_form(tokenizer, tokens):
+    from autotune.llasa import PromptBuilder
+
+    stub = _StubModel([tokens.speech_end])
+    generate_codes(stub, tokenizer, "本文", speaker="alice")
+    text = tokenizer.decode(stub.kwargs["input_ids"][0].tolist())
+    # LLaSA_training's online multi-speaker dataset: the assistant turn is `Speaker {name}`, then the speech.
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nSpeaker alice<|SPEECH_GENERATION_START|>")
+    builder = PromptBuilder(tokenizer)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Convert the text to speech:<|TEXT_UNDERSTANDING_START|>本文<|TEXT_UNDERSTANDING_END|>"},
+         {"role": "assistant", "content": "Speaker alice"}], tokenize=True, continue_final_message=True)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    assert builder.prompt_ids("本文", speaker="alice") == full + [tokens.speech_start]
+
+
+def test_generation_stops_at_the_next_token_on_a_signal(tokenizer, tiny_model):
+    calls = []
+    stop_after = 3
+
+    def on_token(done, budget):
+        calls.append(done)
+
+    codes, dropped, generated = generate_codes(tiny_model, tokenizer, "本文", max_new_tokens=200, seed=0,
+                                               should_stop=lambda: len(calls) >= stop_after, on_token=on_token)
+    assert calls[:3] == [1, 2, 3] and generated <= stop_after
 
 
 def test_prompt_without_reference_matches_the_chat_template(tokenizer):
@@ -269,11 +316,41 @@ def test_no_callback_without_texts_or_with_zero_texts():
     config = Config()
     maybe_add_sample_callback(trainer, config, "out", build_tiny_tokenizer(), [], None)
     config.samples.num_texts = 0
-    maybe_add_sample_callback(trainer, config, "out", build_tiny_tokenizer(), ["a"], None)
+    maybe_add_sample_callback(trainer, config, "out", build_tiny_tokenizer(), _val("a"), None)
     assert added == []
     config.samples.num_texts = 2
-    maybe_add_sample_callback(trainer, config, "out", build_tiny_tokenizer(), ["a", "b", "c"], None)
-    assert len(added) == 1 and isinstance(added[0], SampleCallback) and added[0].texts == ["a", "b"]
+    maybe_add_sample_callback(trainer, config, "out", build_tiny_tokenizer(), _val("a", "b", "c"), None)
+    assert len(added) == 1 and isinstance(added[0], SampleCallback)
+    assert [p.text for p in added[0].texts] == ["a", "b"] and all(p.speaker is None for p in added[0].texts)
+
+
+def _val(*texts, speakers=None, codes=10):
+    from autotune.data import Sample
+
+    speakers = speakers or [None] * len(texts)
+    return [Sample(text=t, source=f"v:{i}", codes=np.zeros(codes, dtype=np.int32), speaker=sp)
+            for i, (t, sp) in enumerate(zip(texts, speakers))]
+
+
+def test_every_speaker_is_sampled_with_its_own_text_and_generation_is_capped_by_the_data():
+    from autotune.config import Config
+    from autotune.samples import auto_max_new_tokens, choose_prompts
+
+    config = Config()
+    val = _val("a1", "b1", "a2", speakers=["alice", "bob", "alice"], codes=40)
+    train = _val("c1", speakers=["carol"], codes=100)
+    prompts, note = choose_prompts(config.samples, val, train)
+    # every speaker, most audio first (carol 100 codes, alice 80, bob 40), each with its own first text
+    assert [(p.speaker, p.text) for p in prompts] == [("carol", "c1"), ("alice", "a1"), ("bob", "b1")]
+    assert note is None
+    config.samples.texts = ["hello"]
+    assert [(p.speaker, p.text) for p in choose_prompts(config.samples, val, train)[0]] == [
+        ("carol", "hello"), ("alice", "hello"), ("bob", "hello")]
+    many = _val(*[f"t{i}" for i in range(12)], speakers=[f"s{i:02d}" for i in range(12)])
+    prompts, note = choose_prompts(Config().samples, many)
+    assert len(prompts) == 8 and "12 speakers" in note
+    assert auto_max_new_tokens(val) == 60          # 1.5 x the longest validation sample (40 codes)
+    assert auto_max_new_tokens([], train) == 150   # no validation: the training samples
 
 
 def test_reference_clip_problems_are_one_line_errors(tmp_path):
@@ -288,13 +365,13 @@ def test_reference_clip_problems_are_one_line_errors(tmp_path):
     config.samples.reference_audio = str(tmp_path / "missing.wav")
     config.samples.reference_text = "こんにちは"
     with pytest.raises(AutotuneError, match="missing"):
-        maybe_add_sample_callback(trainer, config, tmp_path, build_tiny_tokenizer(), ["a"], None)
+        maybe_add_sample_callback(trainer, config, tmp_path, build_tiny_tokenizer(), _val("a"), None)
     clip = tmp_path / "ref.wav"
     sf.write(str(clip), np.zeros(3200, dtype=np.float32), 16000)
     config.samples.reference_audio = str(clip)
     config.samples.reference_text = None
     with pytest.raises(AutotuneError, match="reference_text"):
-        maybe_add_sample_callback(trainer, config, tmp_path, build_tiny_tokenizer(), ["a"], None)
+        maybe_add_sample_callback(trainer, config, tmp_path, build_tiny_tokenizer(), _val("a"), None)
 
 
 def test_callback_loads_codec_and_reference_once_on_the_main_process_only(tmp_path, monkeypatch, tiny_model):
@@ -357,4 +434,4 @@ def test_a_failing_sample_is_a_warning_not_the_end_of_training(tmp_path):
                          SimpleNamespace(should_training_stop=False), model=Broken())
     assert "text 0 at step 2 failed (RuntimeError: boom)" in out.getvalue()
     record = json.loads((tmp_path / "samples" / "step-2" / "codes.json").read_text(encoding="utf-8"))
-    assert record["samples"] == [{"index": 0, "text": "一", "error": "RuntimeError: boom"}]
+    assert record["samples"] == [{"index": 0, "text": "一", "speaker": None, "error": "RuntimeError: boom"}]
