@@ -617,7 +617,7 @@ def encode_files(
     try:
         cache.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        cache.writable, cache.write_error = False, _reason(exc)
+        cache.writable, cache.write_error = False, exc.strerror or _reason(exc)
     result = EncodedFiles()
     problems: list[str] = []
     unique = list(dict.fromkeys(Path(p) for p in paths))
@@ -721,7 +721,7 @@ def _encode_one(path: Path, codec: Codec, cache: _CacheUse) -> tuple[list[int], 
             _write_json_atomic(entry, payload)
         except OSError as exc:
             cache.unwritten += 1
-            cache.write_error = cache.write_error or _reason(exc)
+            cache.write_error = cache.write_error or exc.strerror or _reason(exc)
             # A folder squatting on one entry's name spoils that entry only; anything
             # else (read-only, disk full) would fail the same way for every file.
             cache.writable = isinstance(exc, IsADirectoryError)
@@ -734,12 +734,12 @@ def _read_cache(entry: Path, codec_id: str, audio_hash: str) -> tuple[list[int] 
     """The cached codes, else None and why the entry is unusable (None when there is no entry)."""
     try:
         text = entry.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder) yet
         return None, None
     except IsADirectoryError:
         return None, "a folder, not a file"
     except (OSError, UnicodeDecodeError) as exc:
-        return None, f"unreadable ({_reason(exc)})"
+        return None, f"unreadable ({getattr(exc, 'strerror', None) or _reason(exc)})"
     try:
         payload = json.loads(text)
     except ValueError:

@@ -380,3 +380,66 @@ def test_a_hub_codec_is_keyed_by_its_commit(codec: Codec, tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [f"some-org/xcodec2@{commit}"] * 2
+
+
+# --------------------------------------------------------------------------- no codec on disk, no hub
+
+_TIMED_LOADS = r"""
+import json, time
+from autotune.codec import DeferredCodec, load_codec
+from autotune.errors import AutotuneError
+out = []
+for make in (DeferredCodec, load_codec):
+    start = time.monotonic()
+    try:
+        make("HKUSTAudio/xcodec2-hf")
+        out.append([time.monotonic() - start, "loaded"])
+    except AutotuneError as exc:
+        out.append([time.monotonic() - start, exc.one_line()])
+print(json.dumps(out))
+"""
+
+
+def _no_hub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), **extra}
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+@pytest.mark.parametrize("hub", ["unreachable", "offline"])
+def test_a_codec_not_on_disk_without_a_hub_fails_within_5_s_saying_what_to_do(tmp_path: Path, hub: str) -> None:
+    """Before, the hub client retried a refused connection for 25-50 s before saying so."""
+    import subprocess
+    import sys
+
+    extra = {"HF_ENDPOINT": "http://127.0.0.1:9"} if hub == "unreachable" else {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", _TIMED_LOADS], cwd=Path(__file__).resolve().parents[1],
+                          env=_no_hub_env(tmp_path, **extra), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    why = ("the hub at http://127.0.0.1:9 cannot be reached: " if hub == "unreachable" else "HF_HUB_OFFLINE is set")
+    for seconds, message in json.loads(done.stdout):
+        assert seconds < 5.0, (seconds, message)
+        assert message.startswith(f"could not load the codec `{DEFAULT_CODEC_ID}` (not in the local hub cache, "
+                                  f"and {why}")
+        assert f"download it once (`hf download {DEFAULT_CODEC_ID}`)" in message
+        assert "--codec PATH" in message and "`--codec tiny` runs an offline test" in message
+
+
+def test_check_data_on_audio_without_codec_or_hub_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = tmp_path / "lj"
+    write_wav(data / "wavs" / "a.wav", tone(1.0))
+    (data / "metadata.csv").write_text("a|one second of sound\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "train.py", "--check-data", "--data", str(data), "--model", "tiny",
+                           "--output-dir", str(tmp_path / "runs" / "r1")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                          env=_no_hub_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9", CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert line.startswith(f"error: could not load the codec `{DEFAULT_CODEC_ID}` (not in the local hub cache")
+    assert "hf download" in line and "--codec tiny" in line
