@@ -74,10 +74,10 @@ if TYPE_CHECKING:
 __all__ = [
     "CONVERTER_VERSION",
     "HUB_PROBE_TIMEOUT_S",
-    "locate",
     "convert_checkpoint",
     "converted_folder",
     "converted_root",
+    "locate",
     "original_to_transformers",
     "original_weights_file",
     "rename",
@@ -86,69 +86,6 @@ __all__ = [
 
 #: Part of the converted folder's key: raise it when the conversion's output changes.
 CONVERTER_VERSION = 1
-
-#: First name components that only X-Codec-2.0's original layout uses.
-_ORIGINAL_ROOTS = ("CodecEnc.", "generator.", "SemanticEncoder_module.", "fc_prior.", "fc_post_a.")
-
-#: Training-only parts of original checkpoints with no place in the inference model:
-#: the semantic reconstruction head (listed as ignored keys by transformers' NeuCodec
-#: converter, the same family) and GAN discriminators of training checkpoints.
-_TRAINING_ONLY = re.compile(r"^(fc_post_s|SemanticDecoder_module)\.|^[^.]*discriminator")
-
-#: Buffers transformers computes at build time (non-persistent there), saved by the original code.
-_DERIVED_BUFFER = re.compile(r"\.(upsample\.filter|downsample\.(lowpass\.)?filter|window|levels|basis|codebook)$")
-
-# ResidualUnit's nn.Sequential in X-Codec-2.0: activation, conv (k=7), activation, conv (k=1).
-_RESIDUAL_PARTS = ("snake1", "conv1", "snake2", "conv2")
-
-
-def _rule(pattern: str, build: Callable[[re.Match[str]], str]) -> tuple[re.Pattern[str], Callable[[re.Match[str]], str]]:
-    return re.compile(pattern), build
-
-
-# Full-name rules, first match wins. The encoder's `conv_blocks` index shifts down
-# by one because its first entry became `conv1`; EncoderBlock's Sequential holds
-# three ResidualUnits, an activation and the strided conv.
-_RULES = [
-    _rule(r"semantic_model\.(.+)", lambda m: f"semantic_encoder.{m[1]}"),
-    _rule(r"SemanticEncoder_module\.initial_conv\.(.+)", lambda m: f"semantic_adapter.conv1.{m[1]}"),
-    _rule(r"SemanticEncoder_module\.residual_blocks\.1\.(.+)", lambda m: f"semantic_adapter.conv2.{m[1]}"),
-    _rule(r"SemanticEncoder_module\.residual_blocks\.3\.(.+)", lambda m: f"semantic_adapter.conv3.{m[1]}"),
-    _rule(r"SemanticEncoder_module\.final_conv\.(.+)", lambda m: f"semantic_adapter.conv4.{m[1]}"),
-    _rule(r"CodecEnc\.conv_blocks\.0\.(.+)", lambda m: f"acoustic_encoder.conv1.{m[1]}"),
-    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.([012])\.block\.([0-3])\.(.+)",
-          lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) + 1}.{_RESIDUAL_PARTS[int(m[3])]}.{m[4]}"),
-    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.3\.(.+)", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.snake1.{m[2]}"),
-    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.4\.(.+)", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.conv1.{m[2]}"),
-    _rule(r"CodecEnc\.conv_final_block\.0\.(.+)", lambda m: f"acoustic_encoder.snake1.{m[1]}"),
-    _rule(r"CodecEnc\.conv_final_block\.1\.(.+)", lambda m: f"acoustic_encoder.conv2.{m[1]}"),
-    _rule(r"fc_prior\.(.+)", lambda m: f"fc_encoder.{m[1]}"),
-    _rule(r"fc_post_a\.(.+)", lambda m: f"acoustic_decoder.fc.{m[1]}"),
-    # The single FSQ of the original ResidualFSQ; the projections sit on the residual wrapper.
-    _rule(r"generator\.quantizer\.layers\.0\.(.+)", lambda m: f"quantizer.quantizer.{m[1]}"),
-    _rule(r"generator\.quantizer\.(.+)", lambda m: f"quantizer.{m[1]}"),
-    _rule(r"generator\.backbone\.transformers\.(\d+)\.att\.c_proj\.(.+)",
-          lambda m: f"acoustic_decoder.layers.{m[1]}.self_attn.o_proj.{m[2]}"),
-    _rule(r"generator\.backbone\.transformers\.(\d+)\.att_norm\.(.+)",
-          lambda m: f"acoustic_decoder.layers.{m[1]}.input_layernorm.{m[2]}"),
-    _rule(r"generator\.backbone\.transformers\.(\d+)\.ffn_norm\.(.+)",
-          lambda m: f"acoustic_decoder.layers.{m[1]}.post_attention_layernorm.{m[2]}"),
-    _rule(r"generator\.backbone\.transformers\.(\d+)\.(.+)", lambda m: f"acoustic_decoder.layers.{m[1]}.{m[2]}"),
-    _rule(r"generator\.backbone\.final_layer_norm\.(.+)", lambda m: f"acoustic_decoder.norm.{m[1]}"),
-    _rule(r"generator\.backbone\.(.+)", lambda m: f"acoustic_decoder.{m[1]}"),
-    _rule(r"generator\.head\.out\.(.+)", lambda m: f"acoustic_decoder.head.linear.{m[1]}"),
-    _rule(r"generator\.(.+)", lambda m: f"acoustic_decoder.{m[1]}"),
-]
-_FUSED_QKV = re.compile(r"generator\.backbone\.transformers\.(\d+)\.att\.c_attn\.(.+)")
-
-
-def rename(name: str) -> str | None:
-    """transformers' name for an original weight name, or None when no rule covers it."""
-    for pattern, build in _RULES:
-        match = pattern.fullmatch(name)
-        if match:
-            return build(match)
-    return None
 
 
 # --------------------------------------------------------------------------- finding a checkpoint
@@ -230,17 +167,34 @@ def _hub_snapshot(repo_id: str, *, weights: bool) -> Path:
 
 
 def _hub_unreachable(endpoint: str) -> str | None:
-    """Why `endpoint` cannot be reached, or None when it answers (any HTTP status counts)."""
+    """Why `endpoint` cannot be reached, or None when it answers (any HTTP status counts).
+
+    The request runs in a daemon thread that is waited for at most
+    `HUB_PROBE_TIMEOUT_S`, because name resolution has no timeout of its own.
+    """
+    import threading
+
     import httpx
 
-    try:
-        httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
-    except (httpx.HTTPError, OSError) as exc:
-        return _first_line(exc)
-    return None
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
+            outcome.append(_first_line(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 # --------------------------------------------------------------------------- recognising the format
+
+#: First name components that only X-Codec-2.0's original layout uses.
+_ORIGINAL_ROOTS = ("CodecEnc.", "generator.", "SemanticEncoder_module.", "fc_prior.", "fc_post_a.")
 
 
 def original_weights_file(folder: str | os.PathLike[str]) -> Path | None:
@@ -265,6 +219,69 @@ def original_weights_file(folder: str | os.PathLike[str]) -> Path | None:
         return None
     checkpoints = sorted((folder / "ckpt").glob("*.ckpt"))
     return checkpoints[-1] if checkpoints else None
+
+
+# --------------------------------------------------------------------------- the rename rules
+
+#: Training-only parts of original checkpoints with no place in the inference model:
+#: the semantic reconstruction head (listed as ignored keys by transformers' NeuCodec
+#: converter, the same family) and GAN discriminators of training checkpoints.
+_TRAINING_ONLY = re.compile(r"^(fc_post_s|SemanticDecoder_module)\.|^[^.]*discriminator")
+
+#: Buffers transformers computes at build time (non-persistent there), saved by the original code.
+_DERIVED_BUFFER = re.compile(r"\.(upsample\.filter|downsample\.(lowpass\.)?filter|window|levels|basis|codebook)$")
+
+# ResidualUnit's nn.Sequential in X-Codec-2.0: activation, conv (k=7), activation, conv (k=1).
+_RESIDUAL_PARTS = ("snake1", "conv1", "snake2", "conv2")
+
+
+def _rule(pattern: str, build: Callable[[re.Match[str]], str]) -> tuple[re.Pattern[str], Callable[[re.Match[str]], str]]:
+    return re.compile(pattern), build
+
+
+# Full-name rules, first match wins. The encoder's `conv_blocks` index shifts down
+# by one because its first entry became `conv1`; EncoderBlock's Sequential holds
+# three ResidualUnits, an activation and the strided conv.
+_RULES = [
+    _rule(r"semantic_model\.(.+)", lambda m: f"semantic_encoder.{m[1]}"),
+    _rule(r"SemanticEncoder_module\.initial_conv\.(.+)", lambda m: f"semantic_adapter.conv1.{m[1]}"),
+    _rule(r"SemanticEncoder_module\.residual_blocks\.1\.(.+)", lambda m: f"semantic_adapter.conv2.{m[1]}"),
+    _rule(r"SemanticEncoder_module\.residual_blocks\.3\.(.+)", lambda m: f"semantic_adapter.conv3.{m[1]}"),
+    _rule(r"SemanticEncoder_module\.final_conv\.(.+)", lambda m: f"semantic_adapter.conv4.{m[1]}"),
+    _rule(r"CodecEnc\.conv_blocks\.0\.(.+)", lambda m: f"acoustic_encoder.conv1.{m[1]}"),
+    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.([012])\.block\.([0-3])\.(.+)",
+          lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.res_unit{int(m[2]) + 1}.{_RESIDUAL_PARTS[int(m[3])]}.{m[4]}"),
+    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.3\.(.+)", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.snake1.{m[2]}"),
+    _rule(r"CodecEnc\.conv_blocks\.(\d+)\.block\.4\.(.+)", lambda m: f"acoustic_encoder.block.{int(m[1]) - 1}.conv1.{m[2]}"),
+    _rule(r"CodecEnc\.conv_final_block\.0\.(.+)", lambda m: f"acoustic_encoder.snake1.{m[1]}"),
+    _rule(r"CodecEnc\.conv_final_block\.1\.(.+)", lambda m: f"acoustic_encoder.conv2.{m[1]}"),
+    _rule(r"fc_prior\.(.+)", lambda m: f"fc_encoder.{m[1]}"),
+    _rule(r"fc_post_a\.(.+)", lambda m: f"acoustic_decoder.fc.{m[1]}"),
+    # The single FSQ of the original ResidualFSQ; the projections sit on the residual wrapper.
+    _rule(r"generator\.quantizer\.layers\.0\.(.+)", lambda m: f"quantizer.quantizer.{m[1]}"),
+    _rule(r"generator\.quantizer\.(.+)", lambda m: f"quantizer.{m[1]}"),
+    _rule(r"generator\.backbone\.transformers\.(\d+)\.att\.c_proj\.(.+)",
+          lambda m: f"acoustic_decoder.layers.{m[1]}.self_attn.o_proj.{m[2]}"),
+    _rule(r"generator\.backbone\.transformers\.(\d+)\.att_norm\.(.+)",
+          lambda m: f"acoustic_decoder.layers.{m[1]}.input_layernorm.{m[2]}"),
+    _rule(r"generator\.backbone\.transformers\.(\d+)\.ffn_norm\.(.+)",
+          lambda m: f"acoustic_decoder.layers.{m[1]}.post_attention_layernorm.{m[2]}"),
+    _rule(r"generator\.backbone\.transformers\.(\d+)\.(.+)", lambda m: f"acoustic_decoder.layers.{m[1]}.{m[2]}"),
+    _rule(r"generator\.backbone\.final_layer_norm\.(.+)", lambda m: f"acoustic_decoder.norm.{m[1]}"),
+    _rule(r"generator\.backbone\.(.+)", lambda m: f"acoustic_decoder.{m[1]}"),
+    _rule(r"generator\.head\.out\.(.+)", lambda m: f"acoustic_decoder.head.linear.{m[1]}"),
+    _rule(r"generator\.(.+)", lambda m: f"acoustic_decoder.{m[1]}"),
+]
+_FUSED_QKV = re.compile(r"generator\.backbone\.transformers\.(\d+)\.att\.c_attn\.(.+)")
+
+
+def rename(name: str) -> str | None:
+    """transformers' name for an original weight name, or None when no rule covers it."""
+    for pattern, build in _RULES:
+        match = pattern.fullmatch(name)
+        if match:
+            return build(match)
+    return None
 
 
 # --------------------------------------------------------------------------- conversion
