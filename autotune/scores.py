@@ -1,0 +1,701 @@
+"""Which checkpoint sounds best, measured: intelligibility and speaker similarity.
+
+The seed-tts-eval protocol, on the samples `SampleCallback` writes at each evaluation:
+
+- intelligibility: an ASR model (Whisper through transformers' ASR pipeline)
+  transcribes each generated clip, and the transcript is compared with the text
+  that was spoken, both normalised (`normalise`). Texts in a script written
+  without spaces between words (kana, kanji, hanzi, hangul, Thai...) are scored
+  by character error rate, all others by word error rate (`uses_cer`).
+- speaker similarity: the cosine between the x-vectors of the generated clip and
+  of real clips of the same speaker, from a speaker-verification model.
+
+`Scorer` loads both models lazily and never makes training fail: a model that
+cannot be loaded is reported once through the `warn` callable and its part of
+the scores is None; an error on one sample is written into that sample.
+
+Only numpy (and the codec module's audio reader) are imported at module level;
+torch and transformers load with the models.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autotune.codec import SAMPLING_RATE, load_audio
+from autotune.errors import AutotuneError
+from autotune.rundir import write_json
+from autotune.xcodec2_convert import _hub_unreachable
+
+__all__ = [
+    "DEFAULT_ASR_MODEL",
+    "DEFAULT_SPEAKER_MODEL",
+    "NONE",
+    "SCORES_FILE",
+    "TINY",
+    "Scorer",
+    "SpeakerEncoder",
+    "Transcriber",
+    "asr_language",
+    "build_tiny_asr",
+    "build_tiny_speaker",
+    "cosine",
+    "edit_distance",
+    "error_rate",
+    "load_asr",
+    "load_speaker",
+    "normalise",
+    "uses_cer",
+    "write_scores",
+]
+
+#: Multilingual Whisper with large-v3's encoder and a 4-layer decoder: about as
+#: accurate as large-v3 (seed-tts-eval's English ASR) on Japanese and English,
+#: and several times faster to decode, which matters when it runs at every evaluation.
+DEFAULT_ASR_MODEL = "openai/whisper-large-v3-turbo"
+#: WavLM fine-tuned for speaker verification, the transformers-format relative of
+#: seed-tts-eval's WavLM-large checkpoint (which ships only as a raw .pth file).
+DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
+#: A model id meaning "the tiny random offline model" (tests, offline runs).
+TINY = "tiny"
+#: A model id meaning "skip this part of the scores".
+NONE = "none"
+SCORES_FILE = "scores.json"
+
+#: Whisper reads 30 s windows; longer clips need its long-form (timestamped) decoding.
+_WHISPER_WINDOW_SAMPLES = 30 * SAMPLING_RATE
+
+
+# --------------------------------------------------------------------------- text metrics
+
+# Scripts written without spaces between words: an error rate over words would
+# count a whole sentence as one word. Kana and hangul also name the language for Whisper.
+_KANA = ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F))
+_HAN = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+_HANGUL = ((0x1100, 0x11FF), (0x3130, 0x318F), (0xAC00, 0xD7AF))
+_OTHER_UNSPACED = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))  # Thai, Lao, Myanmar, Khmer
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'", "\u2018": "'"})
+
+
+def _in(ranges: tuple[tuple[int, int], ...], ch: str) -> bool:
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in ranges)
+
+
+def _has(ranges: tuple[tuple[int, int], ...], text: str) -> bool:
+    return any(_in(ranges, ch) for ch in text)
+
+
+def uses_cer(text: str) -> bool:
+    """Whether `text` is scored by character error rate: it holds kana, kanji/hanzi,
+    hangul or another script written without spaces between words."""
+    return any(_in(_KANA, ch) or _in(_HAN, ch) or _in(_HANGUL, ch) or _in(_OTHER_UNSPACED, ch) for ch in text)
+
+
+def asr_language(text: str) -> str | None:
+    """The Whisper language code the text's script implies, or None to let Whisper detect it.
+
+    Kana means Japanese, hangul Korean, and Han characters without kana Chinese.
+    Forcing the language keeps Whisper from translating or romanising a poor
+    clip; Latin and other scripts are shared by many languages, so they are
+    left to Whisper's detection.
+    """
+    if _has(_KANA, text):
+        return "ja"
+    if _has(_HANGUL, text):
+        return "ko"
+    if _has(_HAN, text):
+        return "zh"
+    return None
+
+
+def normalise(text: str) -> str:
+    """Text as the error rates compare it: NFKC (full-width Latin and digits become
+    ASCII, half-width kana full-width), case-folded, punctuation and symbols
+    replaced by spaces (an apostrophe inside a word, as in "don't", is kept),
+    whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text or "").casefold().translate(_APOSTROPHES)
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        category = unicodedata.category(ch)
+        if ch == "'" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
+            out.append(ch)
+        elif category[0] in "PSZC":
+            out.append(" ")
+        else:
+            out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def edit_distance(reference: Sequence[Any], hypothesis: Sequence[Any]) -> int:
+    """Levenshtein distance (substitutions, deletions and insertions all cost 1)."""
+    if len(reference) < len(hypothesis):
+        reference, hypothesis = hypothesis, reference
+    previous = list(range(len(hypothesis) + 1))
+    for i, r in enumerate(reference, start=1):
+        current = [i]
+        for j, h in enumerate(hypothesis, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
+        previous = current
+    return previous[-1]
+
+
+def error_rate(reference: str, hypothesis: str | None) -> tuple[float, str]:
+    """`(value, "cer" | "wer")`: the edit distance between the normalised texts over
+    the reference's length, in characters (whitespace ignored) or words as
+    `uses_cer(reference)` decides. Insertions can take it above 1; an empty
+    hypothesis gives 1.0. A reference that normalises to nothing gives 0.0 for an
+    empty hypothesis and 1.0 otherwise."""
+    metric = "cer" if uses_cer(reference) else "wer"
+    ref, hyp = normalise(reference), normalise(hypothesis or "")
+    if metric == "cer":
+        ref_units: list[str] = [ch for ch in ref if not ch.isspace()]
+        hyp_units: list[str] = [ch for ch in hyp if not ch.isspace()]
+    else:
+        ref_units, hyp_units = ref.split(), hyp.split()
+    if not ref_units:
+        return (0.0 if not hyp_units else 1.0), metric
+    return edit_distance(ref_units, hyp_units) / len(ref_units), metric
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two vectors (0.0 when either is all zeros)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Transcriber:
+    """An ASR pipeline plus how to call it: Whisper gets the text's language and
+    greedy decoding (seed-tts-eval's `generate()` call), and its long-form mode for
+    clips over 30 s."""
+
+    def __init__(self, pipe: Any, model_id: str) -> None:
+        self.pipe = pipe
+        self.model_id = model_id
+        generation = getattr(pipe.model, "generation_config", None)
+        self.is_whisper = getattr(pipe.model.config, "model_type", None) == "whisper"
+        self._languages = set(getattr(generation, "lang_to_id", None) or {}) if self.is_whisper else set()
+
+    def transcribe(self, wave: np.ndarray, text: str | None = None) -> str:
+        """The transcript of a 16 kHz mono clip; `text` (what should have been said) picks Whisper's language."""
+        wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+        kwargs: dict[str, Any] = {}
+        if self.is_whisper:
+            generate: dict[str, Any] = {"num_beams": 1}
+            language = asr_language(text or "")
+            if language is not None and f"<|{language}|>" in self._languages:
+                generate.update(language=language, task="transcribe")
+            kwargs["generate_kwargs"] = generate
+            if wave.size > _WHISPER_WINDOW_SAMPLES:
+                kwargs["return_timestamps"] = True
+        output = self.pipe({"raw": wave, "sampling_rate": SAMPLING_RATE}, **kwargs)
+        return str(output.get("text", "")).strip()
+
+
+class SpeakerEncoder:
+    """A speaker-verification model (x-vector head) and its feature extractor."""
+
+    def __init__(self, model: Any, feature_extractor: Any, model_id: str) -> None:
+        self.model = model.eval()
+        self.feature_extractor = feature_extractor
+        self.model_id = model_id
+
+    def embed(self, wave: np.ndarray) -> np.ndarray:
+        """The x-vector of a 16 kHz mono clip, as float32."""
+        import torch
+
+        wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+        if wave.size < SAMPLING_RATE // 10:
+            raise ValueError(f"the clip is too short for a speaker embedding ({wave.size} samples, 0.1 s needed)")
+        inputs = self.feature_extractor(wave, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        # One unpadded clip: the attention mask would be all ones, and passing it only
+        # trips a PyTorch deprecation warning in WavLM's attention.
+        values = inputs["input_values"].to(device=device, dtype=next(self.model.parameters()).dtype)
+        with torch.inference_mode():
+            embedding = self.model(input_values=values).embeddings[0]
+        return embedding.float().cpu().numpy()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE (and Whisper) use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(table.items()))
+
+
+def _tiny_whisper_tokenizer() -> tuple[Any, list[str]]:
+    """A byte-level Whisper tokenizer with no merges and Whisper's special tokens in
+    Whisper's order (end of text, start of transcript, languages, tasks, ...,
+    no-timestamps, then the 1,501 timestamps), built offline; and its language tokens."""
+    from transformers import WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab["<|endoftext|>"] = len(vocab)
+    languages = [f"<|{code}|>" for code in LANGUAGES]
+    specials = ["<|startoftranscript|>", *languages, "<|translate|>", "<|transcribe|>", "<|startoflm|>",
+                "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    for i in range(1501):
+        vocab[f"<|{i * 0.02:.2f}|>"] = len(vocab)
+    # The tokenizer takes the first timestamp to be the id after its last special token.
+    return WhisperTokenizer(vocab=vocab, merges=[], extra_special_tokens=specials), languages
+
+
+def build_tiny_asr(device: str = "cpu") -> Transcriber:
+    """A tiny random Whisper behind the real ASR pipeline, for tests and offline runs.
+
+    Real tokenizer class (byte-level, Whisper's special tokens), real feature
+    extractor (128 mel bins, 30 s windows, as large-v3), and a 1-layer model
+    from a fixed seed with its generation config set up as multilingual Whisper's,
+    so language forcing, greedy decoding and long-form decoding run for real.
+    Its transcripts are meaningless lowercase letters.
+    """
+    import torch
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              pipeline)
+
+    tokenizer, languages = _tiny_whisper_tokenizer()
+    vocab = tokenizer.get_vocab()
+    eos = vocab["<|endoftext|>"]
+    config = WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=128, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_source_positions=1500, max_target_positions=16, tie_word_embeddings=False, pad_token_id=eos, bos_token_id=eos, eos_token_id=eos,
+        decoder_start_token_id=vocab["<|startoftranscript|>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WhisperForConditionalGeneration(config)
+    # The untied output layer can only say a-z, space and end-of-text, loudly: the
+    # transcripts are plain lowercase letters rather than stray bytes, and the
+    # timestamps' probability mass never beats them, so long-form decoding takes
+    # whole 30 s windows instead of creeping on through near-empty segments.
+    spoken = [vocab[_bytes_to_unicode()[b]] for b in (32, *range(ord("a"), ord("z") + 1))] + [eos]
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        kept = weight[spoken] * 300.0
+        weight.zero_()
+        weight[spoken] = kept
+    # A generation config of its own (not derived from the model config), so the
+    # multilingual settings survive save_pretrained/from_pretrained as a hub checkpoint's do.
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        max_length=config.max_target_positions, begin_suppress_tokens=[vocab[_bytes_to_unicode()[32]], eos],
+        lang_to_id={token: vocab[token] for token in languages}, is_multilingual=True,
+        task_to_id={"translate": vocab["<|translate|>"], "transcribe": vocab["<|transcribe|>"]},
+        no_timestamps_token_id=vocab["<|notimestamps|>"], prev_sot_token_id=vocab["<|startofprev|>"],
+        max_initial_timestamp_index=50)
+    feature_extractor = WhisperFeatureExtractor(feature_size=128)
+    pipe = pipeline("automatic-speech-recognition", model=model.eval().to(device), tokenizer=tokenizer,
+                    feature_extractor=feature_extractor, device=torch.device(device))
+    return Transcriber(pipe, TINY)
+
+
+def build_tiny_speaker(device: str = "cpu") -> SpeakerEncoder:
+    """A tiny random WavLM x-vector model (about 60k parameters) with the real
+    feature extractor settings of `microsoft/wavlm-base-plus-sv`, for tests and
+    offline runs. Its embeddings tell signals apart but not speakers.
+
+    Fan-in initialisation with zero biases: transformers' small-std init lets the
+    biases dominate the pooled statistics, so every clip gets nearly the same
+    embedding and a test of "different clips differ" would barely be one.
+    """
+    import torch
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    config = WavLMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        tdnn_dim=(32, 32, 32, 32, 64), xvector_output_dim=16, num_buckets=32, max_bucket_distance=100)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WavLMForXVector(config)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                    module.reset_parameters()
+                    if module.bias is not None:
+                        module.bias.zero_()
+    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0,
+                                                 do_normalize=True, return_attention_mask=True)
+    return SpeakerEncoder(model.to(device), feature_extractor, TINY)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_offline() -> bool:
+    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _source(model_id: str, role: str, setting: str) -> tuple[str, bool]:
+    """Where to load `model_id` from, and whether only the local cache may be used.
+
+    Raises:
+        AutotuneError: it names a folder that does not exist.
+    """
+    local = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
+    if looks_local:
+        if not local.is_dir():
+            raise AutotuneError(f"could not load the {role} `{model_id}`: no such folder; pass a folder holding "
+                                f"the checkpoint, a hub id, or `--set {setting}={NONE}` to skip it")
+        return str(local), True
+    if _hub_offline():
+        return model_id, True
+    from huggingface_hub import constants
+
+    # Without this, `from_pretrained` of an id that is not cached retries for about 50 s offline.
+    return model_id, _hub_unreachable(constants.ENDPOINT) is not None
+
+
+def _load_error(model_id: str, role: str, setting: str, exc: BaseException, local_only: bool) -> AutotuneError:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    where = "offline and not in the local cache: " if local_only and not Path(model_id).expanduser().exists() else ""
+    return AutotuneError(f"could not load the {role} `{model_id}` ({where}{reason}): download it once "
+                         f"(`huggingface-cli download {model_id}`) or pass a local folder with "
+                         f"`--set {setting}=PATH`; `--set {setting}={NONE}` skips it")
+
+
+def _check_loading(model_id: str, info: dict[str, Any], what: str, setting: str, default: str) -> None:
+    """A checkpoint without the head we need loads with random weights there: refuse it."""
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise AutotuneError(f"`{model_id}` is not {what} ({len(missing)} weights missing, e.g. `{missing[0]}`); "
+                            f"use e.g. `--set {setting}={default}`")
+
+
+def load_asr(model_id: str, device: str = "cpu") -> Transcriber:
+    """The ASR model `model_id` (`tiny`, a local folder or a hub id) in transformers'
+    ASR pipeline on `device` (float16 on CUDA).
+
+    Raises:
+        AutotuneError: it cannot be loaded (missing folder, not cached while offline, ...).
+    """
+    if model_id == TINY:
+        return build_tiny_asr(device)
+    role, setting = "ASR model", "scores.asr_model"
+    source, local_only = _source(model_id, role, setting)
+    import torch
+    from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoModelForSpeechSeq2Seq, AutoTokenizer, pipeline
+
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    try:
+        try:
+            model, info = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, local_files_only=local_only,
+                                                                    output_loading_info=True)
+        except ValueError:  # not an encoder-decoder: a CTC model (wav2vec2 and kin) also works in the pipeline
+            model, info = AutoModelForCTC.from_pretrained(source, dtype=dtype, local_files_only=local_only,
+                                                          output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, broken folder: the user's to fix
+        raise _load_error(model_id, role, setting, exc, local_only) from exc
+    _check_loading(model_id, info, "a complete speech-recognition checkpoint", setting, DEFAULT_ASR_MODEL)
+    pipe = pipeline("automatic-speech-recognition", model=model.eval().to(device), tokenizer=tokenizer,
+                    feature_extractor=feature_extractor, device=torch.device(device), dtype=dtype)
+    return Transcriber(pipe, model_id)
+
+
+def load_speaker(model_id: str, device: str = "cpu") -> SpeakerEncoder:
+    """The speaker-verification model `model_id` (`tiny`, a folder or a hub id; an
+    x-vector checkpoint such as WavLM's `*-sv`) on `device`, in float32.
+
+    Raises:
+        AutotuneError: it cannot be loaded, or it has no trained x-vector head.
+    """
+    if model_id == TINY:
+        return build_tiny_speaker(device)
+    role, setting = "speaker model", "scores.speaker_model"
+    source, local_only = _source(model_id, role, setting)
+    from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
+
+    try:
+        model, info = AutoModelForAudioXVector.from_pretrained(source, local_files_only=local_only,
+                                                               output_loading_info=True)
+        feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001
+        raise _load_error(model_id, role, setting, exc, local_only) from exc
+    _check_loading(model_id, info, "a speaker-verification (x-vector) checkpoint", setting, DEFAULT_SPEAKER_MODEL)
+    return SpeakerEncoder(model.to(device), feature_extractor, model_id)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, AutotuneError):
+        return exc.one_line()
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Scorer:
+    """Scores generated samples: transcripts with error rates, and speaker similarity.
+
+    `asr_model` and `speaker_model` are each a hub id, a local folder, `"tiny"` or
+    `"none"` (that part is skipped). Models load on the first `load()` or
+    `score()`, on `device` (`"cpu"`, or `"cuda"`/`"cuda:N"` when the training's
+    memory plan leaves room). A model that cannot be loaded is reported once
+    through `warn` and its part of every result is None. Reference clips'
+    embeddings are cached by path, size and modification time.
+    """
+
+    def __init__(self, asr_model: str = DEFAULT_ASR_MODEL, speaker_model: str = DEFAULT_SPEAKER_MODEL, *,
+                 device: str = "cpu", warn: Callable[[str], None] | None = None) -> None:
+        device = str(device)
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        self.asr_model = str(asr_model)
+        self.speaker_model = str(speaker_model)
+        self.device = device
+        self.warn = warn or (lambda message: None)
+        self.asr: Transcriber | None = None
+        self.speaker: SpeakerEncoder | None = None
+        self.asr_error: str | None = None
+        self.speaker_error: str | None = None
+        #: Seconds each model took to load (None: not loaded, skipped or failed).
+        self.load_seconds: dict[str, float | None] = {"asr": None, "speaker": None}
+        self._tried = {"asr": False, "speaker": False}
+        self._reference_cache: dict[tuple[str, int, int], np.ndarray] = {}
+
+    # -- loading -------------------------------------------------------------
+
+    def load(self) -> dict[str, float | None]:
+        """Load both models (once; later calls return at once). Returns `load_seconds`."""
+        self._load_part("asr", self.asr_model, load_asr, "transcripts and error rates")
+        self._load_part("speaker", self.speaker_model, load_speaker, "speaker similarity")
+        return dict(self.load_seconds)
+
+    def _load_part(self, part: str, model_id: str, loader: Callable[[str, str], Any], what: str) -> None:
+        if self._tried[part]:
+            return
+        self._tried[part] = True
+        if model_id.strip().lower() == NONE:
+            return
+        started = time.perf_counter()
+        try:
+            loaded = loader(model_id, self.device)
+        except Exception as exc:  # noqa: BLE001 - scoring must never end a training run
+            message = _reason(exc)
+            setattr(self, f"{part}_error", message)
+            self.warn(f"scores: {message}; training goes on without {what}")
+            return
+        setattr(self, part, loaded)
+        self.load_seconds[part] = time.perf_counter() - started
+
+    def unload(self) -> None:
+        """Drop the models (and free their GPU memory); a later `score()` does not reload them."""
+        self.asr = None
+        self.speaker = None
+        self._reference_cache.clear()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # -- single clips --------------------------------------------------------
+
+    def transcribe(self, wave: np.ndarray, text: str | None = None) -> str | None:
+        """The ASR transcript of a clip (None when there is no ASR model)."""
+        self.load()
+        return None if self.asr is None else self.asr.transcribe(wave, text)
+
+    def speaker_embedding(self, wave: np.ndarray) -> np.ndarray | None:
+        """The speaker embedding of a 16 kHz mono clip (None when there is no speaker model)."""
+        self.load()
+        return None if self.speaker is None else self.speaker.embed(wave)
+
+    def _reference_embedding(self, reference: Any) -> np.ndarray:
+        if isinstance(reference, (str, os.PathLike)):
+            path = Path(reference)
+            stat = path.stat() if path.is_file() else None
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
+            if key is not None and key in self._reference_cache:
+                return self._reference_cache[key]
+            embedding = self.speaker.embed(load_audio(path))
+            if key is not None:
+                self._reference_cache[key] = embedding
+            return embedding
+        return self.speaker.embed(_as_wave(reference))
+
+    # -- a set of samples ------------------------------------------------------
+
+    def score(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Score generated samples.
+
+        Each sample is `{"text": str, "wav": path | 16 kHz mono array | None,
+        "reference_wavs": [path | array, ...]}` (references: real clips of the
+        same speaker; optional). Returns::
+
+            {"asr_model": str, "speaker_model": str, "device": str,
+             "asr_error": str | None, "speaker_error": str | None,   # why a part is off
+             "load_seconds": {"asr": float | None, "speaker": float | None},
+             "seconds": float,                # this call, loading included
+             "samples": [{"index": int, "text": str, "wav": str | None,
+                          "reference_wavs": [str | None, ...],
+                          "metric": "cer" | "wer", "cer" | "wer": float | None,
+                          "transcript": str | None, "similarity": float | None,
+                          "error": str},      # only when something failed for this sample
+                         ...],
+             "mean_cer": float | None, "mean_wer": float | None,
+             "mean_error_rate": float | None, # the combined view: each sample's own metric
+             "mean_similarity": float | None,
+             "counts": {"samples", "cer", "wer", "similarity", "failed"}}
+
+        The similarity of a sample is the mean cosine between its embedding and
+        each reference clip's. Nothing here raises for a bad sample or model.
+        """
+        started = time.perf_counter()
+        self.load()
+        records = [self._score_one(i, sample) for i, sample in enumerate(samples)]
+        cer = [r["cer"] for r in records if r["metric"] == "cer" and r.get("cer") is not None]
+        wer = [r["wer"] for r in records if r["metric"] == "wer" and r.get("wer") is not None]
+        similarity = [r["similarity"] for r in records if r["similarity"] is not None]
+        failed = [r for r in records if "error" in r]
+        if failed:
+            noun = "sample" if len(failed) == 1 else "samples"
+            self.warn(f"scores: {len(failed)} of {len(records)} {noun} not fully scored "
+                      f"(sample {failed[0]['index']}: {failed[0]['error']}); training goes on")
+        return {
+            "asr_model": self.asr_model, "speaker_model": self.speaker_model, "device": self.device,
+            "asr_error": self.asr_error, "speaker_error": self.speaker_error,
+            "load_seconds": dict(self.load_seconds),
+            "seconds": time.perf_counter() - started,
+            "samples": records,
+            "mean_cer": _mean(cer), "mean_wer": _mean(wer), "mean_error_rate": _mean(cer + wer),
+            "mean_similarity": _mean(similarity),
+            "counts": {"samples": len(records), "cer": len(cer), "wer": len(wer), "similarity": len(similarity),
+                       "failed": len(failed)},
+        }
+
+    def _score_one(self, index: int, sample: dict[str, Any]) -> dict[str, Any]:
+        text = str(sample.get("text") or "")
+        metric = "cer" if uses_cer(text) else "wer"
+        wav = sample.get("wav")
+        references = list(sample.get("reference_wavs") or [])
+        record: dict[str, Any] = {
+            "index": index, "text": text, "wav": _describe(wav),
+            "reference_wavs": [_describe(r) for r in references],
+            "metric": metric, metric: None, "transcript": None, "similarity": None,
+        }
+        errors: list[str] = []
+        try:
+            if wav is None:
+                raise ValueError("no audio (the codec did not decode this sample)")
+            wave = _as_wave(wav)
+        except Exception as exc:  # noqa: BLE001 - one bad sample must not stop the others
+            record["error"] = _reason(exc)
+            return record
+        if self.asr is not None:
+            try:
+                record["transcript"] = self.asr.transcribe(wave, text)
+                record[metric] = error_rate(text, record["transcript"])[0]
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"transcript: {_reason(exc)}")
+        if self.speaker is not None and references:
+            try:
+                generated = self.speaker.embed(wave)
+                record["similarity"] = float(np.mean([cosine(generated, self._reference_embedding(r))
+                                                      for r in references]))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"similarity: {_reason(exc)}")
+        if errors:
+            record["error"] = "; ".join(errors)
+        return record
+
+
+def _as_wave(value: Any) -> np.ndarray:
+    """A 16 kHz mono float32 array from a path (any rate, resampled) or an array (taken as 16 kHz)."""
+    if isinstance(value, (str, os.PathLike)):
+        return load_audio(value)
+    wave = np.asarray(value, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"expected a mono waveform of shape (samples,), got shape {wave.shape}")
+    if wave.size == 0:
+        raise ValueError("the clip is empty")
+    return wave
+
+
+def _describe(value: Any) -> str | None:
+    return str(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _relative_to(path: str | None, folder: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def write_scores(folder: str | os.PathLike[str], result: dict[str, Any]) -> Path:
+    """Write `result` (from `Scorer.score`) as `<folder>/scores.json`, atomically.
+
+    Sample paths inside `folder` are written relative to it (`0.wav`), so the
+    file stays right when the run folder moves. NaN and infinities become null.
+
+    Raises:
+        AutotuneError: the disk is full or read-only (`rundir.write_json`).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = dict(result)
+    payload["samples"] = [
+        {**s, "wav": _relative_to(s.get("wav"), folder),
+         "reference_wavs": [_relative_to(r, folder) for r in s.get("reference_wavs") or []]}
+        for s in result.get("samples", [])
+    ]
+    target = folder / SCORES_FILE
+    write_json(target, _finite(payload), allow_nan=False)
+    return target
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
