@@ -33,22 +33,27 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                              "repeatable; wins over `--config`")
 
 
-def _print_raw_bytes_back() -> None:
-    """A path or flag with bytes that are not UTF-8 reaches Python as surrogate escapes
-    (`\\udcff`); with a strict stdout (PYTHONIOENCODING=utf-8, or an en_US.UTF-8 locale)
-    printing it back, e.g. in `--check-data --json`, crashed with UnicodeEncodeError.
-    `surrogateescape` writes the original bytes instead, as the C.UTF-8 locale does."""
-    stream = sys.stdout
-    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+def _safe_console_streams() -> None:
+    """Printing must never be what fails a run.
+
+    - A path or flag with bytes that are not UTF-8 reaches Python as surrogate escapes
+      (`\\udcff`); a strict UTF-8 stdout would raise printing it back, e.g. in
+      `--check-data --json`: `surrogateescape` writes the original bytes instead.
+    - A console that is not UTF-8 (`PYTHONIOENCODING=ascii`, an old locale) cannot print
+      Japanese text or rich's box lines: those fall back to `\\u....` escapes."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) not in ("strict", None) or not hasattr(stream, "reconfigure"):
+            continue
+        utf8 = (getattr(stream, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf8sig")
         try:
-            stream.reconfigure(errors="surrogateescape")
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
         except (ValueError, OSError):  # a detached or closed stream: leave it as it is
             pass
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
     """Run `main`; an `AutotuneError` becomes one line on stderr and exit code 2."""
-    _print_raw_bytes_back()
+    _safe_console_streams()
     try:
         code = main(argv)
     except AutotuneError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from autotune.config import Config, dump_yaml, get_dotted, load_yaml_file, validate
+from autotune.config import Config, config_rule_problems, dump_yaml, get_dotted, load_yaml_file, validate
 from autotune.errors import AutotuneError
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -31,8 +30,6 @@ warnings.filterwarnings("ignore", message="Could not find a config file in")
 # transformers 5 renamed gradient -> activation checkpointing; PEFT still calls the old names.
 warnings.filterwarnings("ignore", message=".*checkpointing.* is deprecated and will be removed in v6", category=FutureWarning)
 
-RUN_MARKER = "run_config.yaml"   # what makes a folder "a run"
-CHECKPOINT_HEADROOM_BYTES = 512 * 1024 ** 2
 
 
 @dataclass
@@ -45,6 +42,8 @@ class Context:
     local_rank: int = 0
     notes: list[str] = field(default_factory=list)
     codec_cache: Path | None = None  # default: <output>/../.codec-cache; a sweep shares its parent's
+    signals: Any = None              # reliability.RunSignals, installed for the whole run
+    folder: Any = None               # rundir.RunFolder, once claimed
 
 
 # ------------------------------------------------------------- the driver ---
@@ -57,19 +56,52 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
         from autotune.sweep import run_sweep
 
         return run_sweep(ctx)
+    from autotune.reliability import RunSignals
+
+    ctx.signals = RunSignals()
+    ctx.signals.install()
+    try:
+        return _run(ctx, plan_cache)
+    except BaseException as exc:
+        from autotune.reliability import RunInterrupted
+
+        if ctx.folder is not None:
+            ctx.folder.restore()   # a replaced run comes back when the new one never trained
+        if isinstance(exc, RunInterrupted):
+            return stopped_before_training(ctx, exc)
+        raise
+    finally:
+        ctx.signals.uninstall()
+        if ctx.folder is not None:
+            ctx.folder.release()
+
+
+def _run(ctx: Context, plan_cache: dict | None) -> int:
+    args = ctx.args
     given = read_plan(args)
     from autotune.data import find_layout
+    from autotune.rundir import RunFolder
 
     find_layout(Path(args.data))  # a wrong --data path is the commonest mistake: say so first
     start_distributed(ctx)
+    folder = RunFolder(ctx.output_dir)
+    action = None
     if not args.check_data:
-        on_main_then_share(ctx, lambda: check_output_dir(ctx))
+        # Decided now (nothing is changed yet), so a folder we may not use is said before any work.
+        action = on_main_then_share(ctx, lambda: folder.check(resume=bool(args.resume), overwrite=args.overwrite,
+                                                              dry_run=args.dry_run))
     rec = probe_and_recommend(ctx)
     config = rec.config
     tokenizer, builder = load_tokenizer_for_data(ctx, config)
     data = load_data(ctx, config, builder)
     if args.check_data:
         return report_data(ctx, data)
+    if ctx.is_main:
+        # Only now, with the config, the data and the folder all checked, is anything replaced.
+        ctx.folder = folder
+        on_main_then_share(ctx, lambda: folder.claim(action))
+    else:
+        on_main_then_share(ctx, lambda: None)
     first_screen(ctx, rec, data)
     from autotune.dryrun import Plan
 
@@ -93,6 +125,23 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
     return train(ctx, rec, plan, dry, data, tokenizer, builder)
 
 
+def stopped_before_training(ctx: Context, exc) -> int:
+    """A signal while the data was read or encoded, or during the dry run: one line, and
+    how to go on. Audio encoded so far is in the codec cache, so nothing is encoded twice."""
+    from autotune import reliability as R
+    from autotune.rundir import path_text
+
+    what = {"preparing": "before training started"}.get(exc.phase, exc.phase)
+    argv, program = R.command_line(ctx.args)
+    if ctx.folder is not None and ctx.folder.path.is_dir():
+        hint = "resume with: " + R.resume_command(argv, ctx.output_dir, program)
+    else:
+        hint = "run the same command again (audio encoded so far is cached)"
+    ctx.console.print(f"{exc.name} {what}: stopped, nothing was trained in `{path_text(ctx.output_dir)}`; {hint}",
+                      style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return R.EXIT_CODES.get(exc.name, 130)
+
+
 # ------------------------------------------------------ several processes ---
 
 def start_distributed(ctx: Context) -> None:
@@ -105,23 +154,24 @@ def start_distributed(ctx: Context) -> None:
         PartialState()
 
 
-def on_main_then_share(ctx: Context, step) -> None:
-    """Run a step with side effects on the main process only; every process
-    then raises the same one-line error, or none, instead of one hanging."""
-    error = None
+def on_main_then_share(ctx: Context, step):
+    """Run a step with side effects on the main process only; every process then gets
+    its result, or raises the same one-line error, instead of one hanging."""
+    error = result = None
     if ctx.is_main:
         try:
-            step()
+            result = step()
         except AutotuneError as exc:
             error = exc.one_line()
     if ctx.processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        box = [error]
+        box = [error, result]
         broadcast_object_list(box, from_process=0)
-        error = box[0]
+        error, result = box
     if error:
         raise AutotuneError(error)
+    return result
 
 
 def agree_on_plan(ctx: Context, rec, plan):
@@ -238,50 +288,6 @@ def check_plan_fits(ctx: Context, rec, plan, measured: dict[str, Any]):
     return plan
 
 
-# ---------------------------------------------------------- output folder ---
-
-def check_output_dir(ctx: Context) -> None:
-    """Before any model loads: writable, room for a checkpoint, not someone else's run."""
-    out, args = ctx.output_dir, ctx.args
-    try:
-        if out.exists() and not out.is_dir():
-            raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
-        existing = out.is_dir() and any(out.iterdir())
-    except OSError as exc:  # a name too long, a folder we may not list
-        raise AutotuneError(f"cannot use `--output-dir {out}` ({exc.strerror or exc}): choose another folder") from None
-    if existing and not (args.resume or args.overwrite or args.dry_run):
-        what = "a run" if (out / RUN_MARKER).exists() else "files"
-        raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue it, `--overwrite` to replace it, "
-                            "or choose another `--output-dir`")
-    if args.resume and args.resume == "latest" and not (out / RUN_MARKER).exists():
-        raise AutotuneError(f"`--resume`: `{out}` holds no run to resume; pass the run's `--output-dir` or a checkpoint path")
-    if existing and args.overwrite and ctx.is_main and not args.resume:
-        if not (out / RUN_MARKER).exists() and looks_like_data(out):
-            raise AutotuneError(f"`{out}` looks like data, not a run: refusing to overwrite it; choose another `--output-dir`")
-        shutil.rmtree(out)
-    ensure_writable(out)
-
-
-def looks_like_data(folder: Path) -> bool:
-    """Audio or transcripts inside: someone's data, never to be deleted by `--overwrite`."""
-    return any(p.suffix in (".wav", ".flac", ".jsonl", ".csv") for p in folder.rglob("*"))
-
-
-def ensure_writable(out: Path) -> None:
-    """Create `out`, prove it is writable, and check there is room for a checkpoint."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".write-test"
-        probe_file.write_text("ok")
-        probe_file.unlink()
-    except OSError as exc:
-        raise AutotuneError(f"cannot write to `{out}` ({exc.strerror or exc}): choose a writable `--output-dir`") from None
-    free = shutil.disk_usage(out).free
-    if free < CHECKPOINT_HEADROOM_BYTES:
-        raise AutotuneError(f"only {free / 2**20:.0f} MiB free under `{out}`: a checkpoint needs at least "
-                            f"{CHECKPOINT_HEADROOM_BYTES / 2**20:.0f} MiB; free space or choose another `--output-dir`")
-
-
 # ------------------------------------------------------ probe and config ---
 
 def cli_sets(args: argparse.Namespace) -> list[str]:
@@ -317,6 +323,10 @@ def probe_and_recommend(ctx: Context):
         from autotune.samples import check_reference
 
         check_reference(rec.config.samples)  # a bad clip is found now, not after the model loads
+    problems = config_rule_problems(rec.config)   # before any data is read or model loaded
+    if problems:
+        raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
+                            details=problems)
     vram_limit = rec.config.autotune.vram_limit_gib
     if vram_limit is not None and not gpus:
         rec.warnings.append("`--vram-limit` has no effect without a GPU")
@@ -366,10 +376,14 @@ def load_data(ctx: Context, config: Config, builder):
         # Loads the weights only if some audio is not in the cache yet.
         return DeferredCodec(config.data.codec, device="cuda" if _cuda() else "cpu")
 
-    return load_dataset(ctx.args.data, max_length=config.data.max_length, val_fraction=config.data.val_fraction,
+    data = load_dataset(ctx.args.data, max_length=config.data.max_length, val_fraction=config.data.val_fraction,
                         split_seed=config.data.split_seed, eval_data=config.eval_data_dir, prompt_builder=builder,
                         codec_loader=codec_loader, cache_dir=codec_cache_dir(ctx),
                         max_errors_shown=config.data.max_errors_shown, progress=ctx.is_main and not ctx.args.json)
+    if data.condition_on_speakers():
+        ctx.notes.append(f"{len(data.speakers())} speakers: each prompt names its speaker "
+                         "(`Speaker NAME`, as Llasa's multi-speaker recipe); `synthesize.py --speaker NAME` picks one")
+    return data
 
 
 def report_data(ctx: Context, data) -> int:
@@ -391,6 +405,10 @@ def report_data(ctx: Context, data) -> int:
                   + ("" if summary["token_count_exact"] else " (estimated)"))
     if summary["longest"]:
         table.add_row("longest", f"{summary['longest']['source']} ({summary['longest']['tokens']} tokens)")
+    if summary["speakers"]:
+        shown = ", ".join(f"{name} {sec / 60:.1f} min" for name, sec in list(summary["speakers"].items())[:8])
+        more = len(summary["speakers"]) - 8
+        table.add_row("speakers", f"{len(summary['speakers'])}: {shown}" + (f" and {more} more" if more > 0 else ""))
     table.add_row("skipped", str(len(summary["skipped"])))
     ctx.console.print(table)
     for item in summary["skipped"][:20]:
@@ -418,7 +436,8 @@ def first_screen(ctx: Context, rec, data) -> None:
         c.print(f"  [yellow]! {warning}[/yellow]")
     s = data.summary()
     c.print(f"data: {s['train_samples']} train / {s['val_samples']} validation samples, "
-            f"{s['audio_seconds'] / 60:.1f} min of audio, longest {s['max_tokens']} tokens, {len(s['skipped'])} skipped")
+            f"{s['audio_seconds'] / 60:.1f} min of audio, longest {s['max_tokens']} tokens, {len(s['skipped'])} skipped"
+            + (f", {len(s['speakers'])} speakers" if s["speakers"] else ""))
     if rec.config.model.name_or_path == "tiny":
         c.print("[yellow]--model tiny: a tiny random model for the offline demo; it produces no meaningful speech[/yellow]")
 
@@ -560,7 +579,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
     apply_vram_limit(config, device)
     while True:
         outcome = _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resume_from, device,
-                              val_texts=[s.text for s in data.val])
+                              data=data)
         if outcome.oom_error is None:
             guard = outcome.trainer.nonfinite
             nonfinite_steps += guard.skipped_steps
@@ -603,16 +622,17 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         ctx.console.print(f"[yellow]out of memory during training: retrying with {why} ({plan.label()}), "
                           f"from {resume_from or 'the start'}[/yellow]")
     return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer,
-                  nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps)
+                  nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps, speakers=data.speakers(),
+                  speaker_conditioning=any(s.speaker is not None for s in data.train + data.val))
 
 
 def write_run_config(ctx: Context, config: Config) -> None:
     """run_config.yaml: marks the folder as a run and holds the config it trains with now
     (rewritten after an out-of-memory step-down or a NaN rollback), written whole or not at all."""
     if ctx.is_main:
-        from autotune.trainer import write_text
+        from autotune.rundir import RUN_CONFIG, write_text
 
-        write_text(ctx.output_dir / RUN_MARKER, dump_yaml(config))
+        write_text(ctx.output_dir / RUN_CONFIG, dump_yaml(config))
 
 
 @dataclass
@@ -625,7 +645,7 @@ class Outcome:
 
 
 def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resume_from, device,
-                val_texts: list[str]) -> Outcome:
+                data) -> Outcome:
     from autotune import trainer as T
     from autotune.dryrun import is_oom
     from autotune.model import apply_lora, load_base_model
@@ -657,7 +677,8 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
     trainer.add_callback(T.RichProgressCallback(ctx.console))
     from autotune.samples import maybe_add_sample_callback
 
-    maybe_add_sample_callback(trainer, config, ctx.output_dir, tokenizer, val_texts, ctx.console)
+    maybe_add_sample_callback(trainer, config, ctx.output_dir, tokenizer, data.val, ctx.console, train=data.train,
+                              should_stop=lambda: trainer.interrupt.requested is not None)
     trainer.add_guards(config.training.nan_patience)  # last: they end a step
     from autotune import reliability as R
 
@@ -666,7 +687,9 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
         ctx.console.print(f"resuming from [bold]{resume_from}[/bold] (optimizer, scheduler, RNG and data position restored)")
     error = None
     try:
-        with R.catch_interrupts(trainer.interrupt):  # Ctrl-C/SIGTERM: finish the step, save, stop
+        if ctx.folder is not None:
+            ctx.folder.training_started()   # the run --overwrite replaced can go now
+        with ctx.signals.training(trainer.interrupt):  # Ctrl-C/SIGTERM/SIGHUP: finish the step, save, stop
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except Exception as exc:
         if not is_oom(exc):
@@ -693,6 +716,8 @@ def check_resume_matches(checkpoint: Path, config: Config) -> None:
     """A changed LoRA shape or optimizer would fail deep inside loading: say so first."""
     import yaml
 
+    from autotune.rundir import RUN_CONFIG
+
     try:
         saved = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -702,7 +727,7 @@ def check_resume_matches(checkpoint: Path, config: Config) -> None:
     before = {"lora.r": saved.get("r"), "lora.lora_alpha": saved.get("lora_alpha"),
               "lora.target_modules": sorted(saved.get("target_modules") or [])}
     try:
-        run_config = yaml.safe_load((checkpoint.parent / RUN_MARKER).read_text(encoding="utf-8")) or {}
+        run_config = yaml.safe_load((checkpoint.parent / RUN_CONFIG).read_text(encoding="utf-8")) or {}
         before["training.optim"] = run_config.get("training", {}).get("optim")
         now["training.optim"] = config.training.optim
     except (OSError, yaml.YAMLError, AttributeError):
@@ -743,7 +768,7 @@ def resolve_resume(ctx: Context) -> Path | None:
 # ----------------------------------------------------------------- finish ---
 
 def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, tokenizer, *,
-           nan_rollbacks=(), nonfinite_steps=()) -> int:
+           nan_rollbacks=(), nonfinite_steps=(), speakers=None, speaker_conditioning=False) -> int:
     from autotune import reliability as R
     from autotune import trainer as T
 
@@ -781,20 +806,30 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         "nonfinite_steps_skipped": list(nonfinite_steps),
         "checkpoints_refused": trainer.refused_saves,
         "diagnosis": [f.to_dict() for f in findings],
+        "speakers": speakers or {},
+        "speaker_conditioning": speaker_conditioning,
         "notes": ctx.notes,
     }
+    summary["adapter_saved"] = False
     if ctx.is_main:
-        # An interrupted run is unfinished: its adapter so far is in its checkpoint, not the output folder.
-        saved = not interrupted and T.save_adapter(trainer.model, out, ctx.console)
-        (out / "resolved_config.yaml").write_text(dump_yaml(config), encoding="utf-8")
-        summary["loss_plot"] = "loss.png" if T.plot_losses(history, out / "loss.png") else None
-        if ctx.args.merge and saved:
-            merged = trainer.model.merge_and_unload()
-            merged.save_pretrained(str(out / "merged"))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(out / "merged"))
-            summary["merged"] = "merged"
-        T.write_json(out / "run_summary.json", summary)
+        from autotune import rundir
+
+        # A signal now waits for these files to be whole: a run stopped here is still complete.
+        with ctx.signals.saving():
+            # An interrupted run is unfinished: its adapter so far is in its checkpoint, not the output folder.
+            saved = not interrupted and T.save_adapter(trainer.model, out, ctx.console)
+            summary["adapter_saved"] = bool(saved)
+            rundir.write_text(out / rundir.RESOLVED_CONFIG, dump_yaml(config))
+            summary["loss_plot"] = rundir.LOSS_PLOT if T.plot_losses(history, out / rundir.LOSS_PLOT) else None
+            if ctx.args.merge and saved:
+                merged = trainer.model.merge_and_unload()
+                merged.save_pretrained(str(out / rundir.MERGED_DIR))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(out / rundir.MERGED_DIR))
+                summary["merged"] = rundir.MERGED_DIR
+            late = ctx.signals.received if not interrupted else None
+            summary["signal_after_last_step"] = late
+            rundir.write_json(out / rundir.RUN_SUMMARY, summary)
     if interrupted:
         newest = T.newest_checkpoint(out)
         argv, program = R.command_line(ctx.args)
@@ -803,6 +838,11 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         ctx.console.print("  " + R.resume_command(argv, out, program), soft_wrap=True, markup=False, highlight=False)
         return R.EXIT_CODES[interrupted]
     final_table(ctx, summary, findings)
+    if ctx.signals.received:
+        # Training had ended when the signal came: the run is whole, nothing to resume.
+        ctx.console.print(f"{ctx.signals.received} after the last step: the run finished and was saved whole",
+                          style="yellow", markup=False)
+        return R.EXIT_CODES.get(ctx.signals.received, 130)
     return 0
 
 
@@ -830,5 +870,6 @@ def final_table(ctx: Context, summary: dict[str, Any], findings) -> None:
     ctx.console.print(table)
     for f in findings:
         ctx.console.print(f"[yellow]{f.kind}[/yellow]: {escape(f.message)}\n  try: {escape(' '.join(f.remedies))}")
-    ctx.console.print(f"adapter: {ctx.output_dir}/adapter_model.safetensors  "
-                      f"(PeftModel.from_pretrained(base, '{ctx.output_dir}'))")
+    if summary.get("adapter_saved"):
+        ctx.console.print(f"adapter: {ctx.output_dir}/adapter_model.safetensors  "
+                          f"(PeftModel.from_pretrained(base, '{ctx.output_dir}'))")

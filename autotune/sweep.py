@@ -74,7 +74,9 @@ from typing import Any, Iterator
 from autotune.config import load_yaml_file, parse_set, resolve_config
 from autotune.dryrun import free_cuda_memory
 from autotune.errors import AutotuneError
-from autotune.run import RUN_MARKER, cli_sets, ensure_writable, looks_like_data
+from autotune.run import cli_sets
+from autotune.rundir import RUN_CONFIG as RUN_MARKER
+from autotune.rundir import RunFolder
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
@@ -342,11 +344,12 @@ def is_sweep_dir(out: Path) -> bool:
 
 
 def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
-    """Create or reuse the sweep folder; returns the previous sweep.json (on --resume), if any."""
+    """Create or reuse the sweep folder, locked for this process; returns the previous
+    sweep.json (on --resume), if any. `--overwrite` replaces only a sweep or run of this
+    tool, or an empty folder (see `rundir.RunFolder`)."""
     out, args = ctx.output_dir, ctx.args
     if out.exists() and not out.is_dir():
         raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
-    visible = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
     sweep = is_sweep_dir(out)
     previous = None
     if args.resume:
@@ -359,17 +362,17 @@ def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
                 previous = json.loads((out / SWEEP_MARKER).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 previous = None
-    elif visible:
-        if not args.overwrite:
-            what = "a sweep" if sweep else "a run" if (out / RUN_MARKER).exists() else "files"
-            raise AutotuneError(f"`{out}` already holds {what}: add `--resume` to continue "
-                                f"{'it' if sweep else 'a sweep'}, `--overwrite` to replace it, or choose another `--output-dir`")
-        if ctx.is_main:
-            if not sweep and not (out / RUN_MARKER).exists() and looks_like_data(out):
-                raise AutotuneError(f"`{out}` looks like data, not a sweep: refusing to overwrite it; "
-                                    "choose another `--output-dir`")
-            shutil.rmtree(out)
-    ensure_writable(out)
+    folder = RunFolder(out)
+    action = folder.check(resume=bool(args.resume), overwrite=args.overwrite)
+    if action == "reuse" and sweep:
+        action = "replace" if args.overwrite else None
+        if action is None:
+            raise AutotuneError(f"`{out}` already holds a sweep: add `--resume` to continue it, `--overwrite` to "
+                                "replace it, or choose another `--output-dir`")
+    if ctx.is_main:
+        folder.claim(action)
+        folder.training_started()   # the trials start now: a replaced sweep can go
+        ctx.folder = folder
     return previous
 
 

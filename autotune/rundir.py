@@ -1,0 +1,331 @@
+"""The run folder: its file names, its marker and lock, and writes that never leave half a file.
+
+A folder is ours once it holds `MARKER` (written when a run claims it). It is "a run"
+once training has started (`RUN_CONFIG` exists). `--overwrite` replaces only a folder
+that is ours, or an empty one: the old run is moved aside and deleted once the new
+run has started training, and put back if the new one fails before that.
+
+One process per run folder: `claim` takes an exclusive `fcntl` lock on `LOCK` inside
+it and writes its PID there; a second run, `--resume` or sweep trial finds the lock
+held and stops with that PID. The kernel drops the lock when the holder dies, so a
+stale lock never blocks.
+
+No torch import here: the command lines and the sweep use this module.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from autotune.errors import AutotuneError
+
+# Every file name a run writes, defined once.
+MARKER = ".llasa-autotune"            # this folder belongs to llasa-autotune
+LOCK = ".lock"                        # held (fcntl) by the process using the folder
+RUN_CONFIG = "run_config.yaml"        # the config training started with: the folder is "a run"
+RESOLVED_CONFIG = "resolved_config.yaml"
+RUN_SUMMARY = "run_summary.json"
+AUTOTUNE_RECORD = "autotune.json"     # the dry run's attempts and plan
+SPLIT_RECORD = "split.json"
+LOSS_PLOT = "loss.png"
+REPORT = "report.html"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+MERGED_DIR = "merged"
+FAILED_RECORD = "failed.json"         # a sweep trial that failed
+SWEEP_RECORD = "sweep.json"           # a sweep's trials and ranking: the folder is a sweep
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
+REPLACED_PREFIX = ".replaced-"        # an old run moved aside by --overwrite
+
+CHECKPOINT_HEADROOM_BYTES = 512 * 1024 ** 2
+
+
+def samples_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / SAMPLES_DIR / f"step-{step}"
+
+
+# ------------------------------------------------------------ atomic writes ---
+
+def path_text(value: str | os.PathLike[str]) -> str:
+    """A path as printable, encodable text: bytes that are not UTF-8 (which Python holds
+    as surrogate escapes) become `\\xff` escapes, never a UnicodeEncodeError."""
+    text = os.fspath(value)
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every string made encodable (see `path_text`)."""
+    if isinstance(value, str):
+        return path_text(value) if not value.isascii() else value
+    if isinstance(value, Path):
+        return path_text(value)
+    if isinstance(value, dict):
+        return {json_safe(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomic: the old file or the whole new one, never half. A full or read-only disk
+    is one line (`AutotuneError`), with nothing left behind."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8", "backslashreplace"))
+
+
+def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
+    write_text(path, json.dumps(json_safe(payload), indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that wants a file name (matplotlib,
+    soundfile, safetensors); it becomes `path` when the block ends without error."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise storage_error(exc, path) from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and is_storage_error(exc):
+            raise storage_error(exc, path) from None
+        raise
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """The disk is full, over quota or read-only (by errno, or in words for writers
+    such as safetensors and torch's zip writer that lose the errno)."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                                   "StorageFull"))
+
+
+def storage_error(exc: BaseException, path: Path) -> AutotuneError:
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS or "Read-only" in str(exc):
+        what = "the file system is read-only"
+    elif isinstance(exc, OSError) and exc.errno not in STORAGE_ERRNOS and not is_storage_error(exc):
+        what = exc.strerror or str(exc)
+    else:
+        what = "the disk is full"
+    return AutotuneError(f"cannot write `{path_text(path)}`: {what}; nothing half-written was left; free space "
+                         "(or choose a writable `--output-dir`) and run again (`--resume` continues from the "
+                         "newest checkpoint)")
+
+
+# ------------------------------------------------------------- the folder ---
+
+def is_ours(folder: Path) -> bool:
+    """Our marker, or a run or sweep of an earlier version (its run_config.yaml, sweep.json)."""
+    return any((folder / name).is_file() for name in (MARKER, RUN_CONFIG, SWEEP_RECORD))
+
+
+def has_started(folder: Path) -> bool:
+    """Training started here: there is something to resume."""
+    return (folder / RUN_CONFIG).is_file() or (folder / SWEEP_RECORD).is_file()
+
+
+def listing(folder: Path) -> list[Path]:
+    """What is in `folder`, our own bookkeeping files left out."""
+    return [p for p in folder.iterdir() if p.name not in (MARKER, LOCK)]
+
+
+def holder_of(folder: Path) -> int | None:
+    """The PID holding `folder`'s lock, or None when it is free (or not ours)."""
+    lock = folder / LOCK
+    if not lock.is_file():
+        return None
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0) or -1
+            except (OSError, ValueError):
+                return -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def busy_error(folder: Path, pid: int) -> AutotuneError:
+    who = f"process {pid}" if pid > 0 else "another process"
+    return AutotuneError(f"`{path_text(folder)}` is in use by {who} (a run, `--resume` or sweep trial writing there): "
+                         "wait for it to finish or stop it, or choose another `--output-dir`")
+
+
+class RunFolder:
+    """The output folder of one run, held by this process from `claim` until it exits."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self.replaced: Path | None = None    # the old run moved aside by --overwrite
+
+    # -- deciding, without changing anything --------------------------------
+
+    def check(self, *, resume: bool, overwrite: bool, dry_run: bool = False) -> str:
+        """What using the folder would do: "new", "reuse" (ours, nothing trained yet),
+        "resume" or "replace". Raises the one-line error when it may not be used."""
+        out = self.path
+        try:
+            if out.is_symlink() and not out.exists():
+                raise AutotuneError(f"`--output-dir {path_text(out)}` is a broken symbolic link: fix it or pass a folder")
+            if out.exists() and not out.is_dir():
+                raise AutotuneError(f"`--output-dir {path_text(out)}` is a file: pass a folder")
+            entries = listing(out) if out.is_dir() else []
+        except OSError as exc:   # a name too long, a folder we may not list
+            raise AutotuneError(f"cannot use `--output-dir {path_text(out)}` ({exc.strerror or exc}): "
+                                "choose another folder") from None
+        if out.is_dir():
+            pid = holder_of(out)
+            if pid is not None and pid != os.getpid():
+                raise busy_error(out, pid)
+        if resume:
+            if not is_ours(out):
+                raise AutotuneError(f"`--resume`: `{path_text(out)}` holds no run to resume; pass the run's "
+                                    "`--output-dir` or a checkpoint path")
+            return "resume"
+        if not entries:
+            return "new"
+        if is_ours(out) and not has_started(out):
+            return "reuse"      # a start that failed or was stopped before training: nothing to lose
+        if dry_run and is_ours(out):
+            return "reuse"      # a dry run only rewrites autotune.json
+        if not overwrite:
+            what = "a run" if has_started(out) else "files that are not a run of this tool"
+            raise AutotuneError(f"`{path_text(out)}` already holds {what}: add `--resume` to continue it, "
+                                "`--overwrite` to replace it, or choose another `--output-dir`"
+                                if has_started(out) else
+                                f"`{path_text(out)}` already holds {what}: choose an empty or new `--output-dir`")
+        if not is_ours(out):
+            raise AutotuneError(f"`--overwrite` refuses to replace `{path_text(out)}`: it is not a run of this tool "
+                                "(no .llasa-autotune marker) and not empty; choose an empty or new `--output-dir`")
+        return "replace"
+
+    # -- taking it -------------------------------------------------------------
+
+    def claim(self, action: str) -> None:
+        """Create (or move the old run aside and create) the folder, lock it and mark it ours."""
+        out = self.path
+        if action == "replace":
+            self._lock(out)            # no live run may be moved
+            target = out.resolve()     # a symlinked --output-dir: replace what it points to
+            aside = target.with_name(f"{REPLACED_PREFIX}{target.name}-{os.getpid()}-{int(time.time())}")
+            try:
+                os.rename(target, aside)
+            except OSError as exc:
+                raise AutotuneError(f"cannot move the old run `{path_text(out)}` aside ({exc.strerror or exc}): "
+                                    "choose another `--output-dir`") from None
+            self._unlock()
+            self.replaced = aside
+            target.mkdir()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock(out)
+            if not (out / MARKER).is_file():
+                write_json(out / MARKER, {"tool": "llasa-autotune", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        except OSError as exc:
+            self.restore()
+            raise AutotuneError(f"cannot write to `{path_text(out)}` ({exc.strerror or exc}): "
+                                "choose a writable `--output-dir`") from None
+        except AutotuneError:
+            self.restore()
+            raise
+        free = shutil.disk_usage(out).free
+        if free < CHECKPOINT_HEADROOM_BYTES:
+            self.restore()
+            raise AutotuneError(f"only {free / 2**20:.0f} MiB free under `{path_text(out)}`: a checkpoint needs at "
+                                f"least {CHECKPOINT_HEADROOM_BYTES / 2**20:.0f} MiB; free space or choose another "
+                                "`--output-dir`")
+        if action == "reuse":
+            self.clear_unstarted()
+
+    def clear_unstarted(self) -> None:
+        """A folder whose start failed holds only what the preparation wrote: start clean."""
+        for entry in listing(self.path):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def training_started(self) -> None:
+        """The new run trains: the run it replaced can go now."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def restore(self) -> None:
+        """The new run failed before training: put the old run back where it was."""
+        if self.replaced is None:
+            return
+        target = self.path.resolve() if self.path.exists() else self.path
+        try:
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(self.replaced, target)
+            self.replaced = None
+        except OSError:
+            pass   # the old run stays in self.replaced, and the message below names it
+
+    def release(self) -> None:
+        self._unlock()
+
+    def _lock(self, folder: Path) -> None:
+        import fcntl
+
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = int(os.pread(fd, 32, 0).decode("ascii", "replace").strip() or 0) or -1
+            except (OSError, ValueError):
+                pid = -1
+            os.close(fd)
+            raise busy_error(folder, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._unlock()
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)   # closing drops the flock
+            self._lock_fd = None
