@@ -10,7 +10,8 @@ A folder, first match wins (the name in brackets is `DataReport.layout`):
   5. validated.tsv, else train.tsv [+ dev.tsv]; + clips/        [common-voice]
   6. esd.list, else train.list [+ val.list], else one *.list    [esd-list]
   7. one *.jsonl                                                [single-jsonl]
-  8. jvsNNN/<subset>/transcripts_utf8.txt (the JVS root), or
+  8. train/metadata.csv|jsonl [+ validation/, valid/ or dev/]   [audiofolder]
+     jvsNNN/<subset>/transcripts_utf8.txt (the JVS root), or
      <subset>/transcripts_utf8.txt (one JVS speaker)            [jvs]
      <subcorpus>/transcript_utf8.txt + wav/ (the JSUT root)     [jsut]
   9. audio files with a same-named .txt or .lab, at any depth   [audio+txt]
@@ -158,6 +159,9 @@ def _detect_folder(d: Path) -> Layout:
         names = ", ".join(p.name for p in files[:5])
         raise AutotuneError(f"`{d}` holds several .jsonl files ({names}) and no train.jsonl: "
                             "name the training file train.jsonl (and validation val.jsonl), or pass one file")
+    split = _audiofolder_splits(d)
+    if split is not None:
+        return split
     jvs = sorted(d.glob("jvs*/*/transcripts_utf8.txt")) or sorted(d.glob("*/transcripts_utf8.txt"))
     if jvs:
         return Layout("jvs", [Part(t, "id-text") for t in jvs])
@@ -168,6 +172,19 @@ def _detect_folder(d: Path) -> Layout:
     if any(transcript for _, transcript in clips):
         return Layout("audio+txt", [Part(d, "audio+txt")])
     raise AutotuneError(_closest_layout(d, clips))
+
+
+def _audiofolder_splits(d: Path) -> Layout | None:
+    """audiofolder with split folders: train/metadata.csv (or .jsonl), validation from
+    validation/, valid/ or dev/ (test/ stays held out)."""
+    def metadata(folder: Path) -> Path | None:
+        return next((folder / n for n in ("metadata.csv", "metadata.jsonl") if (folder / n).exists()), None)
+
+    train = metadata(d / "train")
+    if train is None:
+        return None
+    val = next((m for m in map(metadata, (d / "validation", d / "valid", d / "dev")) if m is not None), None)
+    return Layout("audiofolder", _detect_file(train).train, _detect_file(val).train[0] if val else None)
 
 
 def _require_folder(folder: Path, name: str, found: str) -> None:

@@ -248,6 +248,17 @@ def test_audiofolder_metadata_jsonl(tmp_path, load):
                            f"{folder / 'metadata.jsonl'}:4: missing `file_name`"]
 
 
+def test_audiofolder_with_split_folders(tmp_path, load):
+    folder = tmp_path / "hf"
+    for split, text in (("train", "学習用"), ("validation", "検証用"), ("test", "評価用")):
+        tone(folder / split / "a.wav")
+        write(folder / split / "metadata.csv", f"file_name,transcription\na.wav,{text}\n")
+    report = load(folder)
+    assert (report.layout, report.val_source) == ("audiofolder", "file")
+    assert [s.text for s in report.train] == ["学習用"] and [s.text for s in report.val] == ["検証用"]
+    assert report.val[0].audio == folder / "validation" / "a.wav"   # test/ stays held out
+
+
 def test_ljspeech_and_audiofolder_share_a_name_and_are_told_apart(tmp_path, load):
     lj = tmp_path / "LJSpeech-1.1"
     tone(lj / "wavs" / "LJ001-0001.wav")
