@@ -35,27 +35,9 @@ from autotune.errors import AutotuneError
 from autotune.rundir import write_json
 from autotune.xcodec2_convert import _hub_unreachable
 
-__all__ = [
-    "DEFAULT_ASR_MODEL",
-    "DEFAULT_SPEAKER_MODEL",
-    "NONE",
-    "SCORES_FILE",
-    "TINY",
-    "Scorer",
-    "SpeakerEncoder",
-    "Transcriber",
-    "asr_language",
-    "build_tiny_asr",
-    "build_tiny_speaker",
-    "cosine",
-    "edit_distance",
-    "error_rate",
-    "load_asr",
-    "load_speaker",
-    "normalise",
-    "uses_cer",
-    "write_scores",
-]
+__all__ = ["DEFAULT_ASR_MODEL", "DEFAULT_SPEAKER_MODEL", "NONE", "SCORES_FILE", "TINY", "Scorer", "SpeakerEncoder",
+           "Transcriber", "asr_language", "build_tiny_asr", "build_tiny_speaker", "cosine", "edit_distance",
+           "error_rate", "load_asr", "load_speaker", "normalise", "uses_cer", "write_scores"]
 
 #: Multilingual Whisper with large-v3's encoder and a 4-layer decoder: about as
 #: accurate as large-v3 (seed-tts-eval's English ASR) on Japanese and English,
@@ -230,26 +212,18 @@ class SpeakerEncoder:
         return embedding.float().cpu().numpy()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE (and Whisper) use."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(table.items()))
+_SPACE = "\u0120"  # how byte-level BPE writes a space ("Ġ")
 
 
 def _tiny_whisper_tokenizer() -> tuple[Any, list[str]]:
     """A byte-level Whisper tokenizer with no merges and Whisper's special tokens in
     Whisper's order (end of text, start of transcript, languages, tasks, ...,
     no-timestamps, then the 1,501 timestamps), built offline; and its language tokens."""
+    from tokenizers import pre_tokenizers
     from transformers import WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = len(vocab)
     languages = [f"<|{code}|>" for code in LANGUAGES]
     specials = ["<|startoftranscript|>", *languages, "<|translate|>", "<|transcribe|>", "<|startoflm|>",
@@ -290,7 +264,7 @@ def build_tiny_asr(device: str = "cpu") -> Transcriber:
     # transcripts are plain lowercase letters rather than stray bytes, and the
     # timestamps' probability mass never beats them, so long-form decoding takes
     # whole 30 s windows instead of creeping on through near-empty segments.
-    spoken = [vocab[_bytes_to_unicode()[b]] for b in (32, *range(ord("a"), ord("z") + 1))] + [eos]
+    spoken = [vocab[ch] for ch in _SPACE + "abcdefghijklmnopqrstuvwxyz"] + [eos]
     with torch.no_grad():
         weight = model.get_output_embeddings().weight
         kept = weight[spoken] * 300.0
@@ -300,7 +274,7 @@ def build_tiny_asr(device: str = "cpu") -> Transcriber:
     # multilingual settings survive save_pretrained/from_pretrained as a hub checkpoint's do.
     model.generation_config = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-        max_length=config.max_target_positions, begin_suppress_tokens=[vocab[_bytes_to_unicode()[32]], eos],
+        max_length=config.max_target_positions, begin_suppress_tokens=[vocab[_SPACE], eos],
         lang_to_id={token: vocab[token] for token in languages}, is_multilingual=True,
         task_to_id={"translate": vocab["<|translate|>"], "transcribe": vocab["<|transcribe|>"]},
         no_timestamps_token_id=vocab["<|notimestamps|>"], prev_sot_token_id=vocab["<|startofprev|>"],
@@ -387,12 +361,18 @@ def _load_error(model_id: str, role: str, setting: str, exc: BaseException, loca
                          f"`--set {setting}=PATH`; `--set {setting}={NONE}` skips it")
 
 
-def _check_loading(model_id: str, info: dict[str, Any], what: str, setting: str, default: str) -> None:
-    """A checkpoint without the head we need loads with random weights there: refuse it."""
-    missing = list(info.get("missing_keys") or [])
+#: Weights that turn a base model into the one we need; a checkpoint without them
+#: (a plain WavLM or Whisper encoder-decoder) loads them at random, silently.
+_ASR_HEAD = ("proj_out.", "lm_head.")
+_SPEAKER_HEAD = ("projector.", "tdnn.", "feature_extractor.", "layer_weights")
+
+
+def _check_head(model_id: str, info: dict[str, Any], head: tuple[str, ...], what: str, setting: str,
+                default: str) -> None:
+    missing = sorted(k for k in info.get("missing_keys") or [] if k.startswith(head))
     if missing:
-        raise AutotuneError(f"`{model_id}` is not {what} ({len(missing)} weights missing, e.g. `{missing[0]}`); "
-                            f"use e.g. `--set {setting}={default}`")
+        raise AutotuneError(f"`{model_id}` is not {what} ({len(missing)} weights of its head missing, e.g. "
+                            f"`{missing[0]}`); use e.g. `--set {setting}={default}`")
 
 
 def load_asr(model_id: str, device: str = "cpu") -> Transcriber:
@@ -421,7 +401,7 @@ def load_asr(model_id: str, device: str = "cpu") -> Transcriber:
         feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, broken folder: the user's to fix
         raise _load_error(model_id, role, setting, exc, local_only) from exc
-    _check_loading(model_id, info, "a complete speech-recognition checkpoint", setting, DEFAULT_ASR_MODEL)
+    _check_head(model_id, info, _ASR_HEAD, "a speech-recognition checkpoint", setting, DEFAULT_ASR_MODEL)
     pipe = pipeline("automatic-speech-recognition", model=model.eval().to(device), tokenizer=tokenizer,
                     feature_extractor=feature_extractor, device=torch.device(device), dtype=dtype)
     return Transcriber(pipe, model_id)
@@ -446,7 +426,8 @@ def load_speaker(model_id: str, device: str = "cpu") -> SpeakerEncoder:
         feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001
         raise _load_error(model_id, role, setting, exc, local_only) from exc
-    _check_loading(model_id, info, "a speaker-verification (x-vector) checkpoint", setting, DEFAULT_SPEAKER_MODEL)
+    _check_head(model_id, info, _SPEAKER_HEAD, "a speaker-verification (x-vector) checkpoint", setting,
+                DEFAULT_SPEAKER_MODEL)
     return SpeakerEncoder(model.to(device), feature_extractor, model_id)
 
 
