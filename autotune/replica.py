@@ -232,8 +232,8 @@ def build_llasa_tokenizer():
     """Llasa's tokenizer, rebuilt offline: 193,800 tokens at the released ids, the
     Llama 3.2 chat template, bos `<|begin_of_text|>`, eos = pad = `<|eot_id|>`.
 
-    Cached for the process (about 3 s to build, then free): callers share one
-    object, so they must not change it."""
+    Cached for the process (4 s to build on two idle cores, then free): callers
+    share one object, so they must not change it."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -297,7 +297,7 @@ def llasa_config(name: str):
         "pretraining_tp": 1,
         "use_cache": True,
         "bos_token_id": 128000,
-        "eos_token_id": [128001, 128008, 128009],
+        "eos_token_id": [128001, 128008, 128009],  # the Instruct models' end ids; Llasa stops on its own END
     })
 
 
