@@ -3,9 +3,11 @@
 - Ctrl-C / SIGTERM: `catch_interrupts` + `InterruptCallback` finish the current
   step, save a checkpoint and stop; a second signal aborts at once. The run
   then exits 130 (SIGINT) or 143 (SIGTERM) and prints `resume_command`.
-- kill -9 / power loss: checkpoints are written into `.tmp-checkpoint-N` and
-  renamed into place once complete (`publish_checkpoint`), and `--resume` only
-  takes a checkpoint that `checkpoint_problem` finds complete.
+- kill -9 / power loss / damage: checkpoints are written into `.tmp-checkpoint-N`,
+  a manifest of sizes and hashes last, and renamed into place once complete
+  (`publish_checkpoint`); `--resume` only takes a checkpoint that verifies
+  (`checkpoint_problem`, then the model's shapes in the trainer: see
+  `autotune.checkpoints`), falling back to the newest one that does.
 - NaN / inf: `NonFiniteGuard` skips the update of a step whose loss or
   gradients are not finite; after `training.nan_patience` such steps in a row
   the run rolls back to the last checkpoint with the guide's remedies
@@ -18,21 +20,20 @@ Decisions are plain functions; the callbacks and the signal handlers are the edg
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shlex
 import shutil
 import signal
-import struct
 import sys
 import threading
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from transformers import TrainerCallback
+
+from autotune import checkpoints as C
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-"     # `.tmp-checkpoint-N`: a save in progress, never resumed from
@@ -338,95 +339,22 @@ def clean_staging(output_dir: Path) -> list[Path]:
     return removed
 
 
-WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
-
-
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `--resume` cannot continue from `path`, or None when it is complete."""
-    if not path.is_dir():
-        return "no such folder"
-    state = path / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json (its save did not finish)"
-    try:
-        parsed = json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"trainer_state.json does not parse ({' '.join(str(exc).split())[:80]})"
-    if not isinstance(parsed, dict) or "global_step" not in parsed:
-        return "trainer_state.json is not a trainer state"
-    weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
-    if weights is None:
-        return "no adapter weights (adapter_model.safetensors)"
-    problem = safetensors_problem(weights) if weights.suffix == ".safetensors" else _torch_file_problem(weights)
-    if problem:
-        return f"{weights.name} {problem}"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        problem = _torch_file_problem(path / name)
-        if problem:
-            return f"{name} {problem}"
-    rng = sorted(path.glob("rng_state*.pth"))
-    if not rng:
-        return "no RNG state (rng_state.pth)"
-    for file in rng:
-        problem = _torch_file_problem(file)
-        if problem:
-            return f"{file.name} {problem}"
-    return None
+    """Why `--resume` cannot continue from `path`, or None when it verifies: its
+    manifest (sizes, hashes) and the structure of its states, before any model
+    exists (`checkpoints.verify_checkpoint`; the trainer adds the model's shapes)."""
+    return C.verify_checkpoint(path)
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header size, a JSON header, then the tensor
-    bytes the header promises: check all three without loading any tensor."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "is truncated (no header)"
-            (header_bytes,) = struct.unpack("<Q", head)
-            if header_bytes > size - 8:
-                return "is truncated (header cut off)"
-            header = json.loads(f.read(header_bytes))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (OSError, ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
-        return f"has an unreadable header ({' '.join(str(exc).split())[:80] or type(exc).__name__})"
-    expected = 8 + header_bytes + max(ends, default=0)
-    if size < expected:
-        return f"is truncated ({size} of {expected} bytes)"
-    return None
+# Kept under their old names: the file checks now live with the rest of verification.
+safetensors_problem = C.safetensors_problem
+_torch_file_problem = C.torch_file_problem
 
 
-def _torch_file_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return "is missing"
-    # torch.save writes a zip whose directory sits at the very end: a cut-off file has none.
-    if not zipfile.is_zipfile(path):
-        return "is truncated or corrupt"
-    # A flipped byte inside keeps the directory intact: check every member's CRC
-    # (cheap at adapter and LoRA-optimizer sizes).
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:
-                return "is corrupt (a checksum does not match)"
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
-        return "is truncated or corrupt"
-    return None
-
-
-def scan_checkpoints(output_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete `checkpoint-N`, and the newer ones skipped with why."""
-    numbered = []
-    for path in output_dir.glob(CHECKPOINT_PREFIX + "*"):
-        suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and path.is_dir():
-            numbered.append((int(suffix), path))
-    skipped = []
-    for _, path in sorted(numbered, reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path, skipped
-        skipped.append((path, problem))
-    return None, skipped
+def scan_checkpoints(output_dir: Path, expected: C.Expected | None = None,
+                     below_step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest `checkpoint-N` that verifies, and the newer ones skipped with why."""
+    return C.newest_verified_checkpoint(output_dir, expected, below_step)
 
 
 # -------------------------------------------------------------- disk full ---

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
+from autotune import checkpoints as C
 from autotune import reliability as R
 from autotune.config import Config
 from autotune.errors import AutotuneError
@@ -242,8 +243,9 @@ class LlasaTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """HF's save, written into `.tmp-checkpoint-N` and renamed into place once
-        complete (weights, optimizer, scheduler, RNG, then trainer_state.json), so a
-        kill at any moment leaves no half checkpoint for `--resume` to pick."""
+        complete (weights, optimizer, scheduler, RNG, trainer_state.json, then the
+        manifest of sizes and hashes), so a kill at any moment leaves no half
+        checkpoint for `--resume` to pick, and later damage is found."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         step = self.state.global_step
@@ -297,11 +299,84 @@ class LlasaTrainer(Trainer):
             self.state.save_to_json(str(staging / "trainer_state.json"))
         self.accelerator.wait_for_everyone()  # every process wrote its RNG state into `staging`
         if main:
+            C.write_manifest(staging, self.state.global_step)   # last: a manifest means the save finished
             R.publish_checkpoint(staging, final)
         self.accelerator.wait_for_everyone()
         if main:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    # -- verified resume and best model --------------------------------------
+
+    # False for a checkpoint the user named (`--resume checkpoint-N`): one that does not
+    # fit is an error, not a fall back to an older one.
+    resume_fallback = True
+    best_refused: str | None = None   # "checkpoint-N: why", when the best checkpoint failed verification
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        if resume_from_checkpoint:
+            resume_from_checkpoint = self.verified_resume(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def verified_resume(self, checkpoint: str | bool) -> str | None:
+        """`checkpoint` if it verifies against this model and trainer, else (with one
+        line per checkpoint skipped) the newest older one in its folder that does, else
+        None: training starts from step 0. With `resume_fallback` off, a checkpoint that
+        does not verify is an error. `True` means the newest in the output folder."""
+        expected = self.checkpoint_expectations()
+        if checkpoint is True:
+            found, skipped = C.newest_verified_checkpoint(Path(self.args.output_dir), expected)
+            folder = Path(self.args.output_dir)
+        else:
+            path = Path(checkpoint)
+            problem = C.verify_checkpoint(path, expected)
+            if problem is None:
+                self._note_unmanifested(path)
+                return str(path)
+            if not self.resume_fallback:
+                raise AutotuneError(f"cannot resume from `{path}`: {problem}; pass another `checkpoint-N`, "
+                                    f"or `--resume` alone for the newest one that fits")
+            folder = path.parent
+            found, skipped = C.newest_verified_checkpoint(folder, expected, below_step=C.checkpoint_step(path))
+            skipped = [(path, problem), *skipped]
+        for bad, why in skipped:
+            _warn(self.console, f"--resume: skipping {bad.name}: {why}")
+        if found is None:
+            _warn(self.console, f"--resume: no checkpoint in {folder} fits this run; starting from step 0")
+            return None
+        self._note_unmanifested(found)
+        _say(self.console, f"resuming from {found} instead")
+        return str(found)
+
+    def _note_unmanifested(self, path: Path) -> None:
+        if not C.has_manifest(path):
+            _warn(self.console, f"--resume: {path.name} has no manifest (saved by an older version): its files' "
+                                "structure was checked, not their bytes")
+
+    def checkpoint_expectations(self) -> C.Expected:
+        """What a checkpoint must hold to load into this model, optimizer and schedule."""
+        a = self.args
+        groups = C.optimizer_layout(self.model, set(self.get_decay_parameter_names(self.model)), self.optimizer)
+        try:
+            samples = len(self.train_dataset)
+        except TypeError:
+            samples = None
+        return C.Expected(
+            adapter=C.adapter_shapes(self.model), optimizer_groups=groups,
+            scheduler_keys=C.scheduler_keys(a.lr_scheduler_type, a.lr_scheduler_kwargs, len(groups)),
+            max_steps=C.planned_max_steps(a.max_steps, samples, processes=a.world_size,
+                                          micro_batch_size=a.per_device_train_batch_size,
+                                          accumulation=a.gradient_accumulation_steps, epochs=a.num_train_epochs))
+
+    def _load_best_model(self):
+        # A best checkpoint damaged since it was saved would load wrong weights, or fail at the very end.
+        best = Path(self.state.best_model_checkpoint)
+        problem = C.verify_checkpoint(best, self.checkpoint_expectations())
+        if problem:
+            self.best_refused = f"{best.name}: {problem}"
+            _warn(self.console, f"! not loading the best checkpoint {best.name}: {problem}; keeping the final weights")
+            return
+        super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -514,6 +589,13 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
 def _warn(console, message: str) -> None:
     if console is not None:
         console.print(message, style="yellow", markup=False, highlight=False)
+    else:
+        print(message, file=sys.stderr)
+
+
+def _say(console, message: str) -> None:
+    if console is not None:
+        console.print(message, markup=False, highlight=False)
     else:
         print(message, file=sys.stderr)
 

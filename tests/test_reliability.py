@@ -327,14 +327,22 @@ def test_resume_takes_the_arguments_learning_rate_at_the_checkpoint_position():
 # ----------------------------------------------------- checkpoints, disk ---
 
 def fake_checkpoint(path: Path, step: int) -> Path:
+    """A checkpoint's files with real states (verification checks their structure), without a model."""
+    import random
+
+    import numpy as np
     from safetensors.torch import save_file
+    from transformers import TrainerState, get_scheduler
 
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    TrainerState(global_step=step, max_steps=8).save_to_json(str(path / "trainer_state.json"))
     save_file({"lora_A": torch.ones(64, 64)}, str(path / "adapter_model.safetensors"))
-    torch.save({"state": {}}, path / "optimizer.pt")
-    torch.save({"last_epoch": step}, path / "scheduler.pt")
-    torch.save({"cpu": torch.get_rng_state()}, path / "rng_state.pth")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(64, 64))])
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=8).state_dict(),
+               path / "scheduler.pt")
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()},
+               path / "rng_state.pth")
     return path
 
 
