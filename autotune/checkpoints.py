@@ -258,13 +258,13 @@ def trainer_state_problem(state: dict[str, Any]) -> str | None:
     """`state` against `TrainerState`'s fields and their types, as `TrainerState.load_from_json` takes it."""
     from transformers import TrainerState
 
-    types = _field_types(TrainerState)
-    unknown = sorted(set(state) - set(types))
+    fields = _field_types(TrainerState)
+    unknown = sorted(set(state) - set(fields))
     if unknown:
         return f"has keys a TrainerState does not: {', '.join(unknown[:5])}"
     for key, value in state.items():
-        if not _json_matches(value, types[key]):
-            return f"has `{key}` = {json.dumps(value)[:40]}, not of type {_type_name(types[key])}"
+        if not _json_matches(value, fields[key]):
+            return f"has `{key}` = {json.dumps(value)[:40]}, not of type {_type_name(fields[key])}"
     if state["global_step"] < 0:
         return f"has a negative `global_step` ({state['global_step']})"
     log = state.get("log_history") or []
@@ -302,7 +302,8 @@ def _json_matches(value: Any, kind: Any) -> bool:
         return isinstance(value, str)
     if kind is list or origin is list:
         # `stateful_callbacks` is declared a list of callbacks and saved as a dict of their states.
-        of_objects = any(isinstance(a, (str, typing.ForwardRef)) or (isinstance(a, type) and a not in _JSON_TYPES)
+        of_objects = any(isinstance(a, (str, typing.ForwardRef))
+                         or (typing.get_origin(a) is None and isinstance(a, type) and a not in _JSON_TYPES)
                          for a in args)
         return isinstance(value, (list, dict)) if of_objects else isinstance(value, list)
     if kind is dict or origin is dict:

@@ -122,7 +122,13 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGES))
+def end_to_end(kinds, in_default_suite):
+    """Each kind resumes a real run (a few seconds each): the default suite keeps one per
+    mechanism, `-m slow` runs them all."""
+    return [pytest.param(k, marks=() if k in in_default_suite else pytest.mark.slow) for k in kinds]
+
+
+@pytest.mark.parametrize("kind", end_to_end(sorted(DAMAGES), {"bit flip in the adapter", "global_step 99"}))
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_if_never_stopped(kind, reference, data, tmp_path,
                                                                                       capsys):
     out = killed_after_step_4(reference, tmp_path / "out")
@@ -135,8 +141,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_if_never_sto
     assert_same_as(reference, out)
 
 
-@pytest.mark.parametrize("kind", ["adapter tensor of another shape", "renamed header key", "adapter tensor deleted",
-                                  "empty adapter"])
+@pytest.mark.parametrize("kind", end_to_end(["adapter tensor of another shape", "renamed header key",
+                                              "adapter tensor deleted", "empty adapter"], {"adapter tensor deleted"}))
 def test_without_manifests_the_structure_and_the_model_catch_it(kind, reference, data, tmp_path, capsys):
     """Checkpoints saved before manifests: what needs the model is checked once it exists."""
     out = killed_after_step_4(reference, tmp_path / "out", manifests=False)
