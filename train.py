@@ -35,7 +35,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="where the run goes (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in --output-dir, or from the given checkpoint folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --output-dir")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although flags differ from the run's run_config.yaml "
+                        "(the changes are recorded in run_summary.json); without it such a resume is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir (only a run of this tool, or an empty folder; "
+                        "the old run is deleted once the new one trains)")
     p.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in (merged/)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model repository")
     p.add_argument("--vram-limit", type=float, metavar="GIB",

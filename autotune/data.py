@@ -31,6 +31,7 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 from autotune.errors import AutotuneError
+from autotune.llasa import IGNORE_INDEX
 
 MAX_CODE = 65535
 CODES_PER_SECOND = 50
@@ -64,6 +65,21 @@ class DataReport:
     token_count_exact: bool = True
     encoded: int = 0
     from_cache: int = 0
+    named_speakers: dict[str, float] | None = None   # kept when one speaker's name is dropped from the prompts
+
+    def speakers(self) -> dict[str, float]:
+        """{speaker: seconds}, as the data names them (also when there is only one)."""
+        return self.named_speakers if self.named_speakers is not None else speaker_seconds(self.train + self.val)
+
+    def condition_on_speakers(self) -> bool:
+        """Prompts name the speaker only when the data has two or more: one voice needs no
+        name, and a model trained without one is spoken without `--speaker`."""
+        self.named_speakers = self.speakers()
+        if len(self.named_speakers) >= 2:
+            return True
+        for sample in self.train + self.val:
+            sample.speaker = None
+        return False
 
     def summary(self) -> dict[str, Any]:
         kept = self.train + self.val
@@ -78,12 +94,22 @@ class DataReport:
             "max_tokens": int(lengths.max()),
             "token_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)},
             "longest": {"source": longest.source, "tokens": longest.num_tokens} if longest else None,
+            "speakers": self.speakers(),
             "token_count_exact": self.token_count_exact,
             "token_count_note": None if self.token_count_exact else (
                 "the model's tokenizer was not available: prompt lengths are conservative estimates "
                 "(UTF-8 bytes of the text + 64 template tokens), never below the real count"),
             "skipped": self.skipped,
         }
+
+
+def speaker_seconds(samples: list[Sample]) -> dict[str, float]:
+    """{speaker: seconds of audio}, most audio first; empty when the data names no speakers."""
+    seconds: dict[str, float] = {}
+    for s in samples:
+        if s.speaker is not None and s.codes is not None:
+            seconds[s.speaker] = seconds.get(s.speaker, 0.0) + len(s.codes) / CODES_PER_SECOND
+    return {name: round(value, 2) for name, value in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
 class _Errors:
@@ -509,9 +535,8 @@ def measure(samples: list[Sample], prompt_builder=None) -> None:
     texts = [s.text for s in samples]
     # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
     lengths = prompt_builder.text_lengths(texts)
-    overhead = prompt_builder.overhead
     for s, n in zip(samples, lengths):
-        s.num_tokens = overhead + n + len(s.codes) + 1
+        s.num_tokens = prompt_builder.overhead_for(s.speaker) + n + len(s.codes) + 1
 
 
 def drop_too_long(samples: list[Sample], max_length: int, skipped: list[dict[str, Any]]) -> list[Sample]:
@@ -629,12 +654,16 @@ def split_record(report: DataReport) -> dict[str, Any]:
 
 def build_example(sample: Sample, prompt_builder, text_ids: list[int] | None = None) -> dict[str, list[int]]:
     """input_ids = prompt (ends with SPEECH_GENERATION_START) + speech ids + END.
-    Labels are -100 over the prompt; the loss covers the speech ids and END."""
+
+    As the official recipe (LLaSA_training finetune_offline_lora.py): labels are
+    -100 before SPEECH_GENERATION_START and the ids themselves from it on, so the
+    loss covers SPEECH_GENERATION_START, the speech ids and END. A sample with a
+    speaker opens the assistant turn with `Speaker {name}` (see `llasa.chat_messages`)."""
     tokens = prompt_builder.tokens
     ids = text_ids if text_ids is not None else prompt_builder.text_ids([sample.text])[0]
-    prompt = prompt_builder.prefix_ids + ids + prompt_builder.suffix_ids
+    prompt = prompt_builder.prefix_ids + ids + prompt_builder.suffix_for(sample.speaker)
     speech = (sample.codes.astype(np.int64) + tokens.speech_offset).tolist() + [tokens.speech_end]
-    return {"input_ids": prompt + speech, "labels": [-100] * len(prompt) + speech}
+    return {"input_ids": prompt + speech, "labels": [IGNORE_INDEX] * (len(prompt) - 1) + [prompt[-1]] + speech}
 
 
 def build_examples(samples: list[Sample], prompt_builder) -> list[dict[str, list[int]]]:
@@ -643,11 +672,17 @@ def build_examples(samples: list[Sample], prompt_builder) -> list[dict[str, list
 
 
 class LlasaCollator:
-    """Right-pads to a multiple of 8; padding is masked in labels and attention."""
+    """Right-pads to a multiple of 8; padding is masked in labels and attention.
 
-    def __init__(self, pad_id: int, multiple_of: int = 8):
+    `hidden_ids` are also masked out of attention where they occur: the official recipe
+    (LLaSA_training finetune_offline_lora.py) sets pad = eos = `<|eot_id|>` and masks
+    `input_ids != pad`, so the `<|eot_id|>` closing the system and user turns is never
+    attended to, in Llasa's pretraining (train_tts.py) as in its fine-tuning."""
+
+    def __init__(self, pad_id: int, multiple_of: int = 8, hidden_ids: tuple[int, ...] = ()):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
+        self.hidden_ids = tuple(hidden_ids)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -656,13 +691,15 @@ class LlasaCollator:
         width = int(math.ceil(longest / self.multiple_of) * self.multiple_of)
         n = len(features)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, width), -100, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
         for i, f in enumerate(features):
             length = len(f["input_ids"])
             input_ids[i, :length] = torch.as_tensor(f["input_ids"])
             labels[i, :length] = torch.as_tensor(f["labels"])
             attention[i, :length] = 1
+        if self.hidden_ids:
+            attention[torch.isin(input_ids, torch.tensor(self.hidden_ids))] = 0
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
@@ -675,12 +712,13 @@ class PackedCollator:
     def __init__(self):
         from transformers import DataCollatorWithFlattening
 
-        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
 
 
-def make_collator(pad_id: int, packing: bool):
-    """Padded rows (multiple of 8), or padding-free packed rows with `data.packing`."""
-    return PackedCollator() if packing else LlasaCollator(pad_id)
+def make_collator(pad_id: int, packing: bool, hidden_ids: tuple[int, ...] = ()):
+    """Padded rows (multiple of 8), or padding-free packed rows with `data.packing` (which
+    carry no attention mask, so `hidden_ids` stay visible there: packing is ours, not the recipe's)."""
+    return PackedCollator() if packing else LlasaCollator(pad_id, hidden_ids=hidden_ids)

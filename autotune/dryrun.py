@@ -68,6 +68,12 @@ class Plan:
         plan = cls.from_dict(values)
         return cls.from_config(plan.apply(Config()), plan.processes)
 
+    # The config keys a plan sets (see `apply`): the tuner's to choose unless pinned.
+    KEYS = ("training.per_device_train_batch_size", "training.gradient_accumulation_steps",
+            "training.gradient_checkpointing", "training.lean_loss", "training.optim", "training.bf16",
+            "training.fp16", "lora.r", "lora.lora_alpha", "lora.target_modules", "model.load_in_4bit",
+            "data.max_length")
+
     def apply(self, config: Config) -> Config:
         """The config with this plan's values."""
         out = config.model_copy(deep=True)

@@ -51,6 +51,12 @@ class LlasaTokens:
     text_start: int             # <|TEXT_UNDERSTANDING_START|>
     text_end: int               # <|TEXT_UNDERSTANDING_END|>
     pad: int
+    eos: int | None = None      # `<|eot_id|>`: the official recipe's pad, hidden from attention
+
+    @property
+    def hidden_from_attention(self) -> tuple[int, ...]:
+        """Ids the official recipe masks out of attention (`input_ids != pad`, pad = eos)."""
+        return (self.eos,) if self.eos is not None else ()
 
     def code_to_id(self, code: int) -> int:
         return self.speech_offset + code
@@ -82,7 +88,7 @@ class LlasaTokens:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else ids["<|SPEECH_GENERATION_END|>"]
         return cls(speech_offset=first, speech_start=ids["<|SPEECH_GENERATION_START|>"],
                    speech_end=ids["<|SPEECH_GENERATION_END|>"], text_start=ids["<|TEXT_UNDERSTANDING_START|>"],
-                   text_end=ids["<|TEXT_UNDERSTANDING_END|>"], pad=pad)
+                   text_end=ids["<|TEXT_UNDERSTANDING_END|>"], pad=pad, eos=tokenizer.eos_token_id)
 
 
 def chat_messages(text: str, reference_text: str | None = None, reference_ids: str = "",

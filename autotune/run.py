@@ -20,7 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
-from autotune.config import Config, config_rule_problems, dump_yaml, get_dotted, load_yaml_file, validate
+from autotune.config import (Config, changed_keys, config_rule_problems, dump_yaml, get_dotted, load_yaml_file,
+                             validate)
 from autotune.errors import AutotuneError
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -44,6 +45,7 @@ class Context:
     codec_cache: Path | None = None  # default: <output>/../.codec-cache; a sweep shares its parent's
     signals: Any = None              # reliability.RunSignals, installed for the whole run
     folder: Any = None               # rundir.RunFolder, once claimed
+    resume_changes: list[dict[str, Any]] = field(default_factory=list)   # accepted by --allow-changes
 
 
 # ------------------------------------------------------------- the driver ---
@@ -55,15 +57,19 @@ def run(args: argparse.Namespace, *, plan_cache: dict | None = None) -> int:
     if args.sweep:
         from autotune.sweep import run_sweep
 
-        return run_sweep(ctx)
-    from autotune.reliability import RunSignals
+        try:
+            return run_sweep(ctx)
+        finally:
+            if ctx.folder is not None:
+                ctx.folder.release()
+    from autotune.signals import RunSignals
 
     ctx.signals = RunSignals()
     ctx.signals.install()
     try:
         return _run(ctx, plan_cache)
     except BaseException as exc:
-        from autotune.reliability import RunInterrupted
+        from autotune.signals import RunInterrupted
 
         if ctx.folder is not None:
             ctx.folder.restore()   # a replaced run comes back when the new one never trained
@@ -88,7 +94,8 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
     action = None
     if not args.check_data:
         # Decided now (nothing is changed yet), so a folder we may not use is said before any work.
-        action = on_main_then_share(ctx, lambda: folder.check(resume=bool(args.resume), overwrite=args.overwrite,
+        resume = "checkpoint" if args.resume not in (None, "latest") else bool(args.resume)
+        action = on_main_then_share(ctx, lambda: folder.check(resume=resume, overwrite=args.overwrite,
                                                               dry_run=args.dry_run))
     rec = probe_and_recommend(ctx)
     config = rec.config
@@ -102,6 +109,8 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
         on_main_then_share(ctx, lambda: folder.claim(action))
     else:
         on_main_then_share(ctx, lambda: None)
+    if action == "resume":
+        check_resume_flags(ctx, rec)
     first_screen(ctx, rec, data)
     from autotune.dryrun import Plan
 
@@ -125,10 +134,50 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
     return train(ctx, rec, plan, dry, data, tokenizer, builder)
 
 
+def check_resume_flags(ctx: Context, rec) -> None:
+    """`--resume` continues the run in the folder: flags that change what it learns (the data, the
+    learning rate, the steps...) are refused unless `--allow-changes`, which records them."""
+    from autotune.dryrun import Plan
+    from autotune.rundir import RUN_CONFIG, path_text
+
+    path = ctx.output_dir / RUN_CONFIG
+    if not path.is_file():
+        return   # nothing trained yet: this "resume" starts the run
+    try:
+        before = validate(load_yaml_file(path)).to_dict()
+    except AutotuneError:
+        return   # unreadable: the checkpoint checks say what is wrong with the run
+    changes = [(k, a, b) for k, a, b in changed_keys(before, rec.config.to_dict(), set(Plan.KEYS))]
+    recorded = _recorded_request(ctx.output_dir)
+    data_now = path_text(Path(ctx.args.data).resolve())
+    if recorded.get("data") and recorded["data"] != data_now:
+        changes.insert(0, ("--data", recorded["data"], data_now))
+    if not changes:
+        return
+    shown = ", ".join(f"`{k}` {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
+                      for k, a, b in changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
+    if not getattr(ctx.args, "allow_changes", False):
+        raise AutotuneError(f"`--resume` with other settings than the run in `{path_text(ctx.output_dir)}` was "
+                            f"started with: {shown}; resume with the same flags, add `--allow-changes` to continue "
+                            "with the new ones (recorded in run_summary.json), or start a new `--output-dir`")
+    ctx.notes.append(f"resumed with changed settings: {shown}")
+    ctx.resume_changes = [{"key": k, "before": a, "after": b} for k, a, b in changes]
+
+
+def _recorded_request(output_dir: Path) -> dict[str, Any]:
+    from autotune.rundir import RUN_REQUEST
+
+    try:
+        value = json.loads((output_dir / RUN_REQUEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def stopped_before_training(ctx: Context, exc) -> int:
     """A signal while the data was read or encoded, or during the dry run: one line, and
     how to go on. Audio encoded so far is in the codec cache, so nothing is encoded twice."""
-    from autotune import reliability as R
+    from autotune import signals as R
     from autotune.rundir import path_text
 
     what = {"preparing": "before training started"}.get(exc.phase, exc.phase)
@@ -478,7 +527,7 @@ def dry_run(ctx: Context, rec, data, builder, start):
     device = device_for(ctx)
     budget = apply_vram_limit(config, device, config.autotune.memory_fraction)
     examples = build_examples(data.train, builder)
-    collator = make_collator(builder.tokens.pad, config.data.packing)
+    collator = make_collator(builder.tokens.pad, config.data.packing, builder.tokens.hidden_from_attention)
 
     def load_base(precision: str, four_bit: bool):
         return load_base_model(config.model.name_or_path, precision=precision,
@@ -569,7 +618,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
 
     write_run_config(ctx, config)
     train_set, val_set = datasets(config.data.max_length)
-    collator = make_collator(builder.tokens.pad, config.data.packing)
+    collator = make_collator(builder.tokens.pad, config.data.packing, builder.tokens.hidden_from_attention)
 
     recoveries: list[dict[str, Any]] = []
     nan_rollbacks: list[dict[str, Any]] = []
@@ -623,6 +672,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
                           f"from {resume_from or 'the start'}[/yellow]")
     return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer,
                   nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps, speakers=data.speakers(),
+                  data_summary=data.summary(),
                   speaker_conditioning=any(s.speaker is not None for s in data.train + data.val))
 
 
@@ -630,8 +680,10 @@ def write_run_config(ctx: Context, config: Config) -> None:
     """run_config.yaml: marks the folder as a run and holds the config it trains with now
     (rewritten after an out-of-memory step-down or a NaN rollback), written whole or not at all."""
     if ctx.is_main:
-        from autotune.rundir import RUN_CONFIG, write_text
+        from autotune.rundir import RUN_CONFIG, RUN_REQUEST, path_text, write_json, write_text
 
+        if not (ctx.output_dir / RUN_REQUEST).is_file() or ctx.resume_changes:
+            write_json(ctx.output_dir / RUN_REQUEST, {"data": path_text(Path(ctx.args.data).resolve())})
         write_text(ctx.output_dir / RUN_CONFIG, dump_yaml(config))
 
 
@@ -672,7 +724,8 @@ def _train_once(ctx, config, plan, train_set, val_set, collator, tokenizer, resu
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our progress bar shows the same, on one line
-    trainer.add_callback(throughput)
+    # First in line: the loggers (TensorBoard) see the `tokens_per_second` it adds to each log.
+    trainer.callback_handler.callbacks.insert(0, throughput)
     trainer.add_callback(early)
     trainer.add_callback(T.RichProgressCallback(ctx.console))
     from autotune.samples import maybe_add_sample_callback
@@ -768,7 +821,8 @@ def resolve_resume(ctx: Context) -> Path | None:
 # ----------------------------------------------------------------- finish ---
 
 def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, tokenizer, *,
-           nan_rollbacks=(), nonfinite_steps=(), speakers=None, speaker_conditioning=False) -> int:
+           nan_rollbacks=(), nonfinite_steps=(), speakers=None, speaker_conditioning=False,
+           data_summary=None) -> int:
     from autotune import reliability as R
     from autotune import trainer as T
 
@@ -806,6 +860,7 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
         "nonfinite_steps_skipped": list(nonfinite_steps),
         "checkpoints_refused": trainer.refused_saves,
         "diagnosis": [f.to_dict() for f in findings],
+        "resume_changes": ctx.resume_changes,
         "speakers": speakers or {},
         "speaker_conditioning": speaker_conditioning,
         "notes": ctx.notes,
@@ -827,6 +882,10 @@ def finish(ctx, rec, plan, dry, outcome, config, recoveries, wall_seconds, token
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(out / rundir.MERGED_DIR))
                 summary["merged"] = rundir.MERGED_DIR
+            if saved:
+                from autotune.model_card import write_model_card
+
+                write_model_card(out, summary, config.to_dict(), data_summary or {})
             late = ctx.signals.received if not interrupted else None
             summary["signal_after_last_step"] = late
             rundir.write_json(out / rundir.RUN_SUMMARY, summary)

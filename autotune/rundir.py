@@ -31,6 +31,7 @@ from autotune.errors import AutotuneError
 MARKER = ".llasa-autotune"            # this folder belongs to llasa-autotune
 LOCK = ".lock"                        # held (fcntl) by the process using the folder
 RUN_CONFIG = "run_config.yaml"        # the config training started with: the folder is "a run"
+RUN_REQUEST = "run_request.json"      # what the command line gave besides the config (the data path)
 RESOLVED_CONFIG = "resolved_config.yaml"
 RUN_SUMMARY = "run_summary.json"
 AUTOTUNE_RECORD = "autotune.json"     # the dry run's attempts and plan
@@ -144,6 +145,13 @@ def storage_error(exc: BaseException, path: Path) -> AutotuneError:
 
 # ------------------------------------------------------------- the folder ---
 
+def mark_ours(folder: Path) -> None:
+    """Make `folder` ours before a child process writes into it (a sweep's dry-run folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).is_file():
+        write_json(folder / MARKER, {"tool": "llasa-autotune", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
 def is_ours(folder: Path) -> bool:
     """Our marker, or a run or sweep of an earlier version (its run_config.yaml, sweep.json)."""
     return any((folder / name).is_file() for name in (MARKER, RUN_CONFIG, SWEEP_RECORD))
@@ -200,9 +208,10 @@ class RunFolder:
 
     # -- deciding, without changing anything --------------------------------
 
-    def check(self, *, resume: bool, overwrite: bool, dry_run: bool = False) -> str:
+    def check(self, *, resume: bool | str, overwrite: bool, dry_run: bool = False) -> str:
         """What using the folder would do: "new", "reuse" (ours, nothing trained yet),
-        "resume" or "replace". Raises the one-line error when it may not be used."""
+        "resume" or "replace". Raises the one-line error when it may not be used.
+        `resume` is True for `--resume` and "checkpoint" for `--resume CHECKPOINT`."""
         out = self.path
         try:
             if out.is_symlink() and not out.exists():
@@ -217,6 +226,14 @@ class RunFolder:
             pid = holder_of(out)
             if pid is not None and pid != os.getpid():
                 raise busy_error(out, pid)
+        if resume == "checkpoint":
+            # `--resume CHECKPOINT` may start a new folder from another run's checkpoint.
+            resume = is_ours(out) and has_started(out)
+            if not resume and entries and not is_ours(out):
+                raise AutotuneError(f"`{path_text(out)}` already holds files that are not a run of this tool: "
+                                    "choose an empty or new `--output-dir`")
+            if not resume:
+                return "reuse" if entries else "new"
         if resume:
             if not is_ours(out):
                 raise AutotuneError(f"`--resume`: `{path_text(out)}` holds no run to resume; pass the run's "
@@ -259,8 +276,7 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._lock(out)
-            if not (out / MARKER).is_file():
-                write_json(out / MARKER, {"tool": "llasa-autotune", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            mark_ours(out)
         except OSError as exc:
             self.restore()
             raise AutotuneError(f"cannot write to `{path_text(out)}` ({exc.strerror or exc}): "

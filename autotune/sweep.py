@@ -76,7 +76,7 @@ from autotune.dryrun import free_cuda_memory
 from autotune.errors import AutotuneError
 from autotune.run import cli_sets
 from autotune.rundir import RUN_CONFIG as RUN_MARKER
-from autotune.rundir import RunFolder
+from autotune.rundir import RunFolder, mark_ours
 
 SWEEP_MARKER = "sweep.json"
 SUMMARY = "run_summary.json"
@@ -116,7 +116,8 @@ class Trial:
     name: str                       # folder name
     settings: dict[str, Any]        # {dotted key: value}
     sets: list[str]                 # ["key=value", ...] as passed to --set
-    status: str = "pending"         # pending | ok | failed | skipped-finished
+    status: str = "pending"         # pending | ok | failed
+    earlier: bool = False           # finished in an earlier invocation (`--resume` did not run it again)
     error: str | None = None
     eval_loss: float | None = None
     train_loss: float | None = None
@@ -132,14 +133,15 @@ class Trial:
 
     @property
     def done(self) -> bool:
-        return self.status in ("ok", "skipped-finished", "failed")
+        return self.status in ("ok", "failed")
 
     @property
     def succeeded(self) -> bool:
-        return self.status in ("ok", "skipped-finished")
+        return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings, "sets": self.sets, "status": self.status,
+                "earlier": self.earlier,
                 "error": self.error, "eval_loss": self.eval_loss, "train_loss": self.train_loss,
                 "tokens_per_second": self.tokens_per_second, "peak_gpu_bytes": self.peak_gpu_bytes,
                 "wall_seconds": self.wall_seconds, "plan": self.plan, "gpu": self.gpu,
@@ -581,8 +583,11 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def _cell(key: str, value: Any) -> str:
+    """A setting as a short table cell: `0.001`, `1e-05`, `q_proj+v_proj`."""
     if isinstance(value, list):
         return "+".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
     return format_value(key, value)
 
 
@@ -599,12 +604,11 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
                         f"{'validation' if record['ranked_by'] == 'eval_loss' else 'train'} loss", title_justify="left")
     table.add_column("#", justify="right")
     for a in axes:
-        table.add_column(short[a.key], overflow="fold")
+        table.add_column(short[a.key], no_wrap=True)
     for column in ("eval loss", "train loss", "tokens/s", "peak GiB", "status"):
         table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
     for i, t in enumerate(ranked, 1):
-        status = {"ok": "[green]ok[/green]", "skipped-finished": "[green]finished earlier[/green]"}.get(
-            t.status, "[red]failed[/red]")
+        status = ("[green]ok[/green]" if t.status == "ok" else "[red]failed[/red]") + (" (earlier)" if t.earlier else "")
         table.add_row(str(i), *(escape(_cell(k, v)) for k, v in t.settings.items()),
                       num(t.eval_loss, ".4f"), num(t.train_loss, ".4f"), num(t.tokens_per_second, ",.0f"),
                       "-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}", status)
@@ -996,7 +1000,7 @@ class ParallelSweep:
             folder = self.out / shape.folder_name
             if folder.exists():
                 shutil.rmtree(folder)   # an earlier sweep's, of another shape or unfinished
-            folder.mkdir(parents=True)
+            mark_ours(folder)   # the child's console.log lands there before the child claims it
             log = folder / CONSOLE_LOG
             flags = child_flags(trial_args(args, first, self.out)) + ["--auto", "--dry-run", f"--output-dir={folder}"]
             others = len(shape.trials) - 1
@@ -1209,12 +1213,15 @@ class ParallelSweep:
 
 # ----------------------------------------------------------------- driver ---
 
-def _skip_finished(ctx, trial: Trial, total: int) -> None:
-    trial.status = "skipped-finished"
-    try:
-        read_summary(trial, ctx.output_dir / trial.name)
-    except (OSError, ValueError) as exc:
-        trial.status, trial.error = "failed", f"cannot read {SUMMARY} ({exc})"
+def _skip_finished(ctx, trial: Trial, total: int, previous: dict[str, Any] | None = None) -> None:
+    """A trial an earlier invocation finished: its own figures and status, and its times
+    as the previous sweep.json recorded them."""
+    record_summary(trial, ctx.output_dir / trial.name)
+    trial.earlier = True
+    before = next((t for t in (previous or {}).get("trials", []) if t.get("name") == trial.name), {})
+    for key in ("started_at", "finished_at", "gpu", "dry_run"):
+        if before.get(key) is not None:
+            setattr(trial, key, before[key])
     ctx.console.print(f"trial {trial.index + 1}/{total} [bold]{trial.name}[/bold]: finished earlier, not run again")
 
 
@@ -1280,13 +1287,13 @@ def run_sweep(ctx) -> int:
         if parallel is not None:
             for trial in trials:
                 if trial.name in finished:
-                    _skip_finished(ctx, trial, len(trials))
+                    _skip_finished(ctx, trial, len(trials), previous)
             save(False)
             parallel.run([t for t in trials if t.name not in finished])
         else:
             for number, trial in enumerate(trials, 1):
                 if trial.name in finished:
-                    _skip_finished(ctx, trial, len(trials))
+                    _skip_finished(ctx, trial, len(trials), previous)
                     continue
                 c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
                 run_trial(ctx, trial, cache)

@@ -157,7 +157,8 @@ def test_resume_runs_only_the_unfinished_trial(grid_sweep, tmp_path, monkeypatch
     assert ranked_ok(record["trials"])
     status = {t["name"]: t["status"] for t in record["trials"]}
     assert status.pop(victim) == "ok"
-    assert set(status.values()) == {"skipped-finished"}
+    assert set(status.values()) == {"ok"}, "a resumed sweep keeps each finished trial's real status"
+    assert {t["name"] for t in record["trials"] if t["earlier"]} == set(status)
 
 
 def test_a_failing_trial_is_ranked_last_and_the_sweep_goes_on(tmp_path, capsys):
@@ -292,7 +293,7 @@ def test_ctrl_c_saves_what_is_done_and_resume_finishes(tmp_path, monkeypatch):
     assert calls == ["r=2", "r=3"]
     record = json.loads((out / "sweep.json").read_text())
     assert [(t["name"], t["status"]) for t in record["trials"]] == [
-        ("r=3", "ok"), ("r=2", "ok"), ("r=1", "skipped-finished")]
+        ("r=3", "ok"), ("r=2", "ok"), ("r=1", "ok")]
 
 
 def two_trials(out: Path) -> list[str]:
@@ -344,7 +345,7 @@ def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
     assert f"resumingfrom{out / 'r=4' / 'checkpoint-3'}" in squeezed
     assert f"planfrom{out / 'r=4' / 'run_summary.json'}" in squeezed
     record = json.loads((out / "sweep.json").read_text())
-    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
+    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "ok", "r=4": "ok"}
     assert json.loads((out / "r=4" / "run_summary.json").read_text())["steps"] == 4
     state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
     logged = [h["step"] for h in state["log_history"] if "loss" in h]
@@ -374,7 +375,7 @@ def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
     assert main(*argv, "--resume") == 0
     assert "resumingfrom" not in "".join(capsys.readouterr().out.split())
     record = json.loads((out / "sweep.json").read_text())
-    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "skipped-finished", "r=4": "ok"}
+    assert {t["name"]: t["status"] for t in record["trials"]} == {"r=2": "ok", "r=4": "ok"}
     state = json.loads((out / "r=4" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
     assert not (out / "r=4" / "failed.json").exists()   # gone with the old attempt
@@ -534,9 +535,12 @@ def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus
     record = json.loads((out / "sweep.json").read_text())
     assert len(record["trials"]) == 4 and record["complete"] and ranked_ok(record["trials"])
     status = {t["name"]: t["status"] for t in record["trials"]}
-    assert status.pop(victim) == "ok" and set(status.values()) == {"skipped-finished"}
-    ran = [t["name"] for t in record["trials"] if t["started_at"] is not None]
+    assert status.pop(victim) == "ok" and set(status.values()) == {"ok"}
+    ran = [t["name"] for t in record["trials"] if not t["earlier"]]
     assert ran == [victim]
+    # the others keep their status and times from the first invocation
+    before = {t["name"]: t for t in parallel_sweep["record"]["trials"]}
+    assert all(t["started_at"] == before[t["name"]]["started_at"] for t in record["trials"] if t["earlier"])
     assert not list(out.glob("*/autotune.json"))   # nothing dry-ran again
     header = (out / victim / "console.log").read_text().splitlines()[0]
     if began_training:

@@ -84,10 +84,14 @@ def test_resume_continues_the_step_count(tmp_path: Path, capsys):
     assert train(*common, "--set", "training.max_steps=4") == 0
     with pytest.raises(AutotuneError, match="already holds a run"):
         train(*common, "--set", "training.max_steps=8")
-    assert train(*common, "--set", "training.max_steps=8", "--resume") == 0
+    # Training longer changes the run (its schedule): refused unless asked for, then recorded.
+    with pytest.raises(AutotuneError, match=r"`training.max_steps` 4 -> 8.*--allow-changes"):
+        train(*common, "--set", "training.max_steps=8", "--resume")
+    assert train(*common, "--set", "training.max_steps=8", "--resume", "--allow-changes") == 0
     assert "resuming from" in capsys.readouterr().out
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["steps"] == 8
+    assert summary["resume_changes"] == [{"key": "training.max_steps", "before": 4, "after": 8}]
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps[0] <= 1 and steps[-1] == 8 and 5 in steps
@@ -301,13 +305,15 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     (["--data", str(DATA), "--model", "tiny", "--resume", "{tmp}/none", "--output-dir", "{tmp}/o"], "is not a complete checkpoint"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args, message):
+    """One error line; a list of problems follows it, one problem per line."""
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something.txt").write_text("x")
     result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0]
+    assert lines[0].startswith("error: "), result.stderr
+    assert all(line.startswith("  - ") for line in lines[1:]), result.stderr
+    assert any(message in line for line in lines)
     assert "Traceback" not in result.stderr
 
 
