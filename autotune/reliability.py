@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 import shutil
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from transformers import TrainerCallback
@@ -38,7 +36,8 @@ from autotune import checkpoints as C
 CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-"     # `.tmp-checkpoint-N`: a save in progress, never resumed from
 REPLACED_PREFIX = ".old-"    # `.old-checkpoint-N`: a same-step checkpoint being replaced
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+from autotune.signals import (EXIT_CODES, STOP_SIGNALS, RunInterrupted, RunSignals, _say,  # noqa: F401
+                              command_line, resume_command)
 MAX_NAN_ROLLBACKS = 2
 
 
@@ -81,7 +80,7 @@ def signal_number(name: str | None) -> int:
 
 @contextmanager
 def catch_interrupts(callback: InterruptCallback) -> Iterator[None]:
-    """SIGINT and SIGTERM ask `callback` to stop after this step; the previous
+    """SIGINT, SIGTERM and SIGHUP ask `callback` to stop after this step; the previous
     handlers come back afterwards. A second signal aborts at once: SIGINT as
     KeyboardInterrupt (the command line prints one line, exit 130), SIGTERM as
     exit 143. No-op outside the main thread, where handlers cannot be set."""
@@ -106,8 +105,8 @@ def catch_interrupts(callback: InterruptCallback) -> Iterator[None]:
 
 @contextmanager
 def stop_signals_handled_by(handler) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` inside the block; the previous handlers come back after."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """SIGINT, SIGTERM and SIGHUP go to `handler` inside the block; the previous handlers come back after."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in previous:
         signal.signal(sig, handler)
     try:
@@ -115,15 +114,6 @@ def stop_signals_handled_by(handler) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _say(text: str) -> None:
-    # A raw write, not rich nor sys.stderr: this runs in a signal handler, possibly
-    # in the middle of a print, where a buffered write would be a reentrant call.
-    try:
-        os.write(2, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
 
 
 def agree_across_processes(value: int, device: Any) -> int:
@@ -135,44 +125,6 @@ def agree_across_processes(value: int, device: Any) -> int:
     tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
-
-
-def resume_command(argv: Sequence[str] | None, output_dir: Path, program: str = "train.py") -> str:
-    """The command that continues this run: the same options with `--resume
-    --output-dir OUT` (an earlier `--resume`, `--output-dir` or `--overwrite` is dropped)."""
-    if argv is None:
-        return f"python {program} <the same options> --resume --output-dir {shlex.quote(str(output_dir))}"
-    kept: list[str] = []
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name = token.split("=", 1)[0]
-        if _is_option(name, "--resume"):
-            # nargs="?": a following value that is not an option is the checkpoint.
-            if "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                i += 1
-        elif _is_option(name, "--output-dir"):
-            i += 0 if "=" in token else 1
-        elif not _is_option(name, "--overwrite"):
-            kept.append(token)
-        i += 1
-    return shlex.join(["python", program, *kept, "--resume", "--output-dir", str(output_dir)])
-
-
-def _is_option(token: str, option: str) -> bool:
-    # argparse takes unambiguous prefixes (`--output` for `--output-dir`).
-    return token == option or (len(token) > 4 and token.startswith("--") and option.startswith(token))
-
-
-def command_line(args: Any) -> tuple[list[str] | None, str]:
-    """(options, program) of this run: `args.argv` when the entry point recorded
-    it, else the process's own arguments when it is `train.py`, else unknown."""
-    script = bool(sys.argv) and Path(sys.argv[0]).name == "train.py"
-    program = sys.argv[0] if script else "train.py"
-    argv = getattr(args, "argv", None)
-    if argv is not None:
-        return list(argv), program
-    return (sys.argv[1:] if script else None), program
 
 
 # ---------------------------------------------------------------- NaN/inf ---

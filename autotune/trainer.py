@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from autotune import checkpoints as C
 from autotune import reliability as R
-from autotune.config import Config
+from autotune.config import Config, config_rule_problems
 from autotune.errors import AutotuneError
 
 
@@ -76,10 +77,9 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
     if not has_eval and t.eval_strategy != "no":
         notes.append("no validation samples: validation, early stopping and best-model selection are off")
     load_best = t.load_best_model_at_end and eval_on
-    if load_best and t.eval_strategy == "steps" and t.save_steps % t.eval_steps:
-        raise AutotuneError(f"`training.save_steps` ({t.save_steps}) must be a multiple of `training.eval_steps` "
-                            f"({t.eval_steps}) when `training.load_best_model_at_end` is true: "
-                            f"e.g. `--set training.save_steps={t.eval_steps * max(1, t.save_steps // t.eval_steps)}`")
+    problems = config_rule_problems(config)
+    if problems:
+        raise AutotuneError(problems[0])
     report_to = [r for r in t.report_to if r != "none"]
     if "tensorboard" in report_to:
         try:
@@ -108,7 +108,7 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
         eval_strategy=t.eval_strategy if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        save_strategy=t.save_strategy, save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
         report_to=report_to or "none",
         load_best_model_at_end=load_best,
@@ -490,12 +490,22 @@ class EarlyStopRecorder(TrainerCallback):
             self.stopped_early_at = state.global_step
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the loss at the last step too, so the final train loss is the end of the run's
+    and not the last multiple of `logging_steps` (often the first step of a short trial)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
+
+
 def callbacks_for(config: Config, has_eval: bool) -> list[TrainerCallback]:
     t = config.training
+    callbacks: list[TrainerCallback] = [LogLastStep()]
     if t.use_early_stopping and has_eval and t.eval_strategy != "no":
-        return [EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience,
-                                      early_stopping_threshold=t.early_stopping_threshold)]
-    return []
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience,
+                                               early_stopping_threshold=t.early_stopping_threshold))
+    return callbacks
 
 
 # ---------------------------------------------------------------- diagnosis ---
@@ -581,8 +591,13 @@ def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    from autotune import rundir
+
+    try:
+        with rundir.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -601,32 +616,43 @@ def _say(console, message: str) -> None:
 
 
 def save_adapter(model, output_dir: Path, console=None) -> bool:
-    """adapter_model.safetensors + adapter_config.json into `output_dir`; False
-    (with a warning) when the adapter holds NaN or inf. A full disk is one line."""
+    """adapter_model.safetensors + adapter_config.json into `output_dir`, written beside
+    and moved into place whole; False (with a warning) when the adapter holds NaN or inf.
+    A full disk is one line, and the previous files are left as they were."""
+    from autotune import rundir
+
     bad = R.nonfinite_parameters(model)
     if bad:
         _warn(console, f"! not saving the final adapter: {len(bad)} tensors hold NaN or inf; the checkpoints are kept")
         return False
+    staging = output_dir / ".tmp-adapter"
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(str(output_dir))
+        model.save_pretrained(str(staging))
+        for item in sorted(staging.iterdir()):
+            os.replace(item, output_dir / item.name)
     except Exception as exc:
         free = R.free_bytes(output_dir)
-        if not R.is_disk_full(exc, free):
+        if not (R.is_disk_full(exc, free) or rundir.is_storage_error(exc)):
             raise
         previous = newest_checkpoint(output_dir)
         raise AutotuneError(R.disk_full_message("the final adapter", output_dir, free, previous)) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return True
 
 
 def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
-    write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan))
+    from autotune import rundir
+
+    rundir.write_json(path, payload, allow_nan=allow_nan)
 
 
 def write_text(path: Path, text: str) -> None:
     """Atomic: a kill mid-write leaves the old file, never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from autotune import rundir
+
+    rundir.write_text(path, text)
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
