@@ -71,15 +71,10 @@ class DataReport:
         """{speaker: seconds}, as the data names them (also when there is only one)."""
         return self.named_speakers if self.named_speakers is not None else speaker_seconds(self.train + self.val)
 
-    def condition_on_speakers(self) -> bool:
-        """Prompts name the speaker only when the data has two or more: one voice needs no
-        name, and a model trained without one is spoken without `--speaker`."""
-        self.named_speakers = self.speakers()
-        if len(self.named_speakers) >= 2:
-            return True
-        for sample in self.train + self.val:
-            sample.speaker = None
-        return False
+    @property
+    def speaker_conditioning(self) -> bool:
+        """Whether prompts name their speaker (see `conditioned_on_speakers`)."""
+        return any(s.speaker is not None for s in self.train + self.val)
 
     def summary(self) -> dict[str, Any]:
         kept = self.train + self.val
@@ -110,6 +105,16 @@ def speaker_seconds(samples: list[Sample]) -> dict[str, float]:
         if s.speaker is not None and s.codes is not None:
             seconds[s.speaker] = seconds.get(s.speaker, 0.0) + len(s.codes) / CODES_PER_SECOND
     return {name: round(value, 2) for name, value in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+MAX_NAMED_SPEAKERS = 64
+
+
+def conditioned_on_speakers(seconds: dict[str, float]) -> bool:
+    """Prompts name the speaker (`Speaker NAME`) for 2 to `MAX_NAMED_SPEAKERS` speakers. One
+    voice needs no name (and is then spoken without `--speaker`); thousands of Common Voice
+    `client_id`s are no voices a user would pick by name."""
+    return 2 <= len(seconds) <= MAX_NAMED_SPEAKERS
 
 
 class _Errors:
@@ -606,6 +611,11 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
         for s in need_audio:
             s.codes = np.asarray(codes_by_path[s.audio], dtype=np.int32)
 
+    # Whether prompts name the speaker is decided before lengths are counted: the name is prompt.
+    report.named_speakers = speaker_seconds(train + val)
+    if not conditioned_on_speakers(report.named_speakers):
+        for sample in train + val:
+            sample.speaker = None
     for part in (train, val):
         measure(part, prompt_builder)
     report.train = drop_too_long(train, max_length, report.skipped)

@@ -132,6 +132,10 @@ def _missing_model(name: str, exc: BaseException) -> AutotuneError:
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, local_only: bool = False):
     if name == TINY:
         return build_tiny_tokenizer()
+    from autotune import replica
+
+    if replica.is_replica(name):
+        return replica.build_llasa_tokenizer()
     from transformers import AutoTokenizer
 
     try:
@@ -159,6 +163,13 @@ def load_base_model(name: str, *, precision: str, attn_implementation: str = "sd
         if load_in_4bit:
             raise AutotuneError("`model.load_in_4bit` needs a real checkpoint on a CUDA GPU, not `--model tiny`")
         return build_tiny_model(dtype=dtype if precision != "fp32" else None).to(device)
+    from autotune import replica
+
+    if replica.is_replica(name):
+        if load_in_4bit:
+            raise AutotuneError(f"`model.load_in_4bit` needs a real checkpoint, not the random `{name}`: "
+                                "`--set model.load_in_4bit=false`")
+        return replica.build_random_llasa(name, dtype=dtype, device=device, attn_implementation=attn_implementation)
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,

@@ -405,8 +405,17 @@ def load_tokenizer_for_data(ctx: Context, config: Config):
     except AutotuneError:
         if not ctx.args.check_data:
             raise
+        from autotune import replica
+
+        if replica.replica_available():
+            # Llasa's tokenizer is Llama 3's BPE plus its own tokens: the replica counts exactly.
+            ctx.notes.append(f"the tokenizer of `{name}` is not available locally: prompt lengths are counted "
+                             "with the offline replica of Llasa's tokenizer (exact for Llasa models)")
+            tokenizer = replica.build_llasa_tokenizer()
+            return tokenizer, PromptBuilder(tokenizer)
         ctx.notes.append(f"the tokenizer of `{name}` is not available locally: prompt lengths are conservative "
-                         "estimates (UTF-8 bytes + 64 template tokens)")
+                         "estimates (UTF-8 bytes + 64 template tokens); `pip install \"llasa-autotune[replica]\"` "
+                         "counts them exactly")
         return None, None
     return tokenizer, PromptBuilder(tokenizer)
 
@@ -417,7 +426,7 @@ def codec_cache_dir(ctx: Context) -> Path:
 
 
 def load_data(ctx: Context, config: Config, builder):
-    from autotune.data import load_dataset
+    from autotune.data import MAX_NAMED_SPEAKERS, load_dataset
 
     def codec_loader():
         from autotune.codec import DeferredCodec
@@ -428,10 +437,15 @@ def load_data(ctx: Context, config: Config, builder):
     data = load_dataset(ctx.args.data, max_length=config.data.max_length, val_fraction=config.data.val_fraction,
                         split_seed=config.data.split_seed, eval_data=config.eval_data_dir, prompt_builder=builder,
                         codec_loader=codec_loader, cache_dir=codec_cache_dir(ctx),
-                        max_errors_shown=config.data.max_errors_shown, progress=ctx.is_main and not ctx.args.json)
-    if data.condition_on_speakers():
-        ctx.notes.append(f"{len(data.speakers())} speakers: each prompt names its speaker "
+                        max_errors_shown=config.data.max_errors_shown, progress=ctx.is_main and not ctx.args.json,
+                        allow_outside_paths=config.data.allow_outside_paths)
+    speakers = len(data.speakers())
+    if data.speaker_conditioning:
+        ctx.notes.append(f"{speakers} speakers: each prompt names its speaker "
                          "(`Speaker NAME`, as Llasa's multi-speaker recipe); `synthesize.py --speaker NAME` picks one")
+    elif speakers > 1:
+        ctx.notes.append(f"{speakers} speakers, more than {MAX_NAMED_SPEAKERS}: prompts name none (trained as one "
+                         "set of voices); keep only the speakers you want in the data to name them")
     return data
 
 
@@ -673,7 +687,7 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
     return finish(ctx, rec, plan, dry, outcome, config, recoveries, time.time() - started, tokenizer,
                   nan_rollbacks=nan_rollbacks, nonfinite_steps=nonfinite_steps, speakers=data.speakers(),
                   data_summary=data.summary(),
-                  speaker_conditioning=any(s.speaker is not None for s in data.train + data.val))
+                  speaker_conditioning=data.speaker_conditioning)
 
 
 def write_run_config(ctx: Context, config: Config) -> None:

@@ -97,28 +97,57 @@ def test_tiny_model_counts_exactly_and_is_deterministic(tmp_path, data_dir):
     assert first.stderr.strip() == ""
 
 
-def test_default_model_offline_is_estimated_and_says_so(tmp_path, data_dir):
+def expected_replica_max_tokens(data_dir: Path) -> int:
+    """Prompt + codes + END of the longest kept line, counted with Llasa's tokenizer replica."""
+    from autotune.llasa import PromptBuilder
+    from autotune.replica import build_llasa_tokenizer
+
+    builder = PromptBuilder(build_llasa_tokenizer())
+    lengths = []
+    for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        codes = item.get("code") or item.get("codes")
+        total = len(builder.prompt_ids(item["text"])) + len(codes) + 1
+        if total <= 2048:
+            lengths.append(total)
+    return max(lengths)
+
+
+def test_default_model_offline_counts_exactly_with_the_replica_tokenizer(tmp_path, data_dir):
+    pytest.importorskip("llama_models")
     (first, modules), (second, _) = (check_data(tmp_path, "--data", str(data_dir), "--json") for _ in range(2))
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
     out = json.loads(first.stdout)
-    assert out["token_count_exact"] is False
-    assert "estimate" in out["token_count_note"] and "conservative" in out["token_count_note"]
+    assert out["token_count_exact"] is True
+    assert any("replica" in note for note in out["notes"])
     assert (out["train_samples"], out["val_samples"]) == (17, 2)
     assert out["audio_seconds"] == round(expected_kept_codes() / 50, 2)
     assert [s["source"] for s in out["skipped"]] == [f"{data_dir / 'train.jsonl'}:8"]
-    # Conservative: 64 template tokens + UTF-8 bytes + codes + END, above the tiny tokenizer's exact 53 + ...
-    assert out["max_tokens"] == longest_codes_and_bytes() + 64 + 1
+    assert out["max_tokens"] == expected_replica_max_tokens(data_dir)
     assert not [m for m in modules["heavy"] if "modeling_llama" in m or m.startswith("peft")]
     assert "Traceback" not in first.stderr
 
 
-def test_default_model_table_prints_the_estimate_note(tmp_path, data_dir):
+def test_without_any_tokenizer_lengths_are_estimated_and_say_so(data_dir, monkeypatch, capsys):
+    import train
+    from autotune import replica
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(replica, "replica_available", lambda: False)
+    assert train.main(["--data", str(data_dir), "--check-data", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_count_exact"] is False
+    assert "estimate" in out["token_count_note"] and "conservative" in out["token_count_note"]
+    # Conservative: 64 template tokens + UTF-8 bytes + codes + END, above the tiny tokenizer's exact 53 + ...
+    assert out["max_tokens"] == longest_codes_and_bytes() + 64 + 1
+
+
+def test_default_model_table_says_how_lengths_were_counted(tmp_path, data_dir):
     proc, modules = check_data(tmp_path, "--data", str(data_dir))
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
-    assert "(estimated)" in text
-    assert "is not available locally" in text and "conservative" in text
+    assert "is not available locally" in text and ("replica" in text or "conservative" in text)
     assert "skipped" in text and "train.jsonl:8" in text
     assert not [m for m in modules["heavy"] if "modeling_llama" in m]
 

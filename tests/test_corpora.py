@@ -470,3 +470,37 @@ def test_check_data_names_the_layout(tmp_path, capsys, runs, corpus, layout, cou
     assert out["layout"] == layout
     assert out["train_samples"] + out["val_samples"] == count
     assert out["audio_seconds"] == count * 0.5
+
+
+# -------------------------------------------- to a trained adapter, unedited ---
+
+def esd_list(folder: Path) -> Path:
+    """Style-Bert-VITS2's layout: esd.list naming clips in wavs/ by bare name, two speakers."""
+    lines = [("a.wav", "あおい", "こんにちは、世界。"), ("b.wav", "あおい", "今日はいい天気ですね。"),
+             ("c.wav", "そら", "駅まで歩いて十分です。")]
+    for name, _, _ in lines:
+        tone(folder / "wavs" / name)
+    write(folder / "esd.list", "".join(f"{name}|{speaker}|JP|{text}\n" for name, speaker, text in lines))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corpus, layout", [
+    (lambda d: jsut_subcorpus(d, {**JSUT_LINES, "BASIC5000_0003": "駅まで歩いて十分です。"}), "jsut"),
+    (common_voice, "common-voice"),
+    (esd_list, "esd-list"),
+])
+def test_a_new_user_with_their_corpus_reaches_a_trained_adapter(tmp_path, corpus, layout):
+    """The first hour: the folder as the corpus ships it, `--codec tiny`, no file edited."""
+    import train
+
+    data = corpus(tmp_path / "corpus")
+    out = tmp_path / "runs" / "voice"
+    code = train.main(["--data", str(data), "--model", "tiny", "--codec", "tiny", "--auto", "--output-dir", str(out),
+                       "--set", "training.max_steps=2", "--set", "samples.max_new_tokens=8"])
+    assert code == 0
+    summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
+    assert summary["steps"] == 2 and summary["adapter_saved"]
+    assert (out / "adapter_model.safetensors").is_file()
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"({layout} layout)" in card and "synthesize.py --adapter" in card

@@ -207,3 +207,19 @@ def test_multi_speaker_training_samples_every_speaker_and_synthesizes_by_name(tm
     with pytest.raises(AutotuneError, match="did you mean `alice`"):
         synthesize.main(["--adapter", str(out), "--text", "こんにちは", "-o", str(wav), "--speaker", "alise",
                          "--codec", "tiny"])
+
+
+def test_prompts_name_speakers_only_for_a_set_a_user_picks_from(tmp_path):
+    from autotune.codec import build_tiny_codec
+    from autotune.data import MAX_NAMED_SPEAKERS, conditioned_on_speakers, load_dataset
+    from autotune.llasa import PromptBuilder, build_tiny_tokenizer
+
+    assert not conditioned_on_speakers({}) and not conditioned_on_speakers({"demo": 60.0})
+    assert conditioned_on_speakers({"a": 1.0, "b": 2.0})
+    assert not conditioned_on_speakers({str(i): 1.0 for i in range(MAX_NAMED_SPEAKERS + 1)})
+    # examples/tiny names one speaker ("demo"): its prompts stay Llasa's plain ones, and the name is reported.
+    report = load_dataset(DATA, max_length=2048, val_fraction=0.1, split_seed=42,
+                          prompt_builder=PromptBuilder(build_tiny_tokenizer()),
+                          codec_loader=build_tiny_codec, cache_dir=tmp_path / "cache", progress=False)
+    assert list(report.speakers()) == ["demo"] and not report.speaker_conditioning
+    assert all(s.speaker is None for s in report.train + report.val)
