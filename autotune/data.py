@@ -51,7 +51,8 @@ class Sample:
     source: str                     # "path:line", for messages and the split record
     codes: np.ndarray | None = None  # int32 speech codes; None until audio is encoded
     audio: Path | None = None
-    speaker: str | None = None
+    speaker: str | None = None       # as the data names it
+    prompt_speaker: str | None = None  # the name its prompt carries: the speaker, when the set is conditioned on them
     num_tokens: int = 0             # prompt + speech + END, filled by `measure`
 
 
@@ -65,16 +66,11 @@ class DataReport:
     token_count_exact: bool = True
     encoded: int = 0
     from_cache: int = 0
-    named_speakers: dict[str, float] | None = None   # kept when one speaker's name is dropped from the prompts
+    speaker_conditioning: bool = False   # prompts name their speaker (see `conditioned_on_speakers`)
 
     def speakers(self) -> dict[str, float]:
         """{speaker: seconds}, as the data names them (also when there is only one)."""
-        return self.named_speakers if self.named_speakers is not None else speaker_seconds(self.train + self.val)
-
-    @property
-    def speaker_conditioning(self) -> bool:
-        """Whether prompts name their speaker (see `conditioned_on_speakers`)."""
-        return any(s.speaker is not None for s in self.train + self.val)
+        return speaker_seconds(self.train + self.val)
 
     def summary(self) -> dict[str, Any]:
         kept = self.train + self.val
@@ -541,7 +537,7 @@ def measure(samples: list[Sample], prompt_builder=None) -> None:
     # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
     lengths = prompt_builder.text_lengths(texts)
     for s, n in zip(samples, lengths):
-        s.num_tokens = prompt_builder.overhead_for(s.speaker) + n + len(s.codes) + 1
+        s.num_tokens = prompt_builder.overhead_for(s.prompt_speaker) + n + len(s.codes) + 1
 
 
 def drop_too_long(samples: list[Sample], max_length: int, skipped: list[dict[str, Any]]) -> list[Sample]:
@@ -612,10 +608,9 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
             s.codes = np.asarray(codes_by_path[s.audio], dtype=np.int32)
 
     # Whether prompts name the speaker is decided before lengths are counted: the name is prompt.
-    report.named_speakers = speaker_seconds(train + val)
-    if not conditioned_on_speakers(report.named_speakers):
-        for sample in train + val:
-            sample.speaker = None
+    report.speaker_conditioning = conditioned_on_speakers(speaker_seconds(train + val))
+    for sample in train + val:
+        sample.prompt_speaker = sample.speaker if report.speaker_conditioning else None
     for part in (train, val):
         measure(part, prompt_builder)
     report.train = drop_too_long(train, max_length, report.skipped)
@@ -671,7 +666,7 @@ def build_example(sample: Sample, prompt_builder, text_ids: list[int] | None = N
     speaker opens the assistant turn with `Speaker {name}` (see `llasa.chat_messages`)."""
     tokens = prompt_builder.tokens
     ids = text_ids if text_ids is not None else prompt_builder.text_ids([sample.text])[0]
-    prompt = prompt_builder.prefix_ids + ids + prompt_builder.suffix_for(sample.speaker)
+    prompt = prompt_builder.prefix_ids + ids + prompt_builder.suffix_for(sample.prompt_speaker)
     speech = (sample.codes.astype(np.int64) + tokens.speech_offset).tolist() + [tokens.speech_end]
     return {"input_ids": prompt + speech, "labels": [IGNORE_INDEX] * (len(prompt) - 1) + [prompt[-1]] + speech}
 

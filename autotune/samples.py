@@ -440,8 +440,8 @@ def choose_prompts(samples_config: Any, val: Sequence[Any], train: Sequence[Any]
     pool = list(val) + list(train)
     seconds: dict[str, int] = {}
     for sample in pool:
-        if sample.speaker is not None:
-            seconds[sample.speaker] = seconds.get(sample.speaker, 0) + len(sample.codes)
+        if sample.prompt_speaker is not None:
+            seconds[sample.prompt_speaker] = seconds.get(sample.prompt_speaker, 0) + len(sample.codes)
     if not seconds:
         texts = fixed or [s.text for s in val if s.text and s.text.strip()][: samples_config.num_texts]
         return [SamplePrompt(t) for t in texts], None
@@ -456,7 +456,7 @@ def choose_prompts(samples_config: Any, val: Sequence[Any], train: Sequence[Any]
         if fixed:
             prompts += [SamplePrompt(t, name) for t in fixed]
         else:
-            own = next((s.text for s in pool if s.speaker == name and s.text.strip()), None)
+            own = next((s.text for s in pool if s.prompt_speaker == name and s.text.strip()), None)
             if own:
                 prompts.append(SamplePrompt(own, name))
     return prompts, note

@@ -176,7 +176,7 @@ def test_a_set_without_speakers_builds_the_plain_prompt():
     builder = PromptBuilder(build_tiny_tokenizer())
     plain = build_example(Sample(text="今日は", source="x", codes=np.array([1, 2], dtype=np.int32)), builder)
     named = build_example(Sample(text="今日は", source="x", codes=np.array([1, 2], dtype=np.int32),
-                                 speaker="alice"), builder)
+                                 speaker="alice", prompt_speaker="alice"), builder)
     tok = builder.tokenizer
     assert "Speaker" not in tok.decode(plain["input_ids"])
     assert "<|end_header_id|>\n\nSpeaker alice<|SPEECH_GENERATION_START|>" in tok.decode(named["input_ids"])
@@ -222,4 +222,4 @@ def test_prompts_name_speakers_only_for_a_set_a_user_picks_from(tmp_path):
                           prompt_builder=PromptBuilder(build_tiny_tokenizer()),
                           codec_loader=build_tiny_codec, cache_dir=tmp_path / "cache", progress=False)
     assert list(report.speakers()) == ["demo"] and not report.speaker_conditioning
-    assert all(s.speaker is None for s in report.train + report.val)
+    assert all(s.speaker == "demo" and s.prompt_speaker is None for s in report.train + report.val)

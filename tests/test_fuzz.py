@@ -92,9 +92,12 @@ def assert_one_line_error(outcome: Outcome, category: str, what: object) -> None
     context = f"{category}: {what!r}\nexit {outcome.code}\nstderr: {outcome.stderr!r}\nstdout: {outcome.stdout[:300]!r}"
     assert "Traceback" not in outcome.stderr, context
     assert outcome.code == 2, context
-    # One terminal line: one "\n", at the end, and no carriage return that would redraw it.
-    assert outcome.stderr.startswith("error: ") and outcome.stderr.count("\n") == 1, context
-    assert outcome.stderr.endswith("\n") and "\r" not in outcome.stderr, context
+    # One error line, then (for a list of problems) one line per problem; no carriage return
+    # that would redraw a line.
+    lines = outcome.stderr.split("\n")
+    assert outcome.stderr.startswith("error: ") and outcome.stderr.endswith("\n"), context
+    assert all(line.startswith(("  - ", "  ... and ")) for line in lines[1:-1]), context
+    assert "\r" not in outcome.stderr, context
     assert outcome.stdout == "", context
     TALLY["one_line"] += 1
 

@@ -115,15 +115,15 @@ BAD_YAML = "training:\n  bf16: [true\n"
     (["--gpu", "Mystery", "--vram", "8"], "error: cannot guess the compute capability of `Mystery`"),
     (["--gpu", "RTX 4090", "--vram", "24", "--count", "0"], "error: `--count` must be at least 1, got `0`"),
     (["--count", "x"], "error: argument --count: invalid int value: 'x'"),
-    (["--set", "lora.rnak=8"], "error: invalid config (1 problem): unknown key `lora.rnak` (did you mean `lora.r`?)"),
+    (["--set", "lora.rnak=8"], "error: invalid config (1 problem):\n  - unknown key `lora.rnak` (did you mean `lora.r`?)"),
     (["--set", "nonsense"], "error: `--set nonsense` must look like `section.key=value`"),
     (["--set", "training.bf16=true", "--set", "training.fp16=true"],
-     "error: invalid config (1 problem): `training`: `training.bf16` and `training.fp16` are both true"),
+     "error: invalid config (1 problem):\n  - `training`: `training.bf16` and `training.fp16` are both true"),
     (["--config", "missing.yaml"], "error: config file `missing.yaml` does not exist"),
     (["--config", "{bad_yaml}"], "error: `{bad_yaml}` is not valid YAML: "),
     (["--bogus"], "error: unrecognized arguments: --bogus (see `probe.py --help`)"),
 ])
-def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_error_line_exit_2(tmp_path, args, message):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text(BAD_YAML, encoding="utf-8")
     args = [a.replace("{bad_yaml}", str(bad_yaml)) for a in args]
@@ -131,9 +131,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run_probe("--json", *args)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:")
-    assert lines[0].startswith(message), lines[0]
+    assert all(line.startswith("  - ") for line in lines[1:]), proc.stderr   # a list: one problem per line
+    assert proc.stderr.startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
 

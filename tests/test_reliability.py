@@ -116,8 +116,9 @@ def test_sigint_saves_the_step_says_how_to_resume_and_exits_130(signalled, capsy
     at = run["argv"].index("--output-dir")
     assert words[2:-3] == run["argv"][:at] + run["argv"][at + 2:]  # the same options, exactly
 
-    # The printed command continues the run (two more steps than where it stopped, to stay quick).
-    assert train(words[2:] + ["--set", f"training.max_steps={step + 2}"]) == 0
+    # The printed command continues the run (two more steps than where it stopped, to stay quick:
+    # a changed setting, which --resume accepts only when asked).
+    assert train(words[2:] + ["--set", f"training.max_steps={step + 2}", "--allow-changes"]) == 0
     printed = capsys.readouterr().out
     assert f"resuming from {checkpoint}" in " ".join(printed.split())
     summary = summary_of(out)

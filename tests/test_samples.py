@@ -328,7 +328,7 @@ def _val(*texts, speakers=None, codes=10):
     from autotune.data import Sample
 
     speakers = speakers or [None] * len(texts)
-    return [Sample(text=t, source=f"v:{i}", codes=np.zeros(codes, dtype=np.int32), speaker=sp)
+    return [Sample(text=t, source=f"v:{i}", codes=np.zeros(codes, dtype=np.int32), speaker=sp, prompt_speaker=sp)
             for i, (t, sp) in enumerate(zip(texts, speakers))]
 
 
