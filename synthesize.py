@@ -284,9 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     check_speaker(args.speaker, adapter)
     say = (lambda message: print(message, file=sys.stderr)) if args.json else print
 
-    from autotune.codec import DEFAULT_CODEC_ID, SAMPLING_RATE, load_audio, load_codec, write_wav
+    from autotune.audio import load_audio, write_wav
+    from autotune.codec import load_codec
+    from autotune.llasa import DEFAULT_CODEC, SAMPLING_RATE
 
-    codec_id = args.codec or run_config_value(adapter, "data", "codec") or DEFAULT_CODEC_ID
+    codec_id = args.codec or run_config_value(adapter, "data", "codec") or DEFAULT_CODEC
     device = pick_device(args.device)
     reference_wave = None
     if args.reference is not None:

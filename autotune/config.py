@@ -23,10 +23,9 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from autotune.errors import AutotuneError
+from autotune.llasa import DEFAULT_CODEC, DEFAULT_MODEL, TINY
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_MODEL = "HKUSTAudio/Llasa-1B"
-DEFAULT_CODEC = "HKUSTAudio/xcodec2-hf"  # transformers-format XCodec2
 
 
 # Integers reach torch, numpy and CUDA, which take at most 64 bits.

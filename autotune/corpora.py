@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterator
 
-from autotune.data import (
+from autotune.reading import (
     MAX_LINE_BYTES,
     MAX_TEXT_BYTES,
     Sample,

@@ -13,8 +13,15 @@ from typing import Any
 
 from autotune.errors import AutotuneError
 
-TINY = "tiny"
-NUM_SPEECH_TOKENS = 65536
+# Llasa's facts, each defined here once.
+TINY = "tiny"                             # the offline demo model and codec (random weights)
+DEFAULT_MODEL = "HKUSTAudio/Llasa-1B"
+DEFAULT_CODEC = "HKUSTAudio/xcodec2-hf"   # XCodec2 in transformers' format
+NUM_SPEECH_TOKENS = 65536                 # XCodec2's one codebook: speech codes 0..65535
+MAX_CODE = NUM_SPEECH_TOKENS - 1
+SAMPLING_RATE = 16_000                    # XCodec2 hears and speaks 16 kHz mono
+HOP_LENGTH = 320                          # samples per code
+CODES_PER_SECOND = SAMPLING_RATE // HOP_LENGTH   # 50
 IGNORE_INDEX = -100  # the label of a position the loss skips (PyTorch cross-entropy's and HF's default)
 LLASA_SPECIALS = [
     "<|TEXT_GENERATION_START|>", "<|TEXT_GENERATION_END|>",

@@ -1,114 +1,21 @@
-"""Base model and tokenizer, precision, 4-bit weights and LoRA; strict checkpoint loading.
+"""Base model and tokenizer, precision, 4-bit weights and LoRA.
 
 Builders take plain values, not the whole config, so the dry run can rebuild
-any rung of its ladder. Checkpoints load strictly (`strict_from_pretrained`):
+any rung of its ladder. Checkpoints load strictly (`loading.strict_from_pretrained`):
 a weight the model expects but the files lack is an error, not random noise.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from autotune.errors import AutotuneError
+from autotune.loading import strict_from_pretrained
 from autotune.llasa import TINY, build_tiny_model, build_tiny_tokenizer
 
 
 # --------------------------------------------------------------------------- strict loading
-
-
-class BenignKey(NamedTuple):
-    """A weight name `from_pretrained` may report without the loaded model being wrong."""
-
-    kind: str  # "missing" (the model has it, the checkpoint not) or "unexpected" (the other way round)
-    pattern: str  # searched (re.search) in the weight name
-    applies: Callable[[Any], bool]  # given the model's config
-    why: str
-
-
-#: The one list of weight-name differences that do not make a loaded model wrong.
-#: `strict_from_pretrained` refuses every other missing, unexpected or wrongly
-#: shaped weight, because transformers fills those with random values and goes on.
-BENIGN_WEIGHT_KEYS: tuple[BenignKey, ...] = (
-    BenignKey("unexpected", r"(^|\.)rotary_emb\.(original_)?inv_freq$", lambda config: True,
-              "RoPE frequencies are a buffer computed from the config at build time; older transformers "
-              "versions saved them in checkpoints, newer ones neither save nor load them"),
-    BenignKey("unexpected", r"(^|\.)position_ids$", lambda config: True,
-              "an `arange` buffer that transformers now builds itself; older versions saved it"),
-    BenignKey("missing", r"^lm_head\.weight$", lambda config: bool(getattr(config, "tie_word_embeddings", False)),
-              "with `tie_word_embeddings` (Llasa-1B) the output head is the input embedding matrix, "
-              "so a checkpoint stores it once, as `model.embed_tokens.weight`"),
-)
-
-
-def _benign(kind: str, name: str, config: Any) -> bool:
-    return any(b.kind == kind and b.applies(config) and re.search(b.pattern, name) for b in BENIGN_WEIGHT_KEYS)
-
-
-def describe_weight_problems(missing: set[str] | list[str], unexpected: set[str] | list[str],
-                             mismatched: list[tuple[str, Any, Any]] = ()) -> str:
-    """'2 weights missing (e.g. `a`, `b`); 1 unexpected (`c`)' for one-line errors; '' when all match."""
-
-    def examples(names: list[str]) -> str:
-        shown = ", ".join(f"`{n}`" for n in names[:2])
-        return f"e.g. {shown}" if len(names) > 2 else shown
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} weight{'s' if len(missing) != 1 else ''} missing ({examples(sorted(missing))})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({examples(sorted(unexpected))})")
-    if mismatched:
-        rows = sorted(mismatched, key=lambda row: row[0])
-        shown = ", ".join(f"`{n}` {list(ckpt)} in the checkpoint vs {list(model)} in the model" for n, ckpt, model in rows[:2])
-        parts.append(f"{len(rows)} with the wrong shape ({'e.g. ' if len(rows) > 2 else ''}{shown})")
-    return "; ".join(parts)
-
-
-class _DropLoadReport(logging.Filter):
-    """transformers logs a table of unmatched weights; `strict_from_pretrained` raises one line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in str(record.msg)
-
-
-@contextmanager
-def _quiet_load_report() -> Iterator[None]:
-    log = logging.getLogger("transformers.modeling_utils")
-    drop = _DropLoadReport()
-    log.addFilter(drop)
-    try:
-        yield
-    finally:
-        log.removeFilter(drop)
-
-
-def strict_from_pretrained(model_class: Any, source: str, *, label: str, fix: str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(source, **kwargs)`, refusing a checkpoint whose weights do not all fit.
-
-    transformers initialises missing and wrongly shaped weights at random, prints a
-    table and carries on, so a renamed or truncated checkpoint would train on noise.
-    Here any difference outside `BENIGN_WEIGHT_KEYS` is one `AutotuneError` that
-    names `label` (the checkpoint as the user gave it), how many weights differ with
-    examples, and `fix`. Loading errors themselves propagate unchanged.
-    """
-    with _quiet_load_report():
-        # Mismatched shapes are reported, not raised, so that they join the one error below.
-        model, info = model_class.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True,
-                                                  **kwargs)
-    config = model.config
-    missing = {k for k in info.get("missing_keys", ()) if not _benign("missing", k, config)}
-    unexpected = {k for k in info.get("unexpected_keys", ()) if not _benign("unexpected", k, config)}
-    mismatched = list(info.get("mismatched_keys", ()))
-    problems = describe_weight_problems(missing, unexpected, mismatched)
-    if problems:
-        raise AutotuneError(f"the checkpoint `{label}` does not fit {type(model).__name__} ({problems}), so those "
-                            f"weights would be random: {fix}")
-    return model
 
 
 # --------------------------------------------------------------------------- base model and tokenizer

@@ -532,7 +532,7 @@ def apply_vram_limit(config: Config, device: str, fraction_of_limit: float = 1.0
 
 
 def dry_run(ctx: Context, rec, data, builder, start):
-    from autotune.data import build_examples, make_collator
+    from autotune.batches import build_examples, make_collator
     from autotune.dryrun import RealMeasure, search
     from autotune.model import load_base_model
     from autotune.profiles import bitsandbytes_installed
@@ -605,7 +605,8 @@ def show_attempts(ctx: Context, result) -> None:
 
 def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
     from autotune import trainer as T
-    from autotune.data import build_examples, make_collator, split_record
+    from autotune.batches import ExampleDataset, build_examples, make_collator
+    from autotune.data import split_record
 
     config = plan.apply(rec.config)
     out = ctx.output_dir
@@ -627,8 +628,8 @@ def train(ctx: Context, rec, plan, dry, data, tokenizer, builder) -> int:
         if data.skipped:
             ctx.console.print(f"[yellow]skipped {len(data.skipped)} samples longer than {max_length} tokens "
                               "(listed in split.json)[/yellow]")
-        return (T.ExampleDataset(build_examples(data.train, builder)),
-                T.ExampleDataset(build_examples(data.val, builder)) if data.val else None)
+        return (ExampleDataset(build_examples(data.train, builder)),
+                ExampleDataset(build_examples(data.val, builder)) if data.val else None)
 
     write_run_config(ctx, config)
     train_set, val_set = datasets(config.data.max_length)

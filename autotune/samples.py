@@ -276,7 +276,7 @@ class SampleCallback(TrainerCallback):
                 continue
             records.append(record)
             if wave is not None:
-                from autotune.codec import SAMPLING_RATE
+                from autotune.llasa import SAMPLING_RATE
 
                 seconds += wave.size / SAMPLING_RATE
                 if writer is not None and wave.size:
@@ -333,7 +333,8 @@ class SampleCallback(TrainerCallback):
                   "dropped_ids": dropped, "codes": codes, "wav": None}
         if codec is None:
             return record, None
-        from autotune.codec import SAMPLING_RATE, write_wav
+        from autotune.audio import write_wav
+        from autotune.llasa import SAMPLING_RATE
 
         wave = codec.decode(codes)
         path = folder / f"{index}.wav"
@@ -352,7 +353,8 @@ class SampleCallback(TrainerCallback):
         if self._codec_tried:
             return self.codec
         self._codec_tried = True
-        from autotune.codec import load_audio, load_codec
+        from autotune.audio import load_audio
+        from autotune.codec import load_codec
 
         try:
             self.codec = load_codec(self.codec_id, device=self.codec_device)
@@ -415,7 +417,7 @@ def _reference(samples: Any) -> _Reference | None:
     if text and not audio:
         raise AutotuneError("`samples.reference_text` is set without `samples.reference_audio`: "
                             "give the clip too, or remove the transcript")
-    from autotune.codec import load_audio
+    from autotune.audio import load_audio
 
     try:
         load_audio(audio)  # fails now on a missing or unreadable clip, not mid-training

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from autotune.codec import SAMPLING_RATE, load_audio
+from autotune.audio import load_audio
 from autotune.errors import AutotuneError
+from autotune.llasa import SAMPLING_RATE
 from autotune.rundir import write_json
-from autotune.xcodec2_convert import _hub_unreachable
+from autotune.loading import hub_offline, hub_unreachable
 
 __all__ = ["DEFAULT_ASR_MODEL", "DEFAULT_SPEAKER_MODEL", "NONE", "SCORES_FILE", "TINY", "Scorer", "SpeakerEncoder",
            "Transcriber", "asr_language", "build_tiny_asr", "build_tiny_speaker", "cosine", "edit_distance",
@@ -318,20 +319,6 @@ def build_tiny_speaker(device: str = "cpu") -> SpeakerEncoder:
 # --------------------------------------------------------------------------- loading
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_offline() -> bool:
-    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 def _source(model_id: str, role: str, setting: str) -> tuple[str, bool]:
     """Where to load `model_id` from, and whether only the local cache may be used.
 
@@ -345,12 +332,12 @@ def _source(model_id: str, role: str, setting: str) -> tuple[str, bool]:
             raise AutotuneError(f"could not load the {role} `{model_id}`: no such folder; pass a folder holding "
                                 f"the checkpoint, a hub id, or `--set {setting}={NONE}` to skip it")
         return str(local), True
-    if _hub_offline():
+    if hub_offline():
         return model_id, True
     from huggingface_hub import constants
 
     # Without this, `from_pretrained` of an id that is not cached retries for about 50 s offline.
-    return model_id, _hub_unreachable(constants.ENDPOINT) is not None
+    return model_id, hub_unreachable(constants.ENDPOINT) is not None
 
 
 def _load_error(model_id: str, role: str, setting: str, exc: BaseException, local_only: bool) -> AutotuneError:

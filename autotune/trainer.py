@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -18,52 +17,12 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from autotune import checkpoints as C
 from autotune import reliability as R
+from autotune.batches import EpochLengthGroupedSampler, ExampleDataset
 from autotune.config import Config, config_rule_problems
 from autotune.errors import AutotuneError
 
 
 # --------------------------------------------------------------- datasets ---
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """Pre-built examples; `lengths` feeds the length-grouped sampler without a pass over the data."""
-
-    def __init__(self, examples: list[dict[str, list[int]]]):
-        self.examples = examples
-        self.lengths = [len(e["input_ids"]) for e in examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.examples[index]
-
-
-class EpochLengthGroupedSampler(torch.utils.data.Sampler):
-    """HF's length grouping with its own generator seeded by (seed, epoch).
-
-    HF's `LengthGroupedSampler` draws its permutation from the global torch RNG
-    when an epoch starts, which a resumed run has in a different state: a resume
-    into a later epoch would see another data order. Seeding per epoch makes the
-    order a function of the epoch alone (the Trainer calls `set_epoch`)."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        from transformers.trainer_pt_utils import get_length_grouped_indices
-
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 # -------------------------------------------------------------- arguments ---

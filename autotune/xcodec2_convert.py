@@ -64,8 +64,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.codec import TINY_CODEC
 from autotune.errors import AutotuneError
+from autotune.llasa import DEFAULT_CODEC, TINY
+from autotune.loading import hub_unreachable
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONVERTER_VERSION",
-    "HUB_PROBE_TIMEOUT_S",
     "convert_checkpoint",
     "converted_folder",
     "converted_root",
@@ -90,12 +90,18 @@ CONVERTER_VERSION = 1
 
 # --------------------------------------------------------------------------- finding a checkpoint
 
+#: What `--codec` may name, for messages.
+FOLDER_HINT = (
+    "an XCodec2 checkpoint: transformers' format (config.json and model.safetensors, e.g. a download of "
+    f"`{DEFAULT_CODEC}`) or the original one (`HKUSTAudio/xcodec2`), or use `--codec {TINY}` for an "
+    "offline test"
+)
+
+
+
 #: Files a codec needs from a hub repository (both formats); nothing else is downloaded.
 _HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "model.safetensors.index.json",
               "model-*.safetensors"]
-#: How long the hub may take to answer before it counts as unreachable. huggingface_hub
-#: itself retries a refused connection with back-off for about half a minute per file.
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def locate(codec_id: str, *, weights: bool) -> tuple[Path, str]:
@@ -111,10 +117,8 @@ def locate(codec_id: str, *, weights: bool) -> tuple[Path, str]:
     looks_local = codec_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
     if looks_local:
         if not local.is_dir():
-            from autotune.codec import _FOLDER_HINT
-
             raise AutotuneError(f"could not load the codec `{codec_id}`: no such folder; pass a folder holding "
-                                f"{_FOLDER_HINT}")
+                                f"{FOLDER_HINT}")
         digest = hashlib.sha256()
         files = [p for p in local.iterdir() if p.is_file()] + sorted((local / "ckpt").glob("*.ckpt"))
         for entry in sorted(files):
@@ -147,11 +151,11 @@ def _hub_snapshot(repo_id: str, *, weights: bool) -> Path:
     def not_on_disk(why: str) -> AutotuneError:
         return AutotuneError(f"could not load the codec `{repo_id}` (not in the local hub cache, and {why}): "
                              f"download it once (`hf download {repo_id}`) and run again, or pass its folder "
-                             f"with `--codec PATH`; `--codec {TINY_CODEC}` runs an offline test")
+                             f"with `--codec PATH`; `--codec {TINY}` runs an offline test")
 
     if constants.HF_HUB_OFFLINE:
         raise not_on_disk("HF_HUB_OFFLINE is set")
-    unreachable = _hub_unreachable(constants.ENDPOINT)
+    unreachable = hub_unreachable(constants.ENDPOINT)
     if unreachable:
         raise not_on_disk(f"the hub at {constants.ENDPOINT} cannot be reached: {unreachable}")
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -162,33 +166,8 @@ def _hub_snapshot(repo_id: str, *, weights: bool) -> Path:
         return Path(hf_hub_download(repo_id, "config.json")).parent
     except Exception as exc:  # noqa: BLE001 - unknown id, gated repo, network failure...: the user's to fix
         raise AutotuneError(f"could not load the codec `{repo_id}` ({_first_line(exc)}): check the id, or download "
-                            f"it once and pass a local folder with `--codec PATH`; `--codec {TINY_CODEC}` runs "
+                            f"it once and pass a local folder with `--codec PATH`; `--codec {TINY}` runs "
                             "an offline test") from exc
-
-
-def _hub_unreachable(endpoint: str) -> str | None:
-    """Why `endpoint` cannot be reached, or None when it answers (any HTTP status counts).
-
-    The request runs in a daemon thread that is waited for at most
-    `HUB_PROBE_TIMEOUT_S`, because name resolution has no timeout of its own.
-    """
-    import threading
-
-    import httpx
-
-    outcome: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
-            outcome.append(None)
-        except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
-            outcome.append(_first_line(exc) or type(exc).__name__)
-
-    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
-    thread.start()
-    thread.join(HUB_PROBE_TIMEOUT_S)
-    return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
 # --------------------------------------------------------------------------- recognising the format
@@ -414,7 +393,7 @@ def convert_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike
     from transformers import Xcodec2Model
     from transformers.models.xcodec2.feature_extraction_xcodec2 import Xcodec2FeatureExtractor
 
-    from autotune.model import describe_weight_problems
+    from autotune.loading import describe_weight_problems
 
     source, target = Path(source), Path(target)
     label = label or str(source)

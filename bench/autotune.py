@@ -37,7 +37,7 @@ WORDS = "the a voice speech model train data clear slow bright morning station c
 
 
 def realistic_samples(n: int, seed: int = 0, fixed_seconds: float | None = None):
-    from autotune.data import Sample
+    from autotune.reading import Sample
     import numpy as np
 
     rng = random.Random(seed)
@@ -155,8 +155,7 @@ def main(argv=None) -> int:
         device = R.device_for(ctx)
         R.apply_vram_limit(config, device)
         free()
-        from autotune.data import build_examples, make_collator
-        from autotune.trainer import ExampleDataset
+        from autotune.batches import ExampleDataset, build_examples, make_collator
 
         train_set = ExampleDataset(build_examples([s for s in data.train if s.num_tokens <= config.data.max_length], builder))
         t0 = time.perf_counter()
@@ -226,7 +225,7 @@ def auto_find_batch_size(rec, plan, data, builder, tokenizer, tmp, console, step
     import torch
 
     from autotune import trainer as T
-    from autotune.data import LlasaCollator, build_examples
+    from autotune.batches import ExampleDataset, LlasaCollator, build_examples
     from autotune.model import apply_lora, load_base_model
 
     config = plan.apply(rec.config)
@@ -240,7 +239,7 @@ def auto_find_batch_size(rec, plan, data, builder, tokenizer, tmp, console, step
     args = T.training_arguments(config, tmp / "afbs", has_eval=False, use_cpu=device == "cpu", notes=[])
     args.auto_find_batch_size = True
     args.per_device_train_batch_size = 64
-    train_set = T.ExampleDataset(build_examples(data.train, builder))
+    train_set = ExampleDataset(build_examples(data.train, builder))
     trainer = T.LlasaTrainer(model=model, args=args, train_dataset=train_set, data_collator=LlasaCollator(builder.tokens.pad),
                              lean_loss=False)
     throughput = T.ThroughputCallback(trainer, 1)

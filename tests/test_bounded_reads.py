@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from autotune.data import MAX_CODES, MAX_JSON_LINE_BYTES, MAX_TEXT_BYTES, load_dataset  # noqa: E402
+from autotune.data import load_dataset  # noqa: E402
+from autotune.reading import MAX_CODES, MAX_JSON_LINE_BYTES, MAX_TEXT_BYTES  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
 
 OUTSIDE_FIX = "move the audio inside the data folder or set `--set data.allow_outside_paths=true`"

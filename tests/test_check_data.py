@@ -166,7 +166,7 @@ def test_audio_is_encoded_with_the_cache_next_to_the_run(tmp_path):
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from autotune.codec import write_wav
+    from autotune.audio import write_wav
 
     data = tmp_path / "lj"
     for name, seconds in (("a", 1.0), ("b", 2.0)):

@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from autotune.codec import (
-    CODEBOOK_SIZE,
-    DEFAULT_CODEC_ID,
-    TINY_CODEC,
-    Codec,
-    DeferredCodec,
-    build_tiny_codec,
-    encode_files,
-    load_audio,
-    load_codec,
-    resample,
-    write_wav,
-)
+from autotune.audio import load_audio, resample, write_wav
+from autotune.codec import Codec, DeferredCodec, build_tiny_codec, load_codec
+from autotune.codec_cache import encode_files
+from autotune.llasa import DEFAULT_CODEC, NUM_SPEECH_TOKENS, TINY
 from autotune.errors import AutotuneError
 
 SR = 16_000
@@ -53,8 +44,8 @@ def test_tiny_codec_has_the_real_codecs_rates(codec: Codec) -> None:
     assert codec.sampling_rate == 16_000
     assert codec.codes_per_second == 50
     assert codec.hop_length == 320
-    assert codec.codebook_size == CODEBOOK_SIZE == 65_536
-    assert codec.codec_id.startswith(f"{TINY_CODEC}-")
+    assert codec.codebook_size == NUM_SPEECH_TOKENS == 65_536
+    assert codec.codec_id.startswith(f"{TINY}-")
 
 
 @pytest.mark.parametrize(("seconds", "expected"), [(1.0, 50), (2.5, 125)])
@@ -94,7 +85,7 @@ def test_tiny_codec_is_deterministic_and_leaves_the_rng_alone(codec: Codec) -> N
     assert again.codec_id == codec.codec_id
     wave = tone(1.0, seed=3)
     assert again.encode(wave) == codec.encode(wave)
-    assert load_codec(TINY_CODEC).codec_id == codec.codec_id
+    assert load_codec(TINY).codec_id == codec.codec_id
 
 
 def test_too_short_audio_and_bad_codes_are_refused(codec: Codec) -> None:
@@ -108,16 +99,82 @@ def test_too_short_audio_and_bad_codes_are_refused(codec: Codec) -> None:
 
 
 def test_features_match_transformers_extractor(codec: Codec) -> None:
-    """Our torchaudio-free port against transformers' own extractor, where torchaudio is installed."""
+    """Our torchaudio-free features against transformers' own extractor, where torchaudio is installed."""
     pytest.importorskip("torchaudio")
-    from autotune.codec import _featurize
+    from autotune.audio import featurize
 
     wave = tone(1.3)
     reference = codec.feature_extractor(wave, sampling_rate=SR, return_tensors="pt")
-    ours = _featurize(wave, codec.feature_extractor, codec.device)
+    ours = featurize(wave, codec.feature_extractor, codec.device)
     for name, value in reference.items():
         assert ours[name].shape == value.shape, name
         assert np.allclose(ours[name].float().numpy(), value.float().numpy(), atol=1e-4), name
+
+
+# A port of `torchaudio.compliance.kaldi.fbank` with Xcodec2FeatureExtractor's options, kept
+# here as the reference for `audio.log_fbank` (which is transformers' `spectrogram`).
+def torch_kaldi_fbank(
+    waveform, *, sampling_rate: int, num_mel_bins: int, frame_length: int, frame_shift: int
+):
+    """Kaldi-compatible log mel filterbank of a 1-D waveform, shape (frames, num_mel_bins).
+
+    A port of `torchaudio.compliance.kaldi.fbank` with the options that
+    `Xcodec2FeatureExtractor` uses (povey window, pre-emphasis 0.97, DC
+    removal, no dither, snip_edges, low_freq 20 Hz, high_freq Nyquist, power
+    spectrum). transformers' extractor needs torchaudio, which has no build for
+    every torch release; this keeps the codec working on plain torch.
+    """
+    import math
+
+    import torch
+
+    dtype, device = waveform.dtype, waveform.device
+    eps = torch.tensor(torch.finfo(torch.float32).eps, dtype=dtype, device=device)
+    fft_size = 1 << (frame_length - 1).bit_length()
+
+    frames = waveform.unfold(0, frame_length, frame_shift)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = frames - 0.97 * previous
+    window = torch.hann_window(frame_length, periodic=False, dtype=dtype, device=device).pow(0.85)
+    frames = torch.nn.functional.pad(frames * window, (0, fft_size - frame_length))
+    power = torch.fft.rfft(frames).abs().pow(2.0)
+
+    def mel(freq):
+        if isinstance(freq, torch.Tensor):
+            return 1127.0 * (1.0 + freq / 700.0).log()
+        return 1127.0 * math.log(1.0 + freq / 700.0)
+
+    low_mel, high_mel = mel(20.0), mel(sampling_rate / 2)
+    delta = (high_mel - low_mel) / (num_mel_bins + 1)
+    # float64 filters (the old port built them in float32), so the comparison is of the algorithm
+    bins = torch.arange(num_mel_bins, dtype=torch.float64).unsqueeze(1)
+    left, center, right = (low_mel + (bins + k) * delta for k in (0.0, 1.0, 2.0))
+    fft_mel = mel(sampling_rate / fft_size * torch.arange(fft_size // 2, dtype=torch.float64)).unsqueeze(0)
+    banks = torch.clamp(torch.min((fft_mel - left) / (center - left), (right - fft_mel) / (right - center)), min=0.0)
+    banks = torch.nn.functional.pad(banks, (0, 1)).to(dtype=dtype, device=device)
+    return torch.max(power @ banks.T, eps).log()
+
+
+
+
+def test_log_fbank_equals_the_kaldi_port(codec: Codec) -> None:
+    """`audio.log_fbank` (transformers' audio_utils) against the torch port of Kaldi's fbank
+    this project used before: the same frames, bins and values."""
+    import torch
+
+    from autotune.audio import log_fbank
+
+    fe = codec.feature_extractor
+    for seconds, seed in ((0.4, 1), (1.3, 2), (3.0, 3)):
+        wave = tone(seconds, seed=seed)
+        centred = np.pad(np.append(wave, 0.0), (160, 160)) * 2**15
+        kwargs = dict(sampling_rate=int(fe.sampling_rate), num_mel_bins=int(fe.num_mel_bins),
+                      frame_length=int(fe.frame_length), frame_shift=int(fe.frame_shift))
+        ours = log_fbank(centred, **kwargs)
+        reference = torch_kaldi_fbank(torch.as_tensor(centred, dtype=torch.float64), **kwargs).numpy()
+        assert ours.shape == reference.shape
+        assert np.abs(ours - reference).max() < 1e-6, np.abs(ours - reference).max()
 
 
 # --------------------------------------------------------------------------- load_codec
@@ -159,7 +216,7 @@ def test_load_codec_empty_folder_and_unknown_hub_id(tmp_path: Path, offline: Non
         load_codec("no-such-org/no-such-codec")
     assert "could not load the codec `no-such-org/no-such-codec` (" in str(info.value)
     assert "--codec PATH" in str(info.value)
-    assert DEFAULT_CODEC_ID == "HKUSTAudio/xcodec2-hf"
+    assert DEFAULT_CODEC == "HKUSTAudio/xcodec2-hf"
 
 
 # --------------------------------------------------------------------------- audio I/O
@@ -268,7 +325,7 @@ def test_a_deferred_codec_loads_weights_only_for_files_not_cached(codec: Codec, 
                                                                   monkeypatch, kind: str) -> None:
     import autotune.codec as codec_module
 
-    name = TINY_CODEC
+    name = TINY
     if kind == "folder":
         name = str(tmp_path / "xcodec2")
         codec.model.save_pretrained(name)
@@ -427,9 +484,9 @@ def test_a_codec_not_on_disk_without_a_hub_fails_within_5_s_saying_what_to_do(tm
     why = f"the hub at {endpoint} cannot be reached: " if endpoint else "HF_HUB_OFFLINE is set"
     for seconds, message in json.loads(done.stdout):
         assert seconds < 5.0, (seconds, message)
-        assert message.startswith(f"could not load the codec `{DEFAULT_CODEC_ID}` (not in the local hub cache, "
+        assert message.startswith(f"could not load the codec `{DEFAULT_CODEC}` (not in the local hub cache, "
                                   f"and {why}")
-        assert f"download it once (`hf download {DEFAULT_CODEC_ID}`)" in message
+        assert f"download it once (`hf download {DEFAULT_CODEC}`)" in message
         assert "--codec PATH" in message and "`--codec tiny` runs an offline test" in message
 
 
@@ -447,5 +504,5 @@ def test_check_data_on_audio_without_codec_or_hub_is_one_line(tmp_path: Path) ->
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
-    assert line.startswith(f"error: could not load the codec `{DEFAULT_CODEC_ID}` (not in the local hub cache")
+    assert line.startswith(f"error: could not load the codec `{DEFAULT_CODEC}` (not in the local hub cache")
     assert "hf download" in line and "--codec tiny" in line

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.codec import Codec, build_tiny_codec, encode_files, write_wav
+from autotune.audio import write_wav
+from autotune.codec import Codec, build_tiny_codec
+from autotune.codec_cache import encode_files
 
 SR = 16_000
 
@@ -197,7 +199,7 @@ def test_a_cache_folder_that_cannot_exist_or_take_files_is_bypassed(codec: Codec
 def test_the_progress_shows_an_eta_after_the_first_encoded_file() -> None:
     from rich.progress import Progress
 
-    from autotune.codec import _progress_columns
+    from autotune.codec_cache import _progress_columns
 
     eta = _progress_columns()[-1]
     with Progress(*_progress_columns(), disable=True) as bar:

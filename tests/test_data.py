@@ -21,20 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from autotune.codec import write_wav  # noqa: E402
-from autotune.data import (  # noqa: E402
-    MAX_CODE,
-    LlasaCollator,
-    Sample,
-    build_example,
-    build_examples,
-    drop_too_long,
-    find_layout,
-    load_dataset,
-    measure,
-    split,
-    split_record,
-)
+from autotune.audio import write_wav  # noqa: E402
+from autotune.batches import LlasaCollator, build_example, build_examples
+from autotune.data import drop_too_long, find_layout, load_dataset, measure, split, split_record
+from autotune.llasa import MAX_CODE
+from autotune.reading import Sample
 from autotune.errors import AutotuneError  # noqa: E402
 from autotune.llasa import (  # noqa: E402
     ESTIMATED_TEMPLATE_TOKENS,
@@ -793,7 +784,7 @@ def test_length_grouped_batching_works_on_built_examples(builder):
 
 
 def test_packed_collator_restarts_positions_per_sample(builder):
-    from autotune.data import PackedCollator
+    from autotune.batches import PackedCollator
 
     samples = [Sample(text=t, source="x", codes=np.arange(4, dtype=np.int32)) for t in ("ab", "日本")]
     features = build_examples(samples, builder)

@@ -170,7 +170,8 @@ def test_check_data_reports_seconds_per_speaker(tmp_path, capsys):
 
 
 def test_a_set_without_speakers_builds_the_plain_prompt():
-    from autotune.data import Sample, build_example
+    from autotune.batches import build_example
+    from autotune.reading import Sample
     from autotune.llasa import PromptBuilder, build_tiny_tokenizer
 
     builder = PromptBuilder(build_tiny_tokenizer())

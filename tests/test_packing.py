@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from autotune.data import PackedCollator, _Errors, build_examples, make_collator, read_jsonl
+from autotune.batches import PackedCollator, build_examples, make_collator
+from autotune.reading import _Errors, read_jsonl
 from autotune.llasa import PromptBuilder, build_tiny_model, build_tiny_tokenizer
 from autotune.loss import compute_lean_loss
 

@@ -22,7 +22,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from autotune import replica  # noqa: E402
-from autotune.data import LlasaCollator, Sample, build_example  # noqa: E402
+from autotune.batches import LlasaCollator, build_example  # noqa: E402
+from autotune.reading import Sample  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
 from autotune.llasa import LLASA_SPECIALS, LlasaTokens, PromptBuilder  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.codec import write_wav
+from autotune.audio import write_wav
 from autotune.report import AUDIO_COPIES, evaluation_from_scores, write_report, write_sweep_report
 
 HOSTILE = '<script>alert("x")</script> & \'quotes\''

@@ -325,7 +325,7 @@ def test_no_callback_without_texts_or_with_zero_texts():
 
 
 def _val(*texts, speakers=None, codes=10):
-    from autotune.data import Sample
+    from autotune.reading import Sample
 
     speakers = speakers or [None] * len(texts)
     return [Sample(text=t, source=f"v:{i}", codes=np.zeros(codes, dtype=np.int32), speaker=sp, prompt_speaker=sp)

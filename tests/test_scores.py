@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autotune import scores as S
-from autotune.codec import write_wav
+from autotune.audio import write_wav
 from autotune.errors import AutotuneError
 
 SR = 16_000

@@ -17,9 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autotune.codec import Codec, DeferredCodec, build_tiny_codec, encode_files, load_codec, write_wav
+from autotune.audio import write_wav
+from autotune.codec import Codec, DeferredCodec, build_tiny_codec, load_codec
+from autotune.codec_cache import encode_files
 from autotune.errors import AutotuneError
-from autotune.model import BENIGN_WEIGHT_KEYS, load_base_model
+from autotune.loading import BENIGN_WEIGHT_KEYS
+from autotune.model import load_base_model
 
 SR = 16_000
 

@@ -1,0 +1,413 @@
+"""Reading transcript files safely: one sample, its checks, and bounded reads.
+
+A file is read a line at a time; a line, a `text` or a code list over its limit is one
+error by position and never parsed whole. Audio must stay inside the data folder (its
+resolved path, so a symlink that leads out counts as outside) unless
+`allow_outside_paths`, and only regular files are opened: a folder, FIFO, device or
+symlink loop is named as what it is. Problems are collected (`_Errors`) and raised
+together, one per line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import json
+import math
+import os
+import shlex
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
+
+from autotune.errors import AutotuneError
+from autotune.llasa import CODES_PER_SECOND, MAX_CODE
+
+
+# Limits far above any real sample (Llasa reads 2,048 tokens) that keep a broken
+# file from growing into gigabytes of strings and lists.
+MAX_TEXT_BYTES = 1_000_000        # one transcript, UTF-8
+
+
+MAX_CODES = 100_000               # one sample's speech codes: 2,000 s at 50 codes/s
+
+
+# A JSON line holds a text (up to 2x longer as `\uXXXX` escapes) and its codes (up to 7 bytes each).
+MAX_JSON_LINE_BYTES = 4_000_000
+
+
+MAX_LINE_BYTES = MAX_TEXT_BYTES   # a line of a transcript file (csv, tsv, list, txt)
+
+
+@dataclass
+class Sample:
+    text: str
+    source: str                     # "path:line", for messages and the split record
+    codes: np.ndarray | None = None  # int32 speech codes; None until audio is encoded
+    audio: Path | None = None
+    speaker: str | None = None       # as the data names it
+    prompt_speaker: str | None = None  # the name its prompt carries: the speaker, when the set is conditioned on them
+    num_tokens: int = 0             # prompt + speech + END, filled by `measure`
+
+
+class _Errors:
+    """Collects `path:line: problem` messages; raises them together at the end."""
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.items: list[str] = []
+        self.count = 0
+
+    def add(self, where: str, problem: str) -> None:
+        self.count += 1
+        if len(self.items) < self.cap:
+            self.items.append(f"{where}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            more = f" (first {len(self.items)} shown)" if self.count > len(self.items) else ""
+            raise AutotuneError(f"{self.count} malformed line{'s' if self.count > 1 else ''} in the data{more}; "
+                                "fix them or remove them", details=self.items)
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a non-regular file is, for messages; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def open_regular(path: Path, what: str = "data") -> IO[bytes]:
+    """Open a file for reading, refusing anything but a regular file. O_NONBLOCK makes
+    opening a FIFO return at once (a plain open waits for a writer forever)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        raise AutotuneError(f"{what} file `{path}` does not exist: check the path") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AutotuneError(f"{what} file `{path}` is a symlink loop: point it at a real file") from None
+        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
+    kind = special_file_kind(os.fstat(fd).st_mode)
+    if kind:
+        os.close(fd)
+        raise AutotuneError(f"{what} file `{path}` is {kind}, not a regular file: pass the file itself")
+    return os.fdopen(fd, "rb")
+
+
+_SNIFF_BYTES = 1 << 20   # the encoding is judged on the first MiB: enough lines, never the whole file
+
+
+def read_lines(path: Path, limit_bytes: int, errors: _Errors, *, limit_note: str = "") -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes without the line end) for each line of `path`, one line in
+    memory at a time. A line over `limit_bytes` is one error by position and is skipped
+    in chunks, never held whole: a 200 MB line must not become a 200 MB string, let alone
+    a JSON object. A UTF-8 byte-order mark is dropped; a file in another encoding is one
+    error (`_require_utf8`)."""
+    with open_regular(path) as handle:
+        _require_utf8(path, handle.read(_SNIFF_BYTES))
+        handle.seek(0)
+        number = 0
+        while True:
+            line = handle.readline(limit_bytes + 1)
+            if not line:
+                return
+            number += 1
+            if line.endswith(b"\n"):
+                line = line[:-1]
+            elif len(line) > limit_bytes:
+                size = len(line) + _skip_rest_of_line(handle)
+                errors.add(f"{path}:{number}", f"line is {_mb(size)}, longer than the {limit_bytes / 1e6:g} MB "
+                                               f"limit{limit_note}")
+                continue
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a BOM from Windows editors is not data
+            yield number, line.removesuffix(b"\r")
+
+
+def _skip_rest_of_line(handle: IO[bytes]) -> int:
+    skipped = 0
+    while True:
+        chunk = handle.readline(1 << 20)
+        if not chunk:
+            return skipped
+        if chunk.endswith(b"\n"):
+            return skipped + len(chunk) - 1
+        skipped += len(chunk)
+
+
+def converted_name(path: Path) -> Path:
+    """Where the encoding hint puts the UTF-8 copy: beside the original (so relative
+    audio paths still resolve), same suffix (so its layout is still recognised)."""
+    return path.with_name(f"{path.stem}.utf8{path.suffix}")
+
+
+def _require_utf8(path: Path, raw: bytes, fix: Callable[[str], str] | None = None) -> None:
+    """A whole file in another encoding is one error, not one per line. UTF-16 (Windows
+    "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS (CP932), common
+    for Japanese transcripts, when the file is not UTF-8 but decodes as CP932. Anything
+    else returns, for the line-by-line checks to list. `raw` is the start of the file
+    (a character cut at its end is fine); `fix(iconv_name)` words the remedy, by default
+    a converted copy beside the file (`converted_name`) passed as `--data`."""
+    head = raw[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 4:
+        name, iconv = "UTF-16", "UTF-16"
+    else:
+        if _is_utf8(raw):
+            return
+        if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
+            return   # UTF-8 with some bad lines: those are listed one by one
+        try:
+            text = codecs.getincrementaldecoder("cp932")().decode(raw)
+        except UnicodeDecodeError:
+            return
+        # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
+        # Japanese text has kana, and no private-use characters (what 0xFF becomes).
+        if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
+            return
+        name, iconv = "Shift_JIS (CP932)", "CP932"
+    if fix is None:
+        target = shlex.quote(str(converted_name(path)))
+        remedy = (f"convert it, e.g. `iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > {target}`, "
+                  f"then pass the converted file: `--data {target}` (or `--val`)")
+    else:
+        remedy = fix(iconv)
+    raise AutotuneError(f"`{path}` looks like {name} text, not UTF-8: {remedy}")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data)  # not final: a cut last character is fine
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_jsonl(path: Path, errors: _Errors, *, root: Path | None = None, allow_outside_paths: bool = False,
+               aliases: bool = False) -> list[Sample]:
+    """`aliases`: Hugging Face audiofolder's metadata.jsonl, where `file_name` is the
+    audio and `transcription` (or `sentence`) the text."""
+    samples: list[Sample] = []
+    root = path.parent if root is None else root
+    note = f" of a JSON line (up to {MAX_TEXT_BYTES / 1e6:g} MB of `text` and {MAX_CODES:,} codes)"
+    for number, line in read_lines(path, MAX_JSON_LINE_BYTES, errors, limit_note=note):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            text_line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            errors.add(where, f"not UTF-8 (byte {exc.start})")
+            continue
+        try:
+            item = json.loads(text_line)
+        except json.JSONDecodeError as exc:
+            errors.add(where, f"invalid JSON ({exc.msg})")
+            continue
+        except RecursionError:
+            errors.add(where, "invalid JSON (too deeply nested)")
+            continue
+        except ValueError:  # an integer of over 4,300 digits (Python's int/str conversion limit)
+            errors.add(where, "invalid JSON (a number is too long)")
+            continue
+        if aliases and isinstance(item, dict):
+            item = _audiofolder_item(item, where, errors)
+            if item is None:
+                continue
+        sample = _parse_item(item, where, path.parent, errors, check_bools=b"true" in line or b"false" in line,
+                             root=root, allow_outside_paths=allow_outside_paths)
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def _audiofolder_item(item: dict, where: str, errors: _Errors) -> dict | None:
+    item = dict(item)
+    if "text" not in item:
+        key = next((k for k in ("transcription", "sentence") if k in item), None)
+        if key is None:
+            errors.add(where, "missing `transcription` (or `text`)")
+            return None
+        item["text"] = item.pop(key)
+    if "audio" not in item and "code" not in item and "codes" not in item:
+        if "file_name" not in item:
+            errors.add(where, "missing `file_name`")
+            return None
+        item["audio"] = item.pop("file_name")
+    return item
+
+
+def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools: bool, *,
+                root: Path | None = None, allow_outside_paths: bool = False) -> Sample | None:
+    if not isinstance(item, dict):
+        errors.add(where, f"expected a JSON object, got {type(item).__name__}")
+        return None
+    text = item.get("text")
+    if text is None:
+        errors.add(where, "missing `text`")
+        return None
+    if not isinstance(text, str):
+        errors.add(where, f"`text` must be a string, got {type(text).__name__}")
+        return None
+    problem = text_problem(text, "`text`")
+    if problem:
+        errors.add(where, problem)
+        return None
+    speaker = item.get("speaker")
+    if speaker is not None and not isinstance(speaker, (str, int)):
+        errors.add(where, f"`speaker` must be a string, got {type(speaker).__name__}")
+        return None
+    key = "code" if "code" in item else "codes" if "codes" in item else None
+    if key is not None:
+        codes = _parse_codes(item[key], key, where, errors, check_bools)
+        if codes is None:
+            return None
+        return Sample(text=text, source=where, codes=codes, speaker=None if speaker is None else str(speaker))
+    audio = item.get("audio")
+    if audio is None:
+        errors.add(where, "missing speech codes: give `code` (or `codes`) as a list of integers, or `audio` as a path")
+        return None
+    if not isinstance(audio, str) or not audio.strip():
+        errors.add(where, "`audio` must be a non-empty path string")
+        return None
+    path = (base / audio)
+    problem = check_audio_file(path, root=base if root is None else root, allow_outside_paths=allow_outside_paths)
+    if problem:
+        errors.add(where, problem)
+        return None
+    return Sample(text=text, source=where, audio=path, speaker=None if speaker is None else str(speaker))
+
+
+def text_problem(text: str, name: str = "text") -> str | None:
+    """What is wrong with a transcript, or None: empty, over `MAX_TEXT_BYTES`, or holding
+    an unpaired surrogate (which no tokenizer can encode)."""
+    if not text.strip():
+        return f"empty {name}"
+    if len(text) > MAX_TEXT_BYTES // 4:  # cheap first: only a long text can be over the byte limit
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_TEXT_BYTES:
+            return f"{name} is {_mb(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            return (f"{name} is not valid Unicode (unpaired surrogate {ascii(text[exc.start])} "
+                    f"at character {exc.start})")
+    return None
+
+
+def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools: bool) -> np.ndarray | None:
+    if not isinstance(value, list):
+        errors.add(where, f"`{key}` must be a list of integers, got {type(value).__name__}")
+        return None
+    if not value:
+        errors.add(where, f"`{key}` is empty")
+        return None
+    if len(value) > MAX_CODES:
+        errors.add(where, f"`{key}` holds {len(value):,} codes, more than the {MAX_CODES:,} limit "
+                          f"({MAX_CODES // CODES_PER_SECOND:,} s of speech)")
+        return None
+    # The fast path: numpy decides "all ints" for the common case in C.
+    try:
+        arr = np.asarray(value)
+    except (ValueError, OverflowError):
+        arr = np.asarray(value, dtype=object)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or (check_bools and any(isinstance(v, bool) for v in value)):
+        bad = next((v for v in value if isinstance(v, bool) or not isinstance(v, int)), _NONE)
+        if bad is _NONE:  # only big ints that overflow int64 get here (a JSON null is found above)
+            bad = next(v for v in value if not 0 <= v <= MAX_CODE)
+            errors.add(where, f"`{key}` value {_short(bad)} is out of range 0..{MAX_CODE}")
+        else:
+            errors.add(where, f"`{key}` must hold integers, found {_short(bad)}")
+        return None
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high > MAX_CODE:
+        errors.add(where, f"`{key}` value {low if low < 0 else high} is out of range 0..{MAX_CODE}")
+        return None
+    return arr.astype(np.int32)
+
+
+_NONE = object()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+OUTSIDE_FIX = "move the audio inside the data folder or set `--set data.allow_outside_paths=true`"
+
+
+def check_audio_file(path: Path, root: Path | None = None, allow_outside_paths: bool = False) -> str | None:
+    """What is wrong with an audio path, or None. In order: it must lie inside `root`
+    (by its resolved path, so a symlink leading out counts as outside) unless
+    `allow_outside_paths`; it must be a regular file (a folder, FIFO, device or
+    symlink loop is said as such, and is never opened); then a cheap header read
+    (the codec reads the samples later) for its format and length."""
+    try:
+        if root is not None and not allow_outside_paths:
+            problem = _outside_problem(path, root)
+            if problem:
+                return problem
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(path):
+                return f"audio file `{path}` is a symlink to a missing file (`{os.readlink(path)}`)"
+            return f"audio file `{path}` is missing"
+    except OSError as exc:  # e.g. a name over the file system's 255-byte limit
+        if exc.errno == errno.ELOOP:
+            return f"audio file `{path}` is a symlink loop"
+        return f"audio path `{_clip(str(path))}` is unusable ({exc.strerror or exc})"
+    except ValueError:  # os functions refuse a NUL byte
+        return f"audio path `{_clip(ascii(str(path)))}` holds a NUL character"
+    kind = special_file_kind(mode)
+    if kind:
+        return f"audio file `{path}` is {kind}, not an audio file"
+    try:
+        import soundfile
+
+        # Bytes, not str: soundfile encodes a str path strictly, and a folder name
+        # that is not UTF-8 reaches us as surrogate escapes.
+        info = soundfile.info(os.fsencode(path))
+    except Exception as exc:  # soundfile raises its own LibsndfileError and RuntimeError
+        reason = " ".join(str(exc).split()).replace(f"Error opening {os.fsencode(path)!r}: ", "")  # said once
+        return f"audio file `{path}` is unreadable ({reason[:80]})"
+    if info.frames <= 0:
+        return f"audio file `{path}` is empty"
+    seconds = info.frames / max(info.samplerate, 1)
+    if seconds > MAX_CODES / CODES_PER_SECOND:
+        return (f"audio file `{path}` is {seconds / 60:,.0f} min long, longer than the "
+                f"{MAX_CODES // CODES_PER_SECOND:,} s limit of one sample: cut it into utterances")
+    return None
+
+
+def _outside_problem(path: Path, root: Path) -> str | None:
+    base = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+        return None
+    lexical = os.path.normpath(os.path.abspath(path))
+    if lexical == base or lexical.startswith(base.rstrip(os.sep) + os.sep):
+        return f"audio file `{path}` links to `{real}`, outside the data folder `{root}`: {OUTSIDE_FIX}"
+    return f"audio path `{path}` is outside the data folder `{root}`: {OUTSIDE_FIX}"
