@@ -19,8 +19,9 @@ that never completes) is "lost".
   (the kinds of issue 17, random bit flips, truncations, deleted files; the
   manifest itself), then `--resume`: it must fall back and end identical.
 - concurrent: a second `train.py` (plain, `--resume`, `--overwrite`) into the
-  folder of a run in progress must exit 2 naming the first one's PID, and the
-  first run must end identical.
+  folder of a run in progress (paused with SIGSTOP meanwhile, so the two surely
+  overlap) must exit 2 naming the first one's PID, and the first run must end
+  identical; a second run that is not refused counts as lost.
 - disk_full: the run folder on a small tmpfs is filled while training runs;
   after space is freed, `--resume` must end identical (needs root for `mount`).
 
@@ -75,6 +76,7 @@ class Runner:
         self.data = data
         self.reference: dict | None = None
         self.reference_seconds = 0.0
+        self.locked_seconds = 0.0   # how long a run holds its folder (claim to exit)
         self._lock = threading.Lock()
         self._serial = 0
 
@@ -154,6 +156,16 @@ def wait_or_kill(proc: subprocess.Popen, kill_after: float | None) -> bool:
         proc.send_signal(signal.SIGKILL)   # only the process we started, by its PID
         proc.wait()
         return True
+
+
+def wait_for(proc: subprocess.Popen, path: Path, timeout: float = RUN_TIMEOUT_S) -> float | None:
+    """Poll until `path` exists (its time) or `proc` ends (None)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if path.exists():
+            return time.time()
+        time.sleep(0.01)
+    return None
 
 
 def final_result(out: Path) -> dict | str:
@@ -321,33 +333,59 @@ def trial_corruption(runner: Runner, index: int, kind: str, rng: random.Random) 
 # ------------------------------------------------------------ concurrent ---
 
 def trial_concurrent(runner: Runner, index: int, kind: str, rng: random.Random) -> Trial:
-    """A second `train.py` into the folder of a first one, started 0-60% of a run later:
-    whichever claims the folder second must exit 2 naming the other's PID, and the
-    folder must end holding a run identical to the reference."""
+    """A second `train.py` into the folder of a first one that holds it: the first is
+    paused (SIGSTOP, which changes none of its results) at a random moment after it
+    claimed the folder, the second runs to its end, then the first continues. The
+    second must exit 2 naming the first's PID, and the first must end identical to the
+    reference. (Without the pause a tiny run is over before a second one has started up.)"""
     trial = Trial(kind)
     out = runner.work / f"{kind}-{index}"
     flags = {"concurrent_plain": [], "concurrent_resume": ["--resume"], "concurrent_overwrite": ["--overwrite"]}[kind]
-    began = time.time()
     first, first_log = runner.start(out)
-    time.sleep(rng.uniform(0, 0.6 * runner.reference_seconds))
-    second_began = time.time() - began
-    second, second_log = runner.start(out, *flags)
-    wait_or_kill(second, None)
+    wait_for(first, out / ".lock")
+    time.sleep(rng.uniform(0, 0.8 * runner.locked_seconds))
+    paused = first.poll() is None
+    if paused:
+        first.send_signal(signal.SIGSTOP)
+    # Alive is not enough: a run that finished has let go of the folder before its process exits.
+    holding = paused and lock_held(out / ".lock")
+    try:
+        second, second_log = runner.start(out, *flags)
+        wait_or_kill(second, None)
+    finally:
+        if paused:
+            first.send_signal(signal.SIGCONT)
     wait_or_kill(first, None)
-    first_ended = time.time() - began
     texts = first_log.read_text(errors="replace"), second_log.read_text(errors="replace")
-    refused = ((second.returncode == 2 and str(first.pid) in texts[1])
-               or (first.returncode == 2 and str(second.pid) in texts[0]))
-    trial.detail.update(first_exit=first.returncode, second_exit=second.returncode, refused_with_pid=refused,
-                        overlapped=second_began < first_ended,   # both processes alive at once
-                        second_began_s=round(second_began, 1), first_ended_s=round(first_ended, 1))
+    refused = second.returncode == 2 and str(first.pid) in texts[1]
+    trial.detail.update(first_exit=first.returncode, second_exit=second.returncode, overlapped=holding,
+                        refused_with_pid=refused)
     for name, code, text in (("first", first.returncode, texts[0]), ("second", second.returncode, texts[1])):
         if code not in (0, None):
             trial.detail[f"{name}_output"] = last_lines(text, 1)
         if "Traceback (most recent call last)" in text:
             trial.detail.setdefault("tracebacks", []).append(last_lines(text))
     runner.compare(out, trial)
+    if trial.survived and holding and not refused:
+        trial.survived, trial.why = False, f"the second run was not refused with the first's PID: {last_lines(texts[1], 1)}"
     return trial
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether some process holds `lock` (an exclusive flock, as the run folder's)."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)   # closing drops a shared lock we may have taken
+    return False
 
 
 # ------------------------------------------------------------- disk full ---
@@ -374,11 +412,12 @@ def trial_disk_full(runner: Runner, index: int, kind: str, rng: random.Random) -
         out = mount / "out"
         filler = mount / "filler"
         proc, log = runner.start(out)
-        deadline = time.time() + RUN_TIMEOUT_S
-        while proc.poll() is None and not (out / "run_config.yaml").is_file() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, runner.reference_seconds * 0.35))
+        # Training is a few seconds of a tiny run: fill as it starts, or just after a save.
+        after = rng.choice(["run_config.yaml", *(f"checkpoint-{k}" for k in range(SAVE_STEPS, MAX_STEPS, SAVE_STEPS))])
+        wait_for(proc, out / after)
+        time.sleep(rng.uniform(0, 0.3))
         leave = rng.choice([0, 4096, 64 * 1024, 256 * 1024])
+        trial.detail["filled_after"] = after
         fill(filler, leave)
         trial.detail["left_bytes"] = leave
         wait_or_kill(proc, None)
@@ -447,8 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     runner = Runner(work, make_data(work))
     started = time.time()
-    code, text = runner.run(work / "reference")
+    proc, log = runner.start(work / "reference")
+    locked = wait_for(proc, work / "reference" / ".lock")
+    proc.wait()
+    code, text = proc.returncode, log.read_text(errors="replace")
     runner.reference_seconds = time.time() - started
+    runner.locked_seconds = time.time() - (locked or started)
     if code != 0:
         print(f"error: the reference run failed: {last_lines(text)}", file=sys.stderr)
         return 2
@@ -508,7 +551,8 @@ def summarize(results: list[Trial], args, runner: Runner, seconds: float, skippe
         "kills_landing_inside_a_save": sum(bool(t.detail.get("in_save")) for t in in_save),
         "resumes_needed": sum(len(t.detail.get("resumes", [])) for t in results),
         "restarted_before_claim": sum(bool(t.detail.get("restarted")) for t in results),
-        "disk_full_hit_a_running_run": sum(t.detail.get("first_exit") == 2 for t in results if t.kind == "disk_full"),
+        "reference_locked_seconds": round(runner.locked_seconds, 1),
+        "disk_full_first_exits": sorted(t.detail.get("first_exit") for t in results if t.kind == "disk_full"),
         "concurrent_overlapping": sum(bool(t.detail.get("overlapped")) for t in concurrent),
         "concurrent_refused_with_pid": sum(bool(t.detail.get("refused_with_pid")) for t in concurrent),
         "tracebacks": tracebacks[:10],
