@@ -240,13 +240,18 @@ def pick_device(name: str | None) -> str:
 
 
 def pick_precision(choice: str, device: str) -> str:
+    """The precision training uses on this hardware (`profiles.precision_for`, the one rule):
+    bf16 at compute capability 8.0 and up, fp16 on 7.x, fp32 on the CPU."""
     if choice != "auto":
         return choice
     if not device.startswith("cuda"):
         return "fp32"
-    import torch
+    from autotune.hardware import probe
+    from autotune.profiles import precision_for
 
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    gpus = probe().gpus
+    index = int(device.partition(":")[2] or 0)
+    return precision_for(gpus[index].cc if index < len(gpus) else None)
 
 
 # -------------------------------------------------------------------- main ---
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         f"in {time.perf_counter() - started:.1f} s")
 
     from autotune.llasa import PromptBuilder
-    from autotune.samples import generate_codes, new_token_budget, prompt_ids
+    from autotune.generation import generate_codes, new_token_budget, prompt_ids
 
     prompt_builder = PromptBuilder(tokenizer)
     reference_text = args.reference_text.strip() if reference_codes else None

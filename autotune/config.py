@@ -22,11 +22,15 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from autotune.compat import translate_llasa_trainer
 from autotune.errors import AutotuneError
-from autotune.llasa import DEFAULT_CODEC, DEFAULT_MODEL, TINY
+from autotune.llasa import DEFAULT_CODEC, DEFAULT_MODEL
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+
+# bitsandbytes' 8-bit optimizers, as `TrainingArguments.optim` names them (`adamw_8bit` is ours for `adamw_bnb_8bit`).
+EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"})
 
 # Integers reach torch, numpy and CUDA, which take at most 64 bits.
 INT64_MAX = 2**63 - 1
@@ -201,11 +205,28 @@ class Config(_Section):
     eval_data_dir: str | None = Field(None, description="Validation set (file or folder); overrides the automatic split.")
 
     @property
+    def precision(self) -> str:
+        """"bf16", "fp16" or "fp32": the one name for the two `TrainingArguments` flags."""
+        return precision_of(self.training.bf16, self.training.fp16)
+
+    @property
     def effective_batch_size_per_process(self) -> int:
         return self.training.per_device_train_batch_size * self.training.gradient_accumulation_steps
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------- precision ---
+
+def precision_of(bf16: bool, fp16: bool) -> str:
+    """The one rule from the two `TrainingArguments` flags to a precision name."""
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def precision_settings(precision: str) -> dict[str, bool]:
+    """The two flags for a precision name (the inverse of `precision_of`)."""
+    return {"training.bf16": precision == "bf16", "training.fp16": precision == "fp16"}
 
 
 # ------------------------------------------------------------------- rules ---
@@ -440,66 +461,6 @@ def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]
             node.setdefault(_canonical_key(old, notes).split(".")[1], value)
     return tree
 
-
-# ------------------------------------------------------ llasa-trainer files ---
-
-# laksjdjf/llasa-trainer (the trainer the tuning guide was written for) keeps a run's
-# paths at the top level of its YAML; they are defaults for our command-line flags.
-LLASA_TRAINER_RUN_KEYS = {"data_dir": "--data", "output_dir": "--output-dir",
-                          "cuda_visible_devices": "CUDA_VISIBLE_DEVICES"}
-# ... and names two config values its own way.
-LLASA_TRAINER_CONFIG_KEYS = {"model_name": "model.name_or_path", "codec_model_name": "data.codec",
-                             "test.text": "samples.texts", "test.interval": "samples.every_n_steps"}
-
-
-def translate_llasa_trainer(tree: dict[str, Any], notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A llasa-trainer YAML read as ours: -> (our config tree, run keys for the command line).
-
-    What has no meaning here is refused with the reason: `lora: null` (llasa-trainer's full
-    fine-tuning) is out of scope for a LoRA trainer. A tree without their keys comes back as it is."""
-    run: dict[str, Any] = {}
-    mapped: list[str] = []
-    for key, flag in LLASA_TRAINER_RUN_KEYS.items():
-        if key in tree:
-            value = tree.pop(key)
-            if value is None:
-                continue
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise AutotuneError(f"`{key}` must be a path or a value such as \"0,1\", got `{_short(value)}`")
-            run[key] = str(value)
-            mapped.append(f"{key} -> {flag}")
-    if "test" in tree:
-        test = tree.pop("test")
-        if test is not None:
-            if not isinstance(test, dict):
-                raise AutotuneError(f"`test` must be a mapping with `text` and `interval`, got `{_short(test)}`")
-            unknown = sorted(set(test) - {"text", "interval"})
-            if unknown:
-                raise AutotuneError(f"unknown key `test.{unknown[0]}` (allowed: text, interval)")
-            for sub in ("text", "interval"):
-                if sub in test:
-                    tree.setdefault("samples", {}).setdefault(LLASA_TRAINER_CONFIG_KEYS[f"test.{sub}"].split(".")[1],
-                                                              test[sub])
-                    mapped.append(f"test.{sub} -> {LLASA_TRAINER_CONFIG_KEYS[f'test.{sub}']}")
-    for key in ("model_name", "codec_model_name"):
-        if key in tree:
-            value = tree.pop(key)
-            ours = LLASA_TRAINER_CONFIG_KEYS[key]
-            section, name = ours.split(".")
-            if value is not None and get_dotted(tree, ours) is None:   # our own key wins where a file has both
-                tree.setdefault(section, {})[name] = value
-                mapped.append(f"{key} -> {ours}")
-    if "lora" in tree and tree["lora"] is None:
-        raise AutotuneError("`lora: null` asks for full fine-tuning, which this trainer does not do (it trains LoRA "
-                            "adapters): give a `lora:` section, e.g. `lora: {r: 16, lora_alpha: 32}`")
-    if mapped:
-        notes.append("read llasa-trainer keys: " + ", ".join(mapped))
-    return tree, run
-
-
-def run_keys(tree: dict[str, Any] | None) -> dict[str, str]:
-    """The command-line defaults a llasa-trainer YAML holds (`data_dir`, `output_dir`, `cuda_visible_devices`)."""
-    return translate_llasa_trainer(copy.deepcopy(tree or {}), [])[1]
 
 
 def _precision_choice_turns_other_off(user: dict[str, Any]) -> None:

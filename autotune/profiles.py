@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from autotune.config import Resolved, dump_yaml, resolve_config, validate
+from autotune.config import EIGHT_BIT_OPTIMIZERS, Resolved, dump_yaml, precision_of, resolve_config, validate
 from autotune.errors import AutotuneError
 from autotune.hardware import GpuInfo
 
@@ -130,12 +130,20 @@ def precision_for(cc: tuple[int, int] | None) -> str:
     return "fp32"
 
 
+def runnable_precisions(cc: tuple[int, int] | None) -> list[str]:
+    """What a machine of this compute capability can train in: its own precision and the wider ones."""
+    return {"bf16": ["bf16", "fp16", "fp32"], "fp16": ["fp16", "fp32"], "fp32": ["fp32"]}[precision_for(cc)]
+
+
+def lowest_cc(gpus: list[GpuInfo]) -> tuple[int, int] | None:
+    """The compute capability every GPU of the run has (None: no GPU, or one unknown)."""
+    ccs = [g.cc for g in gpus]
+    return None if not gpus or any(c is None for c in ccs) else min(ccs)
+
+
 def bitsandbytes_installed() -> bool:
     # find_spec, not import: importing bitsandbytes imports torch (seconds).
     return importlib.util.find_spec("bitsandbytes") is not None
-
-
-EIGHT_BIT = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"}
 
 
 def adapt_to_hardware(settings: dict[str, Any], gpus: list[GpuInfo], *, bnb_available: bool | None = None
@@ -144,9 +152,8 @@ def adapt_to_hardware(settings: dict[str, Any], gpus: list[GpuInfo], *, bnb_avai
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
     training = out.setdefault("training", {})
     reasons: list[str] = []
-    ccs = [g.cc for g in gpus]
-    cc = None if not gpus or any(c is None for c in ccs) else min(ccs)
-    want = "bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "fp32"
+    cc = lowest_cc(gpus)
+    want = precision_of(bool(training.get("bf16")), bool(training.get("fp16")))
     have = precision_for(cc)
     if want != have:
         why = ("no GPU" if not gpus else "compute capability unknown" if cc is None
@@ -155,14 +162,13 @@ def adapt_to_hardware(settings: dict[str, Any], gpus: list[GpuInfo], *, bnb_avai
                        f"({'bf16 needs >= 8.0' if want == 'bf16' else 'bf16 available on >= 8.0' if have == 'bf16' else 'mixed precision needs a GPU >= 7.0'})")
     elif gpus:
         reasons.append(f"precision {have} (compute capability {cc[0]}.{cc[1]})" if cc else f"precision {have}")
-    training["bf16"] = have == "bf16"
-    training["fp16"] = have == "fp16"
+    training["bf16"], training["fp16"] = have == "bf16", have == "fp16"
 
     optim = training.get("optim")
     if optim == "adamw_torch_fused" and not gpus:
         training["optim"] = "adamw_torch"
         reasons.append("optimizer adamw_torch instead of adamw_torch_fused: the fused kernel needs CUDA")
-    if optim in EIGHT_BIT:
+    if optim in EIGHT_BIT_OPTIMIZERS:
         bnb = bitsandbytes_installed() if bnb_available is None else bnb_available
         if not gpus or not bnb:
             why = "no GPU" if not gpus else "bitsandbytes is not installed (`pip install bitsandbytes`)"
@@ -211,7 +217,7 @@ def recommend(gpus: list[GpuInfo], *, user_yaml: dict[str, Any] | None = None, s
     training = resolved.config.training
     for key in sorted(resolved.pinned):
         reasons.append(f"`{key}` pinned by you")
-    if "training.optim" in resolved.pinned and training.optim in EIGHT_BIT:
+    if "training.optim" in resolved.pinned and training.optim in EIGHT_BIT_OPTIMIZERS:
         # The table's 8-bit optimizer falls back above; a pinned one is kept, so say it cannot run here.
         bnb = bitsandbytes_installed() if bnb_available is None else bnb_available
         if not gpus or not bnb:

@@ -138,3 +138,16 @@ def command_line(args: Any) -> tuple[list[str] | None, str]:
     if argv is not None:
         return list(argv), program
     return (sys.argv[1:] if script else None), program
+
+
+@contextmanager
+def stop_signals_handled_by(handler) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP go to `handler` inside the block; the previous handlers come back after."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

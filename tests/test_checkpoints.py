@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from autotune import checkpoints as C
+from autotune import checkpoint_checks as C
 from autotune.errors import AutotuneError
 from test_reliability import args_for, losses, summary_of, train
 
@@ -236,7 +236,7 @@ def test_a_named_checkpoint_that_does_not_fit_the_model_is_an_error_without_fall
     """`resume_fallback = False` (a checkpoint the user named): the model's check raises, one line."""
     from types import SimpleNamespace
 
-    from autotune.trainer import LlasaTrainer
+    from autotune.training.trainer import LlasaTrainer
 
     out = killed_after_step_4(reference, tmp_path / "out", manifests=False)
     edit_adapter(out / "checkpoint-4", lambda t: {k: v for k, v in t.items() if k != first_key(t)})
@@ -277,7 +277,7 @@ def test_a_verified_best_checkpoint_is_loaded_at_the_end(data_with_validation, t
 
 
 def test_a_damaged_best_checkpoint_is_not_loaded(data_with_validation, tmp_path, monkeypatch, capsys):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real = T.LlasaTrainer._load_best_model
 

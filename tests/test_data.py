@@ -560,7 +560,7 @@ def test_audio_the_codec_cannot_encode_names_the_data_line(tmp_path, codec_loade
 
 
 def test_codec_cache_lives_next_to_the_runs_not_in_the_data(tmp_path):
-    from autotune.run import codec_cache_dir
+    from autotune.pipeline import codec_cache_dir
 
     ctx = SimpleNamespace(output_dir=tmp_path / "runs" / "20250101-000000", codec_cache=None)
     assert codec_cache_dir(ctx) == tmp_path / "runs" / ".codec-cache"

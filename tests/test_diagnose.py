@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autotune.config import resolve_config
-from autotune.trainer import diagnose
+from autotune.diagnosis import diagnose
 
 
 def config():

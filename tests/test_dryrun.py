@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from autotune.dryrun import Measurement, Plan, faster_candidates, is_oom, next_rung, search
 from autotune.errors import AutotuneError
+from autotune.tuning.ladder import Measurement, faster_candidates, is_oom, next_rung, search
+from autotune.tuning.plan import Plan
 
 GIB = 2 ** 30
 
+# Short names for the plan's dotted config keys, to keep the tests readable.
+KEYS = {"per_device_train_batch_size": "training.per_device_train_batch_size",
+        "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+        "gradient_checkpointing": "training.gradient_checkpointing", "lean_loss": "training.lean_loss",
+        "optim": "training.optim", "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha",
+        "load_in_4bit": "model.load_in_4bit", "max_length": "data.max_length"}
 
-def plan(**changes) -> Plan:
-    base = Plan(per_device_train_batch_size=4, gradient_accumulation_steps=2, processes=1, precision="bf16",
-                gradient_checkpointing=False, lean_loss=False, optim="adamw_torch_fused", lora_r=64, lora_alpha=128,
-                lora_target_modules=("q_proj", "v_proj"), load_in_4bit=False, max_length=2048)
-    return dataclasses.replace(base, **changes)
+
+def plan(precision: str = "bf16", **changes) -> Plan:
+    values = {"training.per_device_train_batch_size": 4, "training.gradient_accumulation_steps": 2,
+              "training.bf16": precision == "bf16", "training.fp16": precision == "fp16",
+              "training.gradient_checkpointing": False, "training.lean_loss": False,
+              "training.optim": "adamw_torch_fused", "lora.r": 64, "lora.lora_alpha": 128,
+              "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048}
+    values.update({KEYS[name]: value for name, value in changes.items()})
+    return Plan.of(values)
+
+
+def get(p: Plan, name: str):
+    return p[KEYS[name]]
 
 
 class FakeGpu:
@@ -28,16 +41,16 @@ class FakeGpu:
         self.tried: list[Plan] = []
 
     def peak(self, p: Plan) -> float:
-        per_row = (1.0 if p.gradient_checkpointing else 4.0) + (1.0 if p.lean_loss else 6.0)
-        weights = 1.0 if p.load_in_4bit else 3.0
-        return (weights + per_row * p.per_device_train_batch_size * p.max_length / 2048 + p.lora_r / 64) * GIB
+        per_row = (1.0 if get(p, "gradient_checkpointing") else 4.0) + (1.0 if get(p, "lean_loss") else 6.0)
+        weights = 1.0 if get(p, "load_in_4bit") else 3.0
+        return (weights + per_row * get(p, "per_device_train_batch_size") * get(p, "max_length") / 2048 + get(p, "lora_r") / 64) * GIB
 
     def __call__(self, p: Plan) -> Measurement:
         self.tried.append(p)
         peak = self.peak(p)
         if peak > self.total:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {peak / GIB:.2f} GiB")
-        speed = 1000 * p.per_device_train_batch_size ** 0.3 * (0.7 if p.gradient_checkpointing else 1.0)
+        speed = 1000 * get(p, "per_device_train_batch_size") ** 0.3 * (0.7 if get(p, "gradient_checkpointing") else 1.0)
         return Measurement(int(peak), speed, 0.1)
 
 
@@ -48,8 +61,8 @@ def no_free():
 def test_exact_rungs_tried_and_constant_effective_batch():
     gpu = FakeGpu(total_gib=10)
     result = search(plan(), gpu, pinned=set(), time_plans=False, free=no_free)
-    labels = [(a.plan.per_device_train_batch_size, a.plan.gradient_accumulation_steps,
-               a.plan.gradient_checkpointing, a.plan.lean_loss) for a in result.attempts]
+    labels = [(get(a.plan, "per_device_train_batch_size"), get(a.plan, "gradient_accumulation_steps"),
+               get(a.plan, "gradient_checkpointing"), get(a.plan, "lean_loss")) for a in result.attempts]
     assert labels == [(4, 2, False, False), (2, 4, False, False), (1, 8, False, False), (1, 8, True, False),
                       (1, 8, True, True)]
     assert [a.ok for a in result.attempts] == [False, False, False, False, True]
@@ -64,8 +77,8 @@ def test_pinned_keys_are_never_moved():
     pinned = {"training.per_device_train_batch_size", "training.gradient_checkpointing"}
     result = search(plan(), gpu, pinned=pinned, time_plans=False, free=no_free,
                     ctx={"cuda": True, "bitsandbytes": True})
-    assert all(a.plan.per_device_train_batch_size == 4 for a in result.attempts)
-    assert all(not a.plan.gradient_checkpointing for a in result.attempts)
+    assert all(get(a.plan, "per_device_train_batch_size") == 4 for a in result.attempts)
+    assert all(not get(a.plan, "gradient_checkpointing") for a in result.attempts)
     # lean loss, then 8-bit optimizer, then smaller ranks, then 4-bit weights, then shorter samples
     assert [a.why for a in result.attempts][:4] == ["starting plan (profile < your config < --set)", "lean loss",
                                                      "8-bit optimizer", "smaller LoRA rank"]
@@ -123,7 +136,7 @@ def test_memory_freed_outside_the_handler():
     seen = []
 
     def measure(p):
-        if p.per_device_train_batch_size > 2:
+        if get(p, "per_device_train_batch_size") > 2:
             big = torch.zeros(10)  # noqa: F841 - a tensor the failed step holds
             raise torch.OutOfMemoryError("CUDA out of memory")
         return Measurement(GIB, 1.0, 0.1)
@@ -150,15 +163,15 @@ def test_time_plans_picks_the_fastest_that_fits():
     gpu = FakeGpu(total_gib=80)
     start = plan(gradient_checkpointing=True, per_device_train_batch_size=2, gradient_accumulation_steps=4)
     result = search(start, gpu, pinned=set(), time_plans=True, free=no_free)
-    assert result.plan.gradient_checkpointing is False
-    assert result.plan.per_device_train_batch_size > 2
+    assert get(result.plan, "gradient_checkpointing") is False
+    assert get(result.plan, "per_device_train_batch_size") > 2
     assert result.plan.effective_batch_size == 8
     assert "fastest that fits" in result.reason
 
 
 def test_ladder_rungs_are_pure_functions():
-    assert next_rung(plan(per_device_train_batch_size=3, gradient_accumulation_steps=4), set())[1] \
-        .per_device_train_batch_size == 2  # 12 = 2 x 6: the largest smaller divisor keeps the effective batch
+    assert get(next_rung(plan(per_device_train_batch_size=3, gradient_accumulation_steps=4), set())[1],
+               "per_device_train_batch_size") == 2  # 12 = 2 x 6: the largest smaller divisor keeps the effective batch
     lowest = plan(per_device_train_batch_size=1, gradient_accumulation_steps=8, gradient_checkpointing=True,
                   lean_loss=True, optim="adamw_8bit", lora_r=4, load_in_4bit=True, max_length=512)
     assert next_rung(lowest, set(), {"cuda": True, "bitsandbytes": True}) is None
@@ -175,13 +188,18 @@ def test_plan_apply_round_trips_through_the_config():
     applied = p.apply(config)
     assert Plan.from_config(applied) == p
     assert applied.training.fp16 and not applied.training.bf16
-    assert Plan.from_dict(p.to_dict()) == p
+    assert Plan.from_record(p.to_dict()) == p
+    # A plan recorded by an earlier version, with flat names, still reads.
+    old = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "processes": 1, "precision": "fp16",
+           "gradient_checkpointing": False, "lean_loss": False, "optim": "adamw_torch_fused", "lora_r": 64,
+           "lora_alpha": 128, "lora_target_modules": ["q_proj", "v_proj"], "load_in_4bit": False, "max_length": 2048}
+    assert Plan.from_record(old) == p
 
 
 def test_shorter_max_length_always_drops_the_longest_samples():
-    from autotune.dryrun import _shorter
+    from autotune.tuning.ladder import _shorter
 
     p = plan(max_length=2048)
-    assert _shorter(p, {"longest_tokens": 1400}).max_length == 1024
-    assert _shorter(p, {"longest_tokens": 700}).max_length == 699   # halving alone would drop nothing
+    assert get(_shorter(p, {"longest_tokens": 1400}), "max_length") == 1024
+    assert get(_shorter(p, {"longest_tokens": 700}), "max_length") == 699   # halving alone would drop nothing
     assert _shorter(p, {"longest_tokens": 400}) is None             # below the shortest useful length

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autotune.config import resolve_config, run_keys
+from autotune.compat import run_keys
+from autotune.config import resolve_config
 from autotune.errors import AutotuneError
 
 ROOT = Path(__file__).resolve().parents[1]

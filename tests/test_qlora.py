@@ -80,8 +80,8 @@ def test_training_with_4bit_weights_writes_an_adapter_for_the_full_precision_bas
                  "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
                  "--set", "training.learning_rate=1e-2", "--set", "samples.num_texts=0"]) == 0
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["plan"]["load_in_4bit"] is True
-    assert summary["dry_run"]["attempts"][0]["settings"]["load_in_4bit"] is True
+    assert summary["plan"]["settings"]["model.load_in_4bit"] is True
+    assert summary["dry_run"]["attempts"][0]["plan"]["settings"]["model.load_in_4bit"] is True
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder), str(out))

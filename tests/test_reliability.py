@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune import reliability as R
+from autotune import checkpoints as K
+from autotune import signals as S
+from autotune.training import callbacks as CB
+from autotune.training import recovery as RC
 from autotune.errors import AutotuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +109,7 @@ def test_sigint_saves_the_step_says_how_to_resume_and_exits_130(signalled, capsy
     step = summary["steps"]
     assert summary["interrupted"] == "SIGINT" and 2 <= step < 400
     checkpoint = out / f"checkpoint-{step}"
-    assert R.checkpoint_problem(checkpoint) is None
+    assert K.checkpoint_problem(checkpoint) is None
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
     assert not (out / "adapter_model.safetensors").exists()  # unfinished: the adapter so far is the checkpoint's
     [hint] = [line.strip() for line in run["stdout"].splitlines() if line.strip().startswith("python ")]
@@ -132,7 +135,7 @@ def test_sigterm_saves_and_exits_143(signalled):
     assert "Traceback" not in run["stderr"]
     summary = summary_of(run["out"])
     assert summary["interrupted"] == "SIGTERM"
-    assert R.checkpoint_problem(run["out"] / f"checkpoint-{summary['steps']}") is None
+    assert K.checkpoint_problem(run["out"] / f"checkpoint-{summary['steps']}") is None
     assert "--resume --output-dir" in run["stdout"]
 
 
@@ -143,7 +146,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(signalled):
     assert "SIGINT again: stopping now" in run["stderr"]
     assert not (run["out"] / "run_summary.json").exists()
     # Whatever the abort cut short, --resume still finds a complete checkpoint.
-    assert R.scan_checkpoints(run["out"])[0] is not None
+    assert K.scan_checkpoints(run["out"])[0] is not None
 
 
 # ------------------------------------------------------------ exact resume ---
@@ -151,7 +154,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(signalled):
 def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     """8 steps straight, against: SIGINT during step 7 (in the second epoch, so the
     data order of a later epoch and the skip into it both matter), then --resume."""
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     common = ["--set", "training.max_steps=8", "--set", "training.save_steps=4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -188,7 +191,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
 # ---------------------------------------------------------------- NaN/inf ---
 
 def poison_loss(monkeypatch, bad_steps, when=lambda trainer: True):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real = T.LlasaTrainer.compute_loss
 
@@ -257,7 +260,7 @@ def test_a_skipped_step_moves_neither_weights_nor_optimizer_state():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    guard = R.NonFiniteGuard(patience=2)
+    guard = CB.NonFiniteGuard(patience=2)
     args, control = SimpleNamespace(device="cpu"), SimpleNamespace(should_save=True, should_training_stop=False)
     state = SimpleNamespace(global_step=0)
     for step in range(2):
@@ -280,14 +283,14 @@ def test_a_skipped_step_moves_neither_weights_nor_optimizer_state():
 
 
 def test_nan_remedies():
-    assert R.nan_remedies(1e-4, 1.0, 0.05) == {"learning_rate": 5e-5, "max_grad_norm": 0.5, "warmup_ratio": 0.1}
-    assert R.nan_remedies(1e-4, 0.3, 0.2) == {"learning_rate": 5e-5, "max_grad_norm": 0.3, "warmup_ratio": 0.2}
+    assert RC.nan_remedies(1e-4, 1.0, 0.05) == {"learning_rate": 5e-5, "max_grad_norm": 0.5, "warmup_ratio": 0.1}
+    assert RC.nan_remedies(1e-4, 0.3, 0.2) == {"learning_rate": 5e-5, "max_grad_norm": 0.3, "warmup_ratio": 0.2}
 
 
 def test_a_non_finite_eval_loss_never_becomes_the_best():
     from types import SimpleNamespace
 
-    from autotune.trainer import LlasaTrainer
+    from autotune.training.trainer import LlasaTrainer
 
     fake = SimpleNamespace(args=SimpleNamespace(metric_for_best_model="eval_loss"), state=SimpleNamespace(best_metric=1.0))
     for value in (float("nan"), float("-inf"), float("inf")):
@@ -298,7 +301,7 @@ def test_a_non_finite_eval_loss_never_becomes_the_best():
 def test_resume_takes_the_arguments_learning_rate_at_the_checkpoint_position():
     from transformers import get_scheduler
 
-    from autotune.trainer import retarget_learning_rate
+    from autotune.training.trainer import retarget_learning_rate
 
     def build(lr, warmup):
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
@@ -366,36 +369,33 @@ def truncate(file: Path, keep: float = 0.5) -> None:
 ])
 def test_checkpoint_problem_names_what_is_wrong(tmp_path, damage, why):
     path = fake_checkpoint(tmp_path / "checkpoint-4", 4)
-    assert R.checkpoint_problem(path) is None
+    assert K.checkpoint_problem(path) is None
     damage(path)
-    assert why in R.checkpoint_problem(path)
+    assert why in K.checkpoint_problem(path)
 
 
 def test_resume_skips_a_broken_newest_checkpoint_and_cleans_leftovers(tmp_path, capsys):
-    import argparse
-
     from rich.console import Console
 
-    from autotune.run import Context, resolve_resume
+    from autotune.training.recovery import resolve_resume
 
     out = tmp_path / "out"
     fake_checkpoint(out / "checkpoint-2", 2)
     fake_checkpoint(out / "checkpoint-4", 4)
     truncate(out / "checkpoint-4" / "optimizer.pt")
     fake_checkpoint(out / ".tmp-checkpoint-6", 6)   # a save a kill cut short
-    ctx = Context(argparse.Namespace(resume="latest"), Console(width=200), out)
-    assert resolve_resume(ctx) == out / "checkpoint-2"
+    console = Console(width=200)
+    assert resolve_resume("latest", out, console) == out / "checkpoint-2"
     printed = capsys.readouterr().out
     assert "skipping checkpoint-4: optimizer.pt is truncated or corrupt" in printed
     assert "removed .tmp-checkpoint-6" in printed
     assert not (out / ".tmp-checkpoint-6").exists()
-    ctx.args.resume = str(out / "checkpoint-4")
     with pytest.raises(AutotuneError, match="is not a complete checkpoint \\(optimizer.pt is truncated"):
-        resolve_resume(ctx)
+        resolve_resume(str(out / "checkpoint-4"), out, console)
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch, capsys):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real_save = T.LlasaTrainer._save_optimizer_and_scheduler
 
@@ -413,7 +413,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(data, tmp_path, m
     message = caught.value.one_line()
     assert message.startswith(f"disk full while saving checkpoint-4 under `{out}` (")
     assert "MiB free): the previous checkpoint `checkpoint-2` is intact; free space, then resume with `--resume`" in message
-    assert R.checkpoint_problem(out / "checkpoint-2") is None
+    assert K.checkpoint_problem(out / "checkpoint-2") is None
     assert not (out / "checkpoint-4").exists() and not (out / ".tmp-checkpoint-4").exists()
 
     # Space freed: --resume continues from checkpoint-2 to the end.
@@ -425,28 +425,40 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(data, tmp_path, m
 
 
 def test_is_disk_full():
-    assert R.is_disk_full(OSError(errno.ENOSPC, "No space left on device"), 10**9)
-    assert R.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), 10**9)
-    assert R.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 0)
-    assert not R.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 10**10)
-    assert R.is_disk_full(Exception('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'), None)
-    assert not R.is_disk_full(OSError(errno.EACCES, "Permission denied"), 0)
+    assert K.is_disk_full(OSError(errno.ENOSPC, "No space left on device"), 10**9)
+    assert K.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), 10**9)
+    assert K.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 0)
+    assert not K.is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), 10**10)
+    assert K.is_disk_full(Exception('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'), None)
+    assert not K.is_disk_full(OSError(errno.EACCES, "Permission denied"), 0)
+
+
+def test_torch_save_on_a_full_device_is_recognised_as_a_full_disk():
+    """What torch's zip writer raises when the disk fills: no errno, only words, chained."""
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with pytest.raises(Exception) as caught:
+        torch.save({"x": torch.zeros(1000)}, "/dev/full")
+    assert K.is_disk_full(caught.value, free_bytes=0)
+    assert not K.is_disk_full(RuntimeError("unexpected pos 4 vs 2"), free_bytes=10 * 2**30)
 
 
 def test_room_for_checkpoints():
-    size = R.checkpoint_bytes(10_000_000, 4, "adamw_torch")
+    size = K.checkpoint_bytes(10_000_000, 4, "adamw_torch")
     assert size == 10_000_000 * 12 + 2**20
-    assert R.room_problem(None, size, Path("o")) is None
-    assert R.room_problem(3 * size, size, Path("o")) is None
-    assert "each checkpoint takes about 115 MiB" in R.room_problem(size, size, Path("o"))
+    assert K.room_problem(None, size, Path("o")) is None
+    assert K.room_problem(3 * size, size, Path("o")) is None
+    assert "each checkpoint takes about 115 MiB" in K.room_problem(size, size, Path("o"))
 
 
 def test_publish_replaces_atomically(tmp_path):
     final = tmp_path / "checkpoint-3"
     fake_checkpoint(final, 3)
-    staging = fake_checkpoint(R.staging_dir(final), 3)
+    staging = fake_checkpoint(K.staging_dir(final), 3)
     (staging / "marker").write_text("new")
-    R.publish_checkpoint(staging, final)
+    K.publish_checkpoint(staging, final)
     assert (final / "marker").read_text() == "new" and not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
@@ -461,32 +473,41 @@ def test_publish_replaces_atomically(tmp_path):
      "python train.py --data 'my data' --set 'lora.target_modules=[q_proj]' --resume --output-dir OUT"),
 ])
 def test_resume_command(argv, want):
-    assert R.resume_command(argv, Path("OUT")) == want
+    assert S.resume_command(argv, Path("OUT")) == want
 
 
 def test_resume_command_without_the_command_line():
-    assert R.resume_command(None, Path("runs/x")) == "python train.py <the same options> --resume --output-dir runs/x"
+    assert S.resume_command(None, Path("runs/x")) == "python train.py <the same options> --resume --output-dir runs/x"
 
 
 def test_a_signal_asks_a_second_aborts_and_the_handlers_come_back():
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    callback = R.InterruptCallback()
-    with R.catch_interrupts(callback):
-        assert signal.getsignal(signal.SIGINT) not in before
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert callback.requested == "SIGTERM"
-        with pytest.raises(SystemExit) as caught:
+    before = tuple(signal.getsignal(sig) for sig in S.STOP_SIGNALS)
+    callback = CB.InterruptCallback()
+    signals = S.RunSignals()
+    signals.install()
+    try:
+        assert signal.getsignal(signal.SIGHUP) not in before
+        with pytest.raises(S.RunInterrupted):   # before training: stop at once
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.01)
-        assert caught.value.code == 143
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        signals.received = None
+        with signals.training(callback):
+            os.kill(os.getpid(), signal.SIGHUP)   # a closed terminal asks as SIGTERM does
+            time.sleep(0.01)
+            assert callback.requested == "SIGHUP"
+            with pytest.raises(SystemExit) as caught:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+            assert caught.value.code == 143
+    finally:
+        signals.uninstall()
+    assert tuple(signal.getsignal(sig) for sig in S.STOP_SIGNALS) == before
 
 
 def test_a_checkpoint_with_a_flipped_byte_inside_is_skipped(tmp_path):
     import torch
 
-    from autotune.reliability import _torch_file_problem
+    from autotune.checkpoint_checks import torch_file_problem as _torch_file_problem
 
     path = tmp_path / "optimizer.pt"
     torch.save({"state": {0: torch.arange(4096, dtype=torch.float32)}}, path)

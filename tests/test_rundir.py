@@ -78,7 +78,6 @@ def test_overwrite_replaces_our_run_only_once_the_new_one_trains(tmp_path, monke
         raise AutotuneError("cannot load the model (test)")
 
     monkeypatch.setattr(M, "load_base_model", no_model)
-    monkeypatch.setattr("autotune.run.load_base_model", no_model, raising=False)
     assert train(*FAST, "--output-dir", str(out), "--overwrite", "--set", "training.learning_rate=5e-3") == 2
     assert (out / "adapter_model.safetensors").read_bytes() == first
     assert not list(tmp_path.glob(rundir.REPLACED_PREFIX + "*")), "nothing left aside"
@@ -99,7 +98,7 @@ def test_overwrite_through_a_symlinked_output_dir(tmp_path):
 
 def test_a_failed_start_leaves_a_folder_the_next_run_may_use(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    from autotune import dryrun
+    from autotune.tuning import dryrun
 
     def broken(*args, **kwargs):
         raise AutotuneError("the dry run failed (test)")
@@ -158,7 +157,7 @@ def test_resume_during_a_live_run_deletes_nothing(tmp_path):
 # ---------------------------------------------------------------- signals ---
 
 def test_sighup_mid_training_saves_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real_step = T.LlasaTrainer.training_step
     sent = []
@@ -178,15 +177,15 @@ def test_sighup_mid_training_saves_and_says_how_to_resume(tmp_path, monkeypatch,
 
 
 def test_sigterm_during_the_dry_run_leaves_a_folder_resume_can_use(tmp_path, monkeypatch, capsys):
-    from autotune import dryrun
+    from autotune.tuning import dryrun
 
-    real = dryrun.RealMeasure.__call__
+    real = dryrun.TrainerMeasure.__call__
 
     def measure(self, plan):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(self, plan)
 
-    monkeypatch.setattr(dryrun.RealMeasure, "__call__", measure)
+    monkeypatch.setattr(dryrun.TrainerMeasure, "__call__", measure)
     out = tmp_path / "run"
     assert train(*FAST, "--output-dir", str(out), "--auto") == 143
     said = capsys.readouterr()
@@ -225,15 +224,15 @@ def test_sigterm_while_encoding_audio_says_to_run_again(tmp_path, monkeypatch, c
 
 
 def test_sigterm_during_the_final_save_finishes_it(tmp_path, monkeypatch, capsys):
-    from autotune import trainer as T
+    from autotune.training import outputs
 
-    real = T.save_adapter
+    real = outputs.save_adapter
 
     def save(model, output_dir, console=None):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(model, output_dir, console)
 
-    monkeypatch.setattr(T, "save_adapter", save)
+    monkeypatch.setattr(outputs, "save_adapter", save)
     out = tmp_path / "run"
     assert train(*FAST, "--output-dir", str(out)) == 143
     summary = json.loads((out / rundir.RUN_SUMMARY).read_text())
@@ -280,7 +279,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monke
 def test_a_plot_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, code, said):
     from matplotlib.figure import Figure
 
-    from autotune.trainer import plot_losses
+    from autotune.training.outputs import plot_losses
 
     def savefig(self, fname, **kwargs):
         Path(fname).write_bytes(b"\x89PNG half")   # some bytes reach the disk, then it fails

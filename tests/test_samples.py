@@ -13,7 +13,8 @@ import soundfile as sf
 import torch
 
 from autotune.llasa import NUM_SPEECH_TOKENS, LlasaTokens, build_tiny_model, build_tiny_tokenizer
-from autotune.samples import SampleCallback, codes_from_new_ids, generate_codes, prompt_ids
+from autotune.generation import codes_from_new_ids, generate_codes, prompt_ids
+from autotune.training.samples import SampleCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "tiny"
@@ -309,7 +310,7 @@ def test_no_callback_without_texts_or_with_zero_texts():
     from types import SimpleNamespace
 
     from autotune.config import Config
-    from autotune.samples import maybe_add_sample_callback
+    from autotune.training.samples import maybe_add_sample_callback
 
     added = []
     trainer = SimpleNamespace(add_callback=added.append, callback_handler=SimpleNamespace(callbacks=[]))
@@ -334,7 +335,7 @@ def _val(*texts, speakers=None, codes=10):
 
 def test_every_speaker_is_sampled_with_its_own_text_and_generation_is_capped_by_the_data():
     from autotune.config import Config
-    from autotune.samples import auto_max_new_tokens, choose_prompts
+    from autotune.training.samples import auto_max_new_tokens, choose_prompts
 
     config = Config()
     val = _val("a1", "b1", "a2", speakers=["alice", "bob", "alice"], codes=40)
@@ -358,7 +359,7 @@ def test_reference_clip_problems_are_one_line_errors(tmp_path):
 
     from autotune.config import Config
     from autotune.errors import AutotuneError
-    from autotune.samples import maybe_add_sample_callback
+    from autotune.training.samples import maybe_add_sample_callback
 
     trainer = SimpleNamespace(add_callback=lambda cb: None, callback_handler=SimpleNamespace(callbacks=[]))
     config = Config()
@@ -378,7 +379,7 @@ def test_callback_loads_codec_and_reference_once_on_the_main_process_only(tmp_pa
     from types import SimpleNamespace
 
     import autotune.codec as codec_module
-    from autotune.samples import _Reference
+    from autotune.training.samples import _Reference
 
     loads = []
     real_load = codec_module.load_codec

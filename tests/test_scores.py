@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autotune import metrics as M
 from autotune import scores as S
 from autotune.audio import write_wav
 from autotune.errors import AutotuneError
@@ -46,7 +47,7 @@ def noise(seconds: float, seed: int = 1) -> np.ndarray:
     ("１２３", "123"),
 ])
 def test_normalise(text: str, expected: str) -> None:
-    assert S.normalise(text) == expected
+    assert M.normalise(text) == expected
 
 
 @pytest.mark.parametrize(("text", "cer"), [
@@ -62,40 +63,40 @@ def test_normalise(text: str, expected: str) -> None:
     ("ＡＢＣ 123", False),
 ])
 def test_uses_cer_by_script(text: str, cer: bool) -> None:
-    assert S.uses_cer(text) is cer
+    assert M.uses_cer(text) is cer
 
 
 @pytest.mark.parametrize(("text", "language"), [
     ("今日はいい天気ですね", "ja"), ("東京へ行く", "ja"), ("你好世界", "zh"), ("안녕하세요", "ko"), ("Hello", None),
 ])
 def test_asr_language_by_script(text: str, language: str | None) -> None:
-    assert S.asr_language(text) == language
+    assert M.asr_language(text) == language
 
 
 def test_error_rate_japanese_is_a_character_rate() -> None:
     reference = "今日はいい天気ですね。"
-    assert S.error_rate(reference, "今日はいい天気ですね") == (0.0, "cer")
-    assert S.error_rate(reference, "今日は　いい天気ですね！") == (0.0, "cer")  # spaces and punctuation do not count
-    assert S.error_rate(reference, "今日は悪い天気ですね") == (pytest.approx(1 / 10), "cer")   # one substitution
-    assert S.error_rate(reference, "今日はいい天気ね") == (pytest.approx(2 / 10), "cer")       # two deletions
-    assert S.error_rate(reference, "今日はとてもいい天気ですね") == (pytest.approx(3 / 10), "cer")  # three insertions
+    assert M.error_rate(reference, "今日はいい天気ですね") == (0.0, "cer")
+    assert M.error_rate(reference, "今日は　いい天気ですね！") == (0.0, "cer")  # spaces and punctuation do not count
+    assert M.error_rate(reference, "今日は悪い天気ですね") == (pytest.approx(1 / 10), "cer")   # one substitution
+    assert M.error_rate(reference, "今日はいい天気ね") == (pytest.approx(2 / 10), "cer")       # two deletions
+    assert M.error_rate(reference, "今日はとてもいい天気ですね") == (pytest.approx(3 / 10), "cer")  # three insertions
 
 
 def test_error_rate_english_is_a_word_rate() -> None:
     reference = "The cat sat on the mat."
-    assert S.error_rate(reference, "the cat sat on the mat") == (0.0, "wer")
-    assert S.error_rate(reference, "THE CAT SAT ON THE MAT!") == (0.0, "wer")
-    assert S.error_rate(reference, "the cat sat on mat") == (pytest.approx(1 / 6), "wer")
-    assert S.error_rate(reference, "the dog sat on the hat") == (pytest.approx(2 / 6), "wer")
-    assert S.error_rate("hi", "hi there you") == (2.0, "wer")  # insertions can take it above 1
-    assert S.error_rate("ＡＢＣ", "abc") == (0.0, "wer")
+    assert M.error_rate(reference, "the cat sat on the mat") == (0.0, "wer")
+    assert M.error_rate(reference, "THE CAT SAT ON THE MAT!") == (0.0, "wer")
+    assert M.error_rate(reference, "the cat sat on mat") == (pytest.approx(1 / 6), "wer")
+    assert M.error_rate(reference, "the dog sat on the hat") == (pytest.approx(2 / 6), "wer")
+    assert M.error_rate("hi", "hi there you") == (2.0, "wer")  # insertions can take it above 1
+    assert M.error_rate("ＡＢＣ", "abc") == (0.0, "wer")
 
 
 def test_error_rate_of_nothing_heard() -> None:
-    assert S.error_rate("今日はいい天気ですね。", "") == (1.0, "cer")
-    assert S.error_rate("The cat sat.", None) == (1.0, "wer")
-    assert S.error_rate("。", "") == (0.0, "wer")  # nothing left to say after normalising
-    assert S.error_rate("!!!", "words") == (1.0, "wer")
+    assert M.error_rate("今日はいい天気ですね。", "") == (1.0, "cer")
+    assert M.error_rate("The cat sat.", None) == (1.0, "wer")
+    assert M.error_rate("。", "") == (0.0, "wer")  # nothing left to say after normalising
+    assert M.error_rate("!!!", "words") == (1.0, "wer")
 
 
 @lru_cache(maxsize=None)
@@ -107,23 +108,23 @@ def _naive_distance(a: str, b: str) -> int:
 
 
 def test_edit_distance_known_pairs() -> None:
-    assert S.edit_distance("kitten", "sitting") == 3
-    assert S.edit_distance("", "abc") == 3
-    assert S.edit_distance("flaw", "lawn") == 2
-    assert S.edit_distance(["a", "b"], ["a", "b"]) == 0
+    assert M.edit_distance("kitten", "sitting") == 3
+    assert M.edit_distance("", "abc") == 3
+    assert M.edit_distance("flaw", "lawn") == 2
+    assert M.edit_distance(["a", "b"], ["a", "b"]) == 0
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet="abcあい", max_size=7), st.text(alphabet="abcあい", max_size=7))
 def test_edit_distance_matches_the_definition(a: str, b: str) -> None:
-    assert S.edit_distance(a, b) == _naive_distance(a, b) == S.edit_distance(b, a)
+    assert M.edit_distance(a, b) == _naive_distance(a, b) == M.edit_distance(b, a)
 
 
 def test_cosine() -> None:
-    assert S.cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
-    assert S.cosine(np.array([1.0, 0.0]), np.array([0.0, 3.0])) == pytest.approx(0.0)
-    assert S.cosine(np.array([1.0, -1.0]), np.array([-1.0, 1.0])) == pytest.approx(-1.0)
-    assert S.cosine(np.zeros(3), np.ones(3)) == 0.0
+    assert M.cosine(np.array([1.0, 2.0]), np.array([2.0, 4.0])) == pytest.approx(1.0)
+    assert M.cosine(np.array([1.0, 0.0]), np.array([0.0, 3.0])) == pytest.approx(0.0)
+    assert M.cosine(np.array([1.0, -1.0]), np.array([-1.0, 1.0])) == pytest.approx(-1.0)
+    assert M.cosine(np.zeros(3), np.ones(3)) == 0.0
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -175,10 +176,10 @@ def test_speaker_similarity_of_identical_and_different_clips(scorer: S.Scorer) -
     a, b = tone(3.0), noise(3.0)
     ea = scorer.speaker_embedding(a)
     assert ea.ndim == 1 and ea.dtype == np.float32
-    assert S.cosine(ea, scorer.speaker_embedding(a.copy())) == pytest.approx(1.0, abs=1e-5)
+    assert M.cosine(ea, scorer.speaker_embedding(a.copy())) == pytest.approx(1.0, abs=1e-5)
     # The feature extractor normalises each clip: loudness is not a voice.
-    assert S.cosine(ea, scorer.speaker_embedding(0.5 * a)) == pytest.approx(1.0, abs=1e-4)
-    different = S.cosine(ea, scorer.speaker_embedding(b))
+    assert M.cosine(ea, scorer.speaker_embedding(0.5 * a)) == pytest.approx(1.0, abs=1e-4)
+    different = M.cosine(ea, scorer.speaker_embedding(b))
     assert -1.0 <= different < 0.99
 
 
@@ -200,7 +201,7 @@ def test_score_files_end_to_end(scorer: S.Scorer, tmp_path: Path) -> None:
     for record, sample in zip(result["samples"], samples):
         assert record["text"] == sample["text"]
         assert isinstance(record["transcript"], str)
-        value, metric = S.error_rate(sample["text"], record["transcript"])
+        value, metric = M.error_rate(sample["text"], record["transcript"])
         assert record[metric] == value
         assert "error" not in record
     # The same waveform as the reference (written to two files): the same voice.

@@ -2,9 +2,9 @@
 
 One 2x2 sweep (learning rate x LoRA rank) is trained once for the module; the
 resume and failure tests train one more trial each. Ranking, NaN, crash and
-Ctrl-C bookkeeping use a fake `autotune.run.run` and cost nothing.
+Ctrl-C bookkeeping use a fake `autotune.pipeline.run` and cost nothing.
 
-Several GPUs: `autotune.sweep.visible_gpus` answers two fake H100s (from the
+Several GPUs: `autotune.sweep.pool.visible_gpus` answers two fake H100s (from the
 real fingerprints), so the sweep runs its trials as `train.py` children two at
 a time; on the CPU they simply train on the CPU. One real 2x2 sweep is trained
 that way for the module (two dry runs, four trials), and one trial each for
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import autotune.run as run_module  # noqa: E402
+import autotune.pipeline as run_module  # noqa: E402
 from autotune.cli import run_main  # noqa: E402
-from autotune import trainer as T  # noqa: E402
+from autotune.training import trainer as T  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
 
 FAST = ["--data", str(ROOT / "examples" / "tiny"), "--model", "tiny", "--codec", "tiny", "--auto",
@@ -57,15 +57,15 @@ def main(*argv: str) -> int:
 def one_gpu_at_most():
     """The in-process tests stay in-process on a machine with several GPUs: the sweep spreads
     trials over GPUs only where a test says it sees two (`two_gpus`, `parallel_sweep`)."""
-    import autotune.sweep
+    import autotune.sweep.pool
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(autotune.sweep, "visible_gpus", lambda: [])
+        mp.setattr(autotune.sweep.pool, "visible_gpus", lambda: [])
         yield
 
 
 class Spy:
-    """Counts calls of a function in `autotune.run` and passes them through."""
+    """Counts calls of a function in `autotune.pipeline` and passes them through."""
 
     def __init__(self, real):
         self.real, self.calls = real, []
@@ -114,7 +114,7 @@ def test_one_dry_run_per_memory_shape(grid_sweep):
     assert len(list(out.glob("*/autotune.json"))) == 2
     assert {n.split("_")[1] for n in grid_sweep["dry"]} == {"r=2", "r=4"}
     plans = {t["name"]: t["plan"] for t in grid_sweep["record"]["trials"]}
-    assert {plans[n]["lora_r"] for n in NAMES} == {2, 4}
+    assert {plans[n]["settings"]["lora.r"] for n in NAMES} == {2, 4}
 
 
 def test_sweep_json_is_ranked_by_eval_loss(grid_sweep):
@@ -226,12 +226,9 @@ def test_an_existing_folder_that_is_no_sweep_is_refused(tmp_path, capsys):
 # ------------------------------------------ bookkeeping with a fake run() ---
 
 def fake_run(outcomes: dict[str, object], calls: list[str]):
-    """A stand-in for `autotune.run.run`: per trial name, a loss pair to write, or an exception to raise."""
-    real = run_module.run
+    """A stand-in for `autotune.pipeline.run`: per trial name, a loss pair to write, or an exception to raise."""
 
     def run(args, *, plan_cache=None):
-        if args.sweep:   # train.main -> the real driver -> the sweep -> this fake per trial
-            return real(args, plan_cache=plan_cache)
         folder = Path(args.output_dir)
         calls.append(folder.name)
         assert args.sweep == [] and args.overwrite and not args.resume and plan_cache is not None
@@ -393,7 +390,7 @@ def test_resume_with_other_flags_is_refused(tmp_path, monkeypatch, capsys):
 
 def test_names_and_set_lines_round_trip():
     from autotune.config import parse_set
-    from autotune.sweep import build_grid, parse_sweeps, set_line
+    from autotune.sweep.grid import build_grid, parse_sweeps, set_line
 
     axes = parse_sweeps(["training.learning_rate=1e-5,5e-5,1e-4", "lora.target_modules=[q_proj,v_proj],[q_proj,k_proj]",
                          "training.lr_scheduler_type=cosine,'linear'"])
@@ -410,7 +407,7 @@ def test_names_and_set_lines_round_trip():
 
 
 def test_a_trial_stopped_by_a_signal_is_not_finished(tmp_path):
-    from autotune.sweep import _finished
+    from autotune.sweep.grid import _finished
 
     done, stopped = tmp_path / "done.json", tmp_path / "stopped.json"
     done.write_text(json.dumps({"interrupted": None, "final_eval_loss": 1.0}))
@@ -420,7 +417,7 @@ def test_a_trial_stopped_by_a_signal_is_not_finished(tmp_path):
 
 # ------------------------------------------- several GPUs: one trial per GPU ---
 
-import autotune.sweep as sweep_module  # noqa: E402
+import autotune.sweep.pool as sweep_module  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
 PARALLEL = [a.replace("=3", "=2") if a.startswith("training.") and a.endswith("_steps=3") else a for a in FAST]
@@ -505,12 +502,14 @@ def test_parallel_dry_runs_once_per_memory_shape_and_trains_with_its_plan(parall
     assert len(dry) == 2 and [d["status"] for d in dry] == ["ok", "ok"]
     assert sorted(p.parent.name for p in (out / ".dry-runs").glob("*/autotune.json")) == ["1", "2"]
     assert not list(out.glob("*/autotune.json"))       # the trials dry-ran nothing
-    by_r = {d["plan"]["lora_r"]: d for d in dry}
+    by_r = {d["plan"]["settings"]["lora.r"]: d for d in dry}
     assert set(by_r) == {2, 4}
     for t in record["trials"]:
         r = t["settings"]["lora.r"]
         assert t["dry_run"] == by_r[r]["dry_run"] and t["name"] in by_r[r]["trials"]
-        assert t["plan"]["lora_r"] == r and t["plan"]["per_device_train_batch_size"] == by_r[r]["plan"]["per_device_train_batch_size"]
+        micro = "training.per_device_train_batch_size"
+        assert t["plan"]["settings"]["lora.r"] == r
+        assert t["plan"]["settings"][micro] == by_r[r]["plan"]["settings"][micro]
         log = (out / t["name"] / "console.log").read_text()
         header = log.splitlines()[0]
         assert " --auto" not in header and " --dry-run" not in header
@@ -679,11 +678,12 @@ def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_tra
 
 
 def test_child_flags_parse_back_to_the_same_run(tmp_path):
-    from train import build_parser
+    from autotune.request import build_parser, parse_request
+    from autotune.sweep.grid import Trial, trial_args
+    from autotune.sweep.pool import child_flags
 
-    from autotune.sweep import Trial, child_flags, trial_args
-
-    args = build_parser().parse_args(["--data", "d", "--config", "c.yaml", "--model", "tiny", "--codec", "x",
+    (tmp_path / "c.yaml").write_text("training: {seed: 1}\n")
+    args = parse_request(["--data", "d", "--config", str(tmp_path / "c.yaml"), "--model", "tiny", "--codec", "x",
                                       "--val", "v", "--vram-limit", "7.5", "--trust-remote-code", "--auto", "--json",
                                       "--set", "training.seed=-1", "--set", "lora.target_modules=[q_proj]",
                                       "--sweep", "lora.r=1,2", "--output-dir", "o"])
@@ -699,7 +699,7 @@ def test_child_flags_parse_back_to_the_same_run(tmp_path):
 def test_which_gpus_a_sweep_spreads_over(monkeypatch):
     from types import SimpleNamespace
 
-    from autotune.sweep import gpus_for_trials
+    from autotune.sweep.pool import gpus_for_trials
 
     one = SimpleNamespace(processes=1)
     mixed = fake_gpus(H100, "NVIDIA GeForce RTX 4090", H100)
@@ -720,7 +720,7 @@ def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):
     pid_file = tmp_path / "child.pid"
     parent_code = (
         "import subprocess, sys, time\n"
-        "from autotune import sweep\n"
+        "from autotune.sweep import pool as sweep\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
         "                         start_new_session=True, preexec_fn=sweep.die_with_parent())\n"
         f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
@@ -755,3 +755,8 @@ def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_pool_starts_the_real_train_py():
+    """Children run `train.py` at the repository's root; without it the pool would quietly fall back."""
+    assert sweep_module.TRAIN_PY.is_file() and sweep_module.TRAIN_PY.parent == ROOT

@@ -98,7 +98,7 @@ def test_resume_continues_the_step_count(tmp_path: Path, capsys):
 
 
 def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, monkeypatch, capsys):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real_step = T.LlasaTrainer.training_step
     raised = []
@@ -117,7 +117,7 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
     assert raised == [4]
     [recovery] = summary["oom_recoveries"]
     assert recovery["resumed_from"].endswith("checkpoint-4")
-    assert recovery["plan"]["per_device_train_batch_size"] == 1
+    assert recovery["plan"]["settings"]["training.per_device_train_batch_size"] == 1
     assert recovery["plan"]["effective_batch_size"] == summary["plan"]["effective_batch_size"] == 4
     assert summary["steps"] == 6
     assert "out of memory during training" in capsys.readouterr().out
@@ -131,12 +131,12 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
 def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: Path, monkeypatch, capsys):
     """`--plan` (what a sweep on several GPUs gives its trials) trains with a measured plan;
     unlike the same values given as `--set`, they are not pinned, so an OOM steps down."""
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     dry = tmp_path / "dry"
     assert train("--output-dir", str(dry), "--auto", "--dry-run") == 0
     plan = json.loads((dry / "autotune.json").read_text())["plan"]
-    batch = plan["per_device_train_batch_size"]
+    batch = plan["settings"]["training.per_device_train_batch_size"]
     assert batch > 1  # room to step down
 
     real_step = T.LlasaTrainer.training_step
@@ -157,17 +157,17 @@ def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: 
     assert summary["dry_run"] is None and summary["plan_from"] == str(dry / "autotune.json")
     assert not (out / "autotune.json").exists()
     [recovery] = summary["oom_recoveries"]
-    assert recovery["plan"]["per_device_train_batch_size"] < batch
+    assert recovery["plan"]["settings"]["training.per_device_train_batch_size"] < batch
     assert recovery["plan"]["effective_batch_size"] == plan["effective_batch_size"]
     assert summary["steps"] == 4
     assert f"plan from {dry / 'autotune.json'}" in capsys.readouterr().out
 
     # The same values pinned with --set (as the sweep used to pass them) leave the ladder nowhere to go.
     raised.clear()
-    pinned = [f"training.per_device_train_batch_size={batch}",
-              f"training.gradient_accumulation_steps={plan['gradient_accumulation_steps']}",
-              f"training.gradient_checkpointing={str(plan['gradient_checkpointing']).lower()}",
-              f"training.lean_loss={str(plan['lean_loss']).lower()}", f"data.max_length={plan['max_length']}"]
+    values = plan["settings"]
+    pinned = [f"{key}={json.dumps(values[key])}" for key in (
+        "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
+        "training.gradient_checkpointing", "training.lean_loss", "data.max_length")]
     with pytest.raises(AutotuneError, match="no recovery is left"):
         train("--output-dir", str(tmp_path / "pinned"), *common, *[a for s in pinned for a in ("--set", s)])
 
@@ -182,7 +182,8 @@ def test_a_run_config_yaml_is_a_plan_too(tmp_path: Path, capsys):
     assert train("--output-dir", str(out), "--plan", str(first / "run_config.yaml"),
                  "--set", "training.max_steps=1", "--set", "training.eval_steps=1") == 0
     plan = json.loads((out / "run_summary.json").read_text())["plan"]
-    assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (1, 4)
+    assert (plan["settings"]["training.per_device_train_batch_size"],
+            plan["settings"]["training.gradient_accumulation_steps"]) == (1, 4)
     (tmp_path / "broken.yaml").write_text("training: {max_steps: abc}\n")
     with pytest.raises(AutotuneError, match="holds no valid run config"):
         train("--output-dir", str(tmp_path / "third"), "--plan", str(tmp_path / "broken.yaml"))
@@ -206,12 +207,12 @@ def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     ([], "not json", "is not JSON"),
     ([], '{"plan": {"per_device_train_batch_size": 2}}', "holds no valid dry-run plan"),
     (["--set", "lora.r=4"], "dry", "`lora.r` is set to 4"),
-    ([], "precision=int8", "holds no valid dry-run plan"),
-    ([], "lora_target_modules=\"q_proj\"", "holds no valid dry-run plan"),
-    ([], "per_device_train_batch_size=0", "holds no valid dry-run plan"),
+    ([], 'training.bf16="maybe"', "holds no valid dry-run plan"),
+    ([], "lora.target_modules=[]", "holds no valid dry-run plan"),
+    ([], "training.per_device_train_batch_size=0", "holds no valid dry-run plan"),
     ([], "processes=2", "measured for 2 process(es)"),
-    ([], "precision=\"bf16\"", "measured on other hardware (precision fp32 instead of the table's bf16: no GPU"),
-    ([], "optim=\"adamw_8bit\"", "measured on other hardware (optimizer adamw_torch instead of adamw_8bit: no GPU)"),
+    ([], "training.bf16=true", "measured on other hardware (bf16, and this machine runs fp32)"),
+    ([], '"training.optim"="adamw_8bit"', "measured on other hardware (adamw_8bit, which cannot run here)"),
     (["--set", "training.lean_loss_chunk_size=4096"], "dry",
      "measured with `training.lean_loss_chunk_size` 1024 and this run has 4096"),
     (["--set", "data.packing=true"], "dry", "measured with `data.packing` false and this run has true"),
@@ -220,14 +221,14 @@ def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make,
     from train import main
 
     path = tmp_path / "autotune.json"
-    if make == "dry" or "=" in (make or ""):
+    if make == "dry" or "=" in (make or "") and not make.startswith("{"):
         assert train("--output-dir", str(tmp_path / "dry"), "--auto", "--dry-run") == 0
         path = tmp_path / "dry" / "autotune.json"
-        if make != "dry":   # one value of a real plan changed
+        if make != "dry":   # one value of a real plan changed: a dotted key of its settings, or `processes`
             key, value = make.split("=", 1)
+            key = key.strip('"')
             record = json.loads(path.read_text())
-            record["plan"][key] = json.loads(value) if value.startswith('"') else (
-                int(value) if value.isdigit() else value)
+            (record["plan"]["settings"] if "." in key else record["plan"])[key] = json.loads(value)
             path.write_text(json.dumps(record))
     elif make not in (None, "missing"):
         path.write_text(make)
@@ -246,8 +247,8 @@ def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make,
 def test_the_lean_loss_chunk_size_reaches_the_dry_run_and_the_trainer(tmp_path: Path, monkeypatch):
     import autotune.loss as loss_module
     from autotune.config import resolve_config
-    from autotune.dryrun import Plan
-    from autotune.run import memory_shape
+    from autotune.tuning.plan import Plan
+    from autotune.tuning.plan import memory_shape
 
     seen = []
     real = loss_module.compute_lean_loss
@@ -266,7 +267,7 @@ def test_the_lean_loss_chunk_size_reaches_the_dry_run_and_the_trainer(tmp_path: 
 
 
 def test_errors_that_are_not_oom_are_not_recovered(tmp_path: Path, monkeypatch):
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     def broken(self, model, inputs, num_items_in_batch=None):
         raise RuntimeError("CUDA error: device-side assert triggered")
@@ -281,7 +282,7 @@ def test_dry_run_on_cpu_runs_a_real_step_and_reports(tmp_path: Path, capsys):
     assert train("--output-dir", str(out), "--dry-run", "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["plan"]["effective_batch_size"] == 4
-    assert record["plan"]["per_device_train_batch_size"] == 2
+    assert record["plan"]["settings"]["training.per_device_train_batch_size"] == 2
     [attempt] = record["attempts"]
     assert attempt["ok"] and attempt["tokens_per_second"] > 0 and attempt["peak_bytes"] is None
     assert record["seconds"] > 0
@@ -329,7 +330,7 @@ def test_resume_with_a_different_lora_shape_is_one_clear_error(tmp_path: Path):
 def test_oom_recovery_never_changes_what_a_checkpoint_fixes(tmp_path: Path, monkeypatch):
     """With batch, checkpointing and lean loss pinned, the next rungs (8-bit optimizer,
     smaller rank) would not load the checkpoint's state: recovery must stop instead."""
-    from autotune import trainer as T
+    from autotune.training import trainer as T
 
     real_step = T.LlasaTrainer.training_step
 

@@ -1,24 +1,23 @@
-"""HF Trainer assembly: arguments, the lean-loss trainer, callbacks, outputs, diagnosis."""
+"""The HF Trainer that trains Llasa: its arguments from the config, and `LlasaTrainer`, whose
+step is the lean loss and whose checkpoints are written whole and verified on resume.
+The dry run measures plans with this same trainer."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import shutil
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from autotune import checkpoints as C
-from autotune import reliability as R
+from autotune import checkpoint_checks as C
+from autotune import checkpoints as K
+from autotune.training.callbacks import InterruptCallback, NonFiniteGuard, nonfinite_parameters
 from autotune.batches import EpochLengthGroupedSampler, ExampleDataset
 from autotune.config import Config, config_rule_problems
+from autotune.console import say, warn
 from autotune.errors import AutotuneError
 
 
@@ -28,7 +27,7 @@ from autotune.errors import AutotuneError
 # -------------------------------------------------------------- arguments ---
 
 def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_cpu: bool,
-                       notes: list[str]) -> TrainingArguments:
+                       notes: list[str], sequential: bool = False) -> TrainingArguments:
     """The config's `training` section as `TrainingArguments`, with the checks HF
     would otherwise raise as a traceback turned into one-line errors."""
     t = config.training
@@ -75,7 +74,8 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         greater_is_better=t.greater_is_better if eval_on else None,
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=t.dataloader_pin_memory and not use_cpu,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # `sequential`: the dry run feeds its rows in the order it measures them.
+        train_sampling_strategy="sequential" if sequential else "group_by_length" if t.group_by_length else "random",
         seed=t.seed, data_seed=t.seed,
         use_cpu=use_cpu,
         remove_unused_columns=False,
@@ -110,6 +110,7 @@ def _for_this_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(TrainingArguments.__init__).parameters
     out = dict(kwargs)
     if "train_sampling_strategy" not in params:
+        # Older 5.x: no sequential sampler; the dry run then times rows in a random order.
         out["group_by_length"] = out.pop("train_sampling_strategy") == "group_by_length"
     if "warmup_ratio" in params and isinstance(out.get("warmup_steps"), float):
         out["warmup_ratio"] = out.pop("warmup_steps")
@@ -127,6 +128,9 @@ def _checkpointing_args(enabled: bool) -> dict[str, Any]:
 
 def tensorboard_dir(config: Config, output_dir: Path) -> Path:
     return Path(config.training.logging_dir) if config.training.logging_dir else output_dir / "logs"
+
+
+RESTORED = "optimizer, scheduler, RNG and data position restored"
 
 
 # ------------------------------------------------------------------ trainer ---
@@ -147,9 +151,11 @@ class LlasaTrainer(Trainer):
         self.lean_chunk_size = lean_chunk_size
         self.tokens_seen = 0  # non-padding training tokens on this process
         self.console = console
-        self.nonfinite: R.NonFiniteGuard | None = None   # set by add_guards
-        self.interrupt: R.InterruptCallback | None = None
+        self.nonfinite: NonFiniteGuard | None = None   # set by add_guards
+        self.interrupt: InterruptCallback | None = None
         self.refused_saves: list[int] = []  # steps whose checkpoint held NaN/inf weights and was not written
+        self.throughput: Any = None   # callbacks.ThroughputCallback, set by build_trainer
+        self.early: Any = None        # callbacks.EarlyStopRecorder, set by build_trainer
 
     def add_guards(self, nan_patience: int) -> None:
         """Register the NaN guard and the interrupt handling. Call it after adding
@@ -157,8 +163,8 @@ class LlasaTrainer(Trainer):
         step (the samples) must not take that for the end of training."""
         # fp16's gradient scaler skips overflowing steps itself while it calibrates.
         scaler = getattr(self.accelerator, "scaler", None)
-        self.nonfinite = R.NonFiniteGuard(nan_patience, judge_gradients=scaler is None)
-        self.interrupt = R.InterruptCallback()
+        self.nonfinite = NonFiniteGuard(nan_patience, judge_gradients=scaler is None)
+        self.interrupt = InterruptCallback()
         self.add_callback(self.nonfinite)
         self.add_callback(self.interrupt)
 
@@ -210,22 +216,22 @@ class LlasaTrainer(Trainer):
         step = self.state.global_step
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        bad = R.nonfinite_parameters(self.model)
+        bad = nonfinite_parameters(self.model)
         if bad:
             self.refused_saves.append(step)
-            _warn(self.console, f"! not saving {final.name}: {len(bad)} adapter tensors hold NaN or inf "
+            warn(self.console, f"! not saving {final.name}: {len(bad)} adapter tensors hold NaN or inf "
                                 f"(e.g. {bad[0]}); the previous checkpoints are kept")
             return
-        staging = R.staging_dir(final)
+        staging = K.staging_dir(final)
         try:
             self._write_checkpoint(trial, run_dir, staging, final)
         except Exception as exc:
-            free = R.free_bytes(run_dir)
-            if not R.is_disk_full(exc, free):
+            free = K.free_bytes(run_dir)
+            if not K.is_disk_full(exc, free):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-            previous, _ = R.scan_checkpoints(run_dir)
-            raise AutotuneError(R.disk_full_message(final.name, run_dir, free, previous)) from exc
+            previous, _ = K.scan_checkpoints(run_dir)
+            raise AutotuneError(K.disk_full_message(final.name, run_dir, free, previous)) from exc
 
     def _write_checkpoint(self, trial, run_dir: Path, staging: Path, final: Path) -> None:
         # Follows transformers' Trainer._save_checkpoint (5.x) with the folder swapped; no push to the hub.
@@ -259,7 +265,7 @@ class LlasaTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every process wrote its RNG state into `staging`
         if main:
             C.write_manifest(staging, self.state.global_step)   # last: a manifest means the save finished
-            R.publish_checkpoint(staging, final)
+            K.publish_checkpoint(staging, final)
         self.accelerator.wait_for_everyone()
         if main:
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
@@ -291,6 +297,7 @@ class LlasaTrainer(Trainer):
             problem = C.verify_checkpoint(path, expected)
             if problem is None:
                 self._note_unmanifested(path)
+                say(self.console, f"resuming from {path} ({RESTORED})")
                 return str(path)
             if not self.resume_fallback:
                 raise AutotuneError(f"cannot resume from `{path}`: {problem}; pass another `checkpoint-N`, "
@@ -299,17 +306,17 @@ class LlasaTrainer(Trainer):
             found, skipped = C.newest_verified_checkpoint(folder, expected, below_step=C.checkpoint_step(path))
             skipped = [(path, problem), *skipped]
         for bad, why in skipped:
-            _warn(self.console, f"--resume: skipping {bad.name}: {why}")
+            warn(self.console, f"--resume: skipping {bad.name}: {why}")
         if found is None:
-            _warn(self.console, f"--resume: no checkpoint in {folder} fits this run; starting from step 0")
+            warn(self.console, f"--resume: no checkpoint in {folder} fits this run; starting from step 0")
             return None
         self._note_unmanifested(found)
-        _say(self.console, f"resuming from {found} instead")
+        say(self.console, f"resuming from {found} ({RESTORED})")
         return str(found)
 
     def _note_unmanifested(self, path: Path) -> None:
         if not C.has_manifest(path):
-            _warn(self.console, f"--resume: {path.name} has no manifest (saved by an older version): its files' "
+            warn(self.console, f"--resume: {path.name} has no manifest (saved by an older version): its files' "
                                 "structure was checked, not their bytes")
 
     def checkpoint_expectations(self) -> C.Expected:
@@ -333,7 +340,7 @@ class LlasaTrainer(Trainer):
         problem = C.verify_checkpoint(best, self.checkpoint_expectations())
         if problem:
             self.best_refused = f"{best.name}: {problem}"
-            _warn(self.console, f"! not loading the best checkpoint {best.name}: {problem}; keeping the final weights")
+            warn(self.console, f"! not loading the best checkpoint {best.name}: {problem}; keeping the final weights")
             return
         super()._load_best_model()
 
@@ -359,264 +366,11 @@ class LlasaTrainer(Trainer):
 
 # ---------------------------------------------------------------- callbacks ---
 
-class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (non-padding, all processes) to each log line."""
-
-    def __init__(self, trainer: LlasaTrainer, processes: int):
-        self.trainer = trainer
-        self.processes = processes
-        self.start = None
-        self.last_time = None
-        self.last_tokens = 0
-        self.rates: list[float] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self.last_time = time.perf_counter()
-        self.last_tokens = self.trainer.tokens_seen
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or self.last_time is None:
-            return
-        now = time.perf_counter()
-        tokens = self.trainer.tokens_seen
-        if now > self.last_time and tokens > self.last_tokens:
-            rate = (tokens - self.last_tokens) * self.processes / (now - self.last_time)
-            logs["tokens_per_second"] = round(rate, 1)
-            self.rates.append(rate)
-        self.last_time, self.last_tokens = now, tokens
-
-    def overall(self) -> float | None:
-        if self.start is None:
-            return None
-        elapsed = time.perf_counter() - self.start
-        return self.trainer.tokens_seen * self.processes / elapsed if elapsed > 0 else None
-
-
-class RichProgressCallback(TrainerCallback):
-    """A rich progress bar with loss, learning rate, tokens/s and ETA (main process only)."""
-
-    def __init__(self, console):
-        self.console = console
-        self.progress = None
-        self.task = None
-        self.fields = {"loss": "-", "lr": "-", "tps": "-", "eval": "-"}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
-            console=self.console, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        if "loss" in logs:
-            self.fields["loss"] = f"{logs['loss']:.4f}"
-        if "learning_rate" in logs:
-            self.fields["lr"] = f"{logs['learning_rate']:.2e}"
-        if "tokens_per_second" in logs:
-            self.fields["tps"] = f"{logs['tokens_per_second']:,.0f}"
-        if "eval_loss" in logs:
-            self.fields["eval"] = f"{logs['eval_loss']:.4f}"
-        self.progress.update(self.task, **self.fields)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-            self.progress.stop()
-            self.progress = None
-
-
-class EarlyStopRecorder(TrainerCallback):
-    """Remembers whether early stopping ended the run (for the summary)."""
-
-    def __init__(self):
-        self.stopped_early_at: int | None = None
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        # Runs after EarlyStoppingCallback (added first), which sets the flag here.
-        if control.should_training_stop and state.global_step < state.max_steps:
-            self.stopped_early_at = state.global_step
-
-
-class LogLastStep(TrainerCallback):
-    """Logs the loss at the last step too, so the final train loss is the end of the run's
-    and not the last multiple of `logging_steps` (often the first step of a short trial)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps or control.should_training_stop:
-            control.should_log = True
-
-
-def callbacks_for(config: Config, has_eval: bool) -> list[TrainerCallback]:
-    t = config.training
-    callbacks: list[TrainerCallback] = [LogLastStep()]
-    if t.use_early_stopping and has_eval and t.eval_strategy != "no":
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience,
-                                               early_stopping_threshold=t.early_stopping_threshold))
-    return callbacks
-
 
 # ---------------------------------------------------------------- diagnosis ---
 
-@dataclass
-class Finding:
-    kind: str
-    message: str
-    remedies: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "set": " ".join(self.remedies)}
-
-
-def diagnose(log_history: list[dict[str, Any]], config: Config, min_evals: int = 3) -> list[Finding]:
-    """The guide's troubleshooting section, applied to the logged curves."""
-    t, lora = config.training, config.lora
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and math.isfinite(h["loss"])]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    findings: list[Finding] = []
-    if len(evals) >= min_evals:
-        tail = evals[-min_evals:]
-        best = min(e for _, e in evals)
-        eval_rising = all(b[1] > a[1] for a, b in zip(tail, tail[1:]))
-        train_tail = [loss for step, loss in train if step >= tail[0][0]]
-        train_falling = len(train_tail) >= 2 and train_tail[-1] < train_tail[0]
-        if eval_rising and train_falling:
-            findings.append(Finding(
-                "overfitting", f"train loss falls while eval loss rose over the last {min_evals} evaluations "
-                f"({tail[0][1]:.4f} -> {tail[-1][1]:.4f})",
-                [f"--set lora.lora_dropout={max(0.1, lora.lora_dropout)}",
-                 f"--set training.weight_decay={max(0.05, t.weight_decay)}",
-                 "--set training.use_early_stopping=true",
-                 f"--set training.num_train_epochs={max(1, int(t.num_train_epochs // 2))}",
-                 f"--set training.learning_rate={t.learning_rate / 2:g}"]))
-        elif evals[0][1] - best < max(t.early_stopping_threshold, 1e-3):
-            findings.append(Finding(
-                "eval_not_improving", f"eval loss did not improve ({evals[0][1]:.4f} at first, best {best:.4f})",
-                [f"--set lora.r={min(lora.r * 2, 128)}", f"--set lora.lora_alpha={min(lora.lora_alpha * 2, 256)}",
-                 "--set lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-                 f"--set training.learning_rate={min(t.learning_rate * 2, 1e-4) if t.learning_rate < 1e-4 else 5e-5:g}"]))
-    if len(train) >= 6:
-        losses = [loss for _, loss in train[1:]]  # the first logged step is before any update
-        diffs = [b - a for a, b in zip(losses, losses[1:])]
-        flips = sum(1 for a, b in zip(diffs, diffs[1:]) if a * b < 0)
-        swing = max(losses) - min(losses)
-        level = sum(losses) / len(losses)
-        jumps = any(d > 0.5 * max(level, 1e-8) for d in diffs)
-        if (flips >= 0.7 * (len(diffs) - 1) and swing > 0.2 * level) or jumps:
-            findings.append(Finding(
-                "unstable", f"the training loss oscillates ({flips} direction changes in {len(losses)} logs, "
-                f"range {min(losses):.3f}..{max(losses):.3f})",
-                [f"--set training.learning_rate={t.learning_rate / 5:g}", "--set training.max_grad_norm=0.5",
-                 f"--set training.warmup_ratio={max(0.1, t.warmup_ratio)}",
-                 f"--set training.gradient_accumulation_steps={t.gradient_accumulation_steps * 2}"]))
-    if any(not math.isfinite(h.get("loss", 0.0)) for h in log_history):
-        findings.append(Finding("nan", "the loss became NaN or infinite",
-                                [f"--set training.learning_rate={t.learning_rate / 10:g}", "--set training.max_grad_norm=0.5",
-                                 "--set training.warmup_ratio=0.1"]))
-    return findings
-
 
 # ------------------------------------------------------------------ outputs ---
-
-def plot_losses(log_history: list[dict[str, Any]], path: Path) -> bool:
-    """loss.png for people who do not open TensorBoard. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    from autotune import rundir
-
-    try:
-        with rundir.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return True
-
-
-def _warn(console, message: str) -> None:
-    if console is not None:
-        console.print(message, style="yellow", markup=False, highlight=False)
-    else:
-        print(message, file=sys.stderr)
-
-
-def _say(console, message: str) -> None:
-    if console is not None:
-        console.print(message, markup=False, highlight=False)
-    else:
-        print(message, file=sys.stderr)
-
-
-def save_adapter(model, output_dir: Path, console=None) -> bool:
-    """adapter_model.safetensors + adapter_config.json into `output_dir`, written beside
-    and moved into place whole; False (with a warning) when the adapter holds NaN or inf.
-    A full disk is one line, and the previous files are left as they were."""
-    from autotune import rundir
-
-    bad = R.nonfinite_parameters(model)
-    if bad:
-        _warn(console, f"! not saving the final adapter: {len(bad)} tensors hold NaN or inf; the checkpoints are kept")
-        return False
-    staging = output_dir / ".tmp-adapter"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(str(staging))
-        for item in sorted(staging.iterdir()):
-            os.replace(item, output_dir / item.name)
-    except Exception as exc:
-        free = R.free_bytes(output_dir)
-        if not (R.is_disk_full(exc, free) or rundir.is_storage_error(exc)):
-            raise
-        previous = newest_checkpoint(output_dir)
-        raise AutotuneError(R.disk_full_message("the final adapter", output_dir, free, previous)) from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return True
-
-
-def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
-    from autotune import rundir
-
-    rundir.write_json(path, payload, allow_nan=allow_nan)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a kill mid-write leaves the old file, never half a file."""
-    from autotune import rundir
-
-    rundir.write_text(path, text)
-
-
-def newest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (see `reliability.checkpoint_problem`)."""
-    return R.scan_checkpoints(output_dir)[0]
 
 
 def retarget_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
@@ -633,3 +387,42 @@ def retarget_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
         group["initial_lr"] = learning_rate
         group["lr"] = value
     scheduler._last_lr = values
+
+
+# ----------------------------------------------------------------- building ---
+
+def build_trainer(config: Config, model, *, train_set, val_set, collator, output_dir: Path, use_cpu: bool,
+                  console: Any = None, processes: int = 1, notes: list[str] | None = None,
+                  progress: bool = True, sequential: bool = False) -> LlasaTrainer:
+    """The one trainer every fit uses, training and the dry run alike: its arguments from the
+    config, the lean loss, and the standard callbacks. The throughput callback goes first, so
+    that the loggers (TensorBoard) see the `tokens_per_second` it adds to each log."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from autotune.training.callbacks import (EarlyStopRecorder, RichProgressCallback, ThroughputCallback,
+                                             callbacks_for)
+
+    args = training_arguments(config, output_dir, has_eval=val_set is not None and len(val_set) > 0,
+                              use_cpu=use_cpu, notes=notes if notes is not None else [], sequential=sequential)
+    trainer = LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                           data_collator=collator, callbacks=callbacks_for(config, args.eval_strategy != "no"),
+                           lean_loss=config.training.lean_loss, lean_chunk_size=config.training.lean_loss_chunk_size,
+                           console=console)
+    trainer.throughput = ThroughputCallback(trainer, processes)
+    trainer.early = EarlyStopRecorder()
+    trainer.remove_callback(PrinterCallback)  # the progress line shows the same, on one line
+    trainer.callback_handler.callbacks.insert(0, trainer.throughput)
+    trainer.add_callback(trainer.early)
+    if progress and console is not None:
+        trainer.add_callback(RichProgressCallback(console))
+    return trainer
+
+
+def stop_progress(trainer: LlasaTrainer) -> None:
+    """A live progress bar would keep redrawing over whatever comes next."""
+    from autotune.training.callbacks import RichProgressCallback
+
+    for cb in list(trainer.callback_handler.callbacks):
+        if isinstance(cb, RichProgressCallback) and cb.progress is not None:
+            cb.progress.stop()
+            cb.progress = None

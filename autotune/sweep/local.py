@@ -1,0 +1,212 @@
+"""The sweep folder, trials run in this process, and the driver `run_sweep`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from contextlib import nullcontext, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import AutotuneError
+from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD, RunFolder
+from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, check_flags, check_same_base, mark_failed,
+                                 parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
+                                 validate_trials, write_record)
+from autotune.sweep.pool import TRAIN_PY, ParallelSweep, SweepTerminated, gpu_label, gpus_for_trials
+from autotune.tuning.ladder import free_memory
+
+
+def _is_trial_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in (RUN_SUMMARY, RUN_CONFIG, "autotune.json"))
+
+
+def is_sweep_dir(out: Path) -> bool:
+    if not out.is_dir() or (out / RUN_CONFIG).exists():
+        return False
+    return (out / SWEEP_RECORD).exists() or any(_is_trial_dir(p) for p in out.iterdir())
+
+
+def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
+    """Create or reuse the sweep folder, locked for this process; returns the previous
+    sweep.json (on --resume), if any. `--overwrite` replaces only a sweep or run of this
+    tool, or an empty folder (see `rundir.RunFolder`)."""
+    out, args = ctx.output_dir, ctx.request
+    if out.exists() and not out.is_dir():
+        raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
+    sweep = is_sweep_dir(out)
+    previous = None
+    if args.resume:
+        if not sweep:
+            what = "a single run, not a sweep" if (out / RUN_CONFIG).exists() else "no sweep"
+            raise AutotuneError(f"`--resume`: `{out}` holds {what}: pass the sweep's `--output-dir`, "
+                                "or drop `--resume` to start a new sweep")
+        if (out / SWEEP_RECORD).exists():
+            try:
+                previous = json.loads((out / SWEEP_RECORD).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                previous = None
+    folder = RunFolder(out)
+    action = folder.check(resume=bool(args.resume), overwrite=args.overwrite)
+    if action == "reuse" and sweep:
+        action = "replace" if args.overwrite else None
+        if action is None:
+            raise AutotuneError(f"`{out}` already holds a sweep: add `--resume` to continue it, `--overwrite` to "
+                                "replace it, or choose another `--output-dir`")
+    if ctx.is_main:
+        folder.claim(action)
+        folder.training_started()   # the trials start now: a replaced sweep can go
+        ctx.folder = folder
+    return previous
+
+
+def run_trial(ctx, trial: Trial, cache: dict) -> None:
+    from autotune import pipeline
+
+    folder = ctx.output_dir / trial.name
+    started = trial.started_at = time.time()
+    # The trials' own JSON (e.g. the dry-run record) must not mix into the sweep's `--json` object.
+    guard = redirect_stdout(sys.stderr) if ctx.request.json else nullcontext()
+    try:
+        with guard:
+            code = pipeline.run(trial_args(ctx.request, trial, ctx.output_dir), plan_cache=cache)
+    except AutotuneError as exc:
+        trial.status, trial.error = "failed", exc.one_line()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:   # a crash in one trial must not lose the others
+        trial.status = "failed"
+        trial.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        ctx.console.print(traceback.format_exc(), markup=False, highlight=False)
+    else:
+        if code in (130, 143):
+            # The trial saved a checkpoint and stopped on a signal: stop the sweep too.
+            raise KeyboardInterrupt
+        if code not in (0, None):
+            trial.status, trial.error = "failed", f"the run exited with code {code}"
+        else:
+            record_summary(trial, folder)
+    finally:
+        free_memory()
+        trial.finished_at = time.time()
+    if trial.status == "failed":
+        mark_failed(ctx, trial, folder)
+    if trial.wall_seconds is None:
+        trial.wall_seconds = round(trial.finished_at - started, 2)
+
+
+def _skip_finished(ctx, trial: Trial, total: int, previous: dict[str, Any] | None = None) -> None:
+    """A trial an earlier invocation finished: its own figures and status, and its times
+    as the previous sweep.json recorded them."""
+    record_summary(trial, ctx.output_dir / trial.name)
+    trial.earlier = True
+    before = next((t for t in (previous or {}).get("trials", []) if t.get("name") == trial.name), {})
+    for key in ("started_at", "finished_at", "gpu", "dry_run"):
+        if before.get(key) is not None:
+            setattr(trial, key, before[key])
+    ctx.console.print(f"trial {trial.index + 1}/{total} [bold]{trial.name}[/bold]: finished earlier, not run again")
+
+
+def run_sweep(request) -> int:
+    """`train.py --sweep ...`: the grid, one run per trial, ranked; the sweep folder is held
+    (locked) by this process until it ends."""
+    from autotune.pipeline import make_context
+
+    ctx = make_context(request)
+    try:
+        return _sweep(ctx)
+    finally:
+        if ctx.folder is not None:
+            ctx.folder.release()
+
+
+def _sweep(ctx) -> int:
+    from rich.markup import escape
+
+    args = ctx.request
+    check_flags(args)
+    axes = parse_sweeps(list(args.sweep))
+    trials = build_grid(axes)
+    validate_trials(args, axes, trials)
+    from autotune.data import find_layout
+
+    find_layout(Path(args.data))   # a wrong --data path fails here, not in every trial
+    base = base_record(args)
+    previous = prepare_sweep_dir(ctx)
+    check_same_base(previous, base, ctx.output_dir)
+    out, c = ctx.output_dir, ctx.console
+
+    gpus, left_out = gpus_for_trials(ctx)
+    if gpus and not TRAIN_PY.is_file():
+        c.print(f"[yellow]! {len(gpus)} GPUs, but {escape(str(TRAIN_PY))} is missing: the trials run one after "
+                "another on the first GPU[/yellow]")
+        gpus, left_out = [], []
+    # Decided up front, so every process of a DDP sweep skips the same trials.
+    finished = {t.name for t in trials if args.resume and _finished(out / t.name / RUN_SUMMARY)}
+    # A trial that began training and was stopped continues from its checkpoint; one that
+    # failed (failed.json) starts over, or it would fail the same way from its checkpoint.
+    for t in trials:
+        folder = out / t.name
+        if (args.resume and t.name not in finished and (folder / RUN_CONFIG).is_file()
+                and not (folder / FAILED_RECORD).exists()):
+            t.resume_plan = resume_plan(folder)
+            if t.resume_plan is None:
+                c.print(f"[yellow]! trial {escape(t.name)} starts over: its run_config.yaml does not read[/yellow]")
+    keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
+    how = (f"{len(gpus)} at a time, one per GPU ({', '.join(gpu_label(g) for g in gpus)})" if gpus
+           else "one after another")
+    c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, {escape(how)}, in {escape(str(out))}"
+            + (f"; {len(finished)} finished earlier" if finished else ""))
+    for gpu in left_out:
+        c.print(f"[yellow]! {escape(gpu_label(gpu))} ({escape(gpu.name or '?')}) is left out: trials run on GPUs "
+                f"like the first ({escape(gpus[0].name or '?')}), so that they compare; pick GPUs with "
+                "CUDA_VISIBLE_DEVICES[/yellow]")
+    for a in axes:
+        pinned = [s for s in args.sets if s.partition("=")[0].strip() == a.key]
+        if pinned:
+            c.print(f"[yellow]! `--set {pinned[-1]}` is replaced by the sweep's values of `{a.key}`[/yellow]")
+
+    parallel: ParallelSweep | None = None
+
+    def save(complete: bool) -> dict[str, Any]:
+        record = sweep_record(ctx, axes, trials, base, complete, parallel.record() if parallel else None)
+        if ctx.is_main:
+            write_record(out / SWEEP_RECORD, record)
+        return record
+
+    if gpus:
+        parallel = ParallelSweep(ctx, trials, gpus, lambda: save(False))
+    save(False)
+    cache: dict = {}
+    try:
+        if parallel is not None:
+            for trial in trials:
+                if trial.name in finished:
+                    _skip_finished(ctx, trial, len(trials), previous)
+            save(False)
+            parallel.run([t for t in trials if t.name not in finished])
+        else:
+            for number, trial in enumerate(trials, 1):
+                if trial.name in finished:
+                    _skip_finished(ctx, trial, len(trials), previous)
+                    continue
+                c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
+                run_trial(ctx, trial, cache)
+                if trial.status == "failed":
+                    c.print(f"[red]trial {escape(trial.name)} failed[/red]: {escape(trial.error or '')}", highlight=False)
+                save(False)
+    except (KeyboardInterrupt, SweepTerminated):
+        record = save(False)
+        if ctx.is_main:
+            show(ctx, axes, trials, record)
+            c.print(f"[yellow]sweep interrupted: rerun the same command with `--resume` "
+                    f"(and `--output-dir {escape(str(out))}`) to finish it[/yellow]")
+        raise
+    record = save(True)
+    if ctx.is_main:
+        show(ctx, axes, trials, record)
+        if args.json:
+            print(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False, default=str))
+    return 0 if record["best"] is not None else 1

@@ -1,0 +1,236 @@
+"""The training loop's callbacks: throughput, the progress line, early stopping's record,
+a log at the last step, the interrupt that saves and stops, and the NaN guard.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from autotune.config import Config
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds `tokens_per_second` (non-padding, all processes) to each log line."""
+
+    def __init__(self, trainer: Any, processes: int):
+        self.trainer = trainer
+        self.processes = processes
+        self.start = None
+        self.last_time = None
+        self.last_tokens = 0
+        self.rates: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_time = time.perf_counter()
+        self.last_tokens = self.trainer.tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self.last_time is None:
+            return
+        now = time.perf_counter()
+        tokens = self.trainer.tokens_seen
+        if now > self.last_time and tokens > self.last_tokens:
+            rate = (tokens - self.last_tokens) * self.processes / (now - self.last_time)
+            logs["tokens_per_second"] = round(rate, 1)
+            self.rates.append(rate)
+        self.last_time, self.last_tokens = now, tokens
+
+    def overall(self) -> float | None:
+        if self.start is None:
+            return None
+        elapsed = time.perf_counter() - self.start
+        return self.trainer.tokens_seen * self.processes / elapsed if elapsed > 0 else None
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar with loss, learning rate, tokens/s and ETA (main process only)."""
+
+    def __init__(self, console):
+        self.console = console
+        self.progress = None
+        self.task = None
+        self.fields = {"loss": "-", "lr": "-", "tps": "-", "eval": "-"}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, **self.fields)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is None or not logs:
+            return
+        if "loss" in logs:
+            self.fields["loss"] = f"{logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            self.fields["lr"] = f"{logs['learning_rate']:.2e}"
+        if "tokens_per_second" in logs:
+            self.fields["tps"] = f"{logs['tokens_per_second']:,.0f}"
+        if "eval_loss" in logs:
+            self.fields["eval"] = f"{logs['eval_loss']:.4f}"
+        self.progress.update(self.task, **self.fields)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+            self.progress.stop()
+            self.progress = None
+
+
+class EarlyStopRecorder(TrainerCallback):
+    """Remembers whether early stopping ended the run (for the summary)."""
+
+    def __init__(self):
+        self.stopped_early_at: int | None = None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # Runs after EarlyStoppingCallback (added first), which sets the flag here.
+        if control.should_training_stop and state.global_step < state.max_steps:
+            self.stopped_early_at = state.global_step
+
+
+class LogLastStep(TrainerCallback):
+    """Logs the loss at the last step too, so the final train loss is the end of the run's
+    and not the last multiple of `logging_steps` (often the first step of a short trial)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
+
+
+def callbacks_for(config: Config, has_eval: bool) -> list[TrainerCallback]:
+    t = config.training
+    callbacks: list[TrainerCallback] = [LogLastStep()]
+    if t.use_early_stopping and has_eval and t.eval_strategy != "no":
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience,
+                                               early_stopping_threshold=t.early_stopping_threshold))
+    return callbacks
+
+
+
+# ------------------------------------------------------------ interruption ---
+
+class InterruptCallback(TrainerCallback):
+    """Once a signal is requested: save a checkpoint at the end of this step and stop.
+
+    Registered after every other callback: it ends the step, and callbacks that act
+    on the final step (the samples) must not mistake an interrupt for the end of training."""
+
+    def __init__(self):
+        self.requested: str | None = None   # "SIGINT" or "SIGTERM", set by the signal handler
+        self.stopped_at: int | None = None  # the step whose checkpoint the interrupt saved
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stop_if_requested(args, state, control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # A signal during an evaluation: save right after it rather than one more step later.
+        self._stop_if_requested(args, state, control)
+
+    def _stop_if_requested(self, args, state, control) -> None:
+        if self.stopped_at is not None:
+            return
+        # Every DDP process must stop at the same step, or the others hang in the next all-reduce.
+        code = agree_across_processes(signal_number(self.requested), args.device)
+        if not code:
+            return
+        self.requested = self.requested or signal.Signals(code).name
+        control.should_save = True
+        control.should_training_stop = True
+        if state.global_step < state.max_steps:
+            self.stopped_at = state.global_step
+
+
+def signal_number(name: str | None) -> int:
+    return int(getattr(signal, name)) if name else 0
+
+
+def agree_across_processes(value: int, device: Any) -> int:
+    """The largest `value` over all DDP processes (itself when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips the update of a step whose loss or gradients are NaN or inf (the
+    optimizer sees no gradients, so neither the weights nor its moments move),
+    and after `patience` such steps in a row stops training for a rollback.
+
+    `LlasaTrainer.training_step` reports each micro-batch's loss through `note_loss`.
+    With fp16 the gradient scaler already skips overflowing steps while it
+    calibrates, so only a non-finite loss counts there (`judge_gradients=False`)."""
+
+    def __init__(self, patience: int, judge_gradients: bool = True):
+        self.patience = patience
+        self.judge_gradients = judge_gradients
+        self.streak = 0
+        self.skipped_steps: list[int] = []
+        self.exhausted_at: int | None = None
+        self._loss_ok: torch.Tensor | None = None
+        self._skipped_this_step = False
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        ok = torch.isfinite(loss.detach()).all()  # stays on the device: one sync per step, below
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ok = self._loss_ok is None or bool(self._loss_ok)
+        self._loss_ok = None
+        if ok and self.judge_gradients and model is not None:
+            ok = gradients_finite(model)
+        bad = agree_across_processes(0 if ok else 1, args.device) > 0
+        self._skipped_this_step = bad
+        if not bad:
+            self.streak = 0
+            return
+        for p in model.parameters() if model is not None else ():
+            p.grad = None   # torch optimizers leave a parameter without a gradient untouched
+        self.streak += 1
+        self.skipped_steps.append(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._skipped_this_step:
+            return
+        # A rollback must go back to before the trouble: no checkpoint from inside a bad streak.
+        control.should_save = False
+        if self.streak >= self.patience:
+            self.exhausted_at = state.global_step
+            control.should_training_stop = True
+
+
+def gradients_finite(model: torch.nn.Module) -> bool:
+    return all(_all_finite([p.grad for p in model.parameters() if p.grad is not None]))
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of trainable tensors holding NaN or inf (what a checkpoint would save)."""
+    named = [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for (n, _), ok in zip(named, _all_finite([t for _, t in named])) if not ok]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Per tensor: no NaN or inf. One device sync for all of them, not one each."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).cpu().tolist()
