@@ -33,24 +33,50 @@ def build_examples(samples: list[Sample], prompt_builder) -> list[dict[str, list
     return [build_example(s, prompt_builder, ids) for s, ids in zip(samples, text_ids)]
 
 
+def host_counts(labels: torch.Tensor, attention_tokens: int) -> dict[str, Any]:
+    """What the step needs to know about a batch without asking the device: its real tokens,
+    its labelled tokens, and where the labelled positions are (the flat index of each
+    position whose *next* label is not ignored, the shift causal-LM losses use). Computed
+    on the host, with the batch: the lean loss never calls `nonzero` on the device."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    positions = (shifted.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    return {"num_tokens": int(attention_tokens), "num_labels": int(positions.numel()), "label_positions": positions}
+
+
+# Padded widths when the step is compiled: a few buckets bound the recompiles (one per
+# bucket and micro-batch size) where every width would be a new graph.
+COMPILE_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+def bucket_width(longest: int, multiple_of: int, buckets: tuple[int, ...] | None) -> int:
+    if buckets:
+        for width in buckets:
+            if width >= longest:
+                return width
+    return int(math.ceil(longest / multiple_of) * multiple_of)
+
+
 class LlasaCollator:
-    """Right-pads to a multiple of 8; padding is masked in labels and attention.
+    """Right-pads to a multiple of 8 (or to the next of `buckets`); padding is masked in
+    labels and attention.
 
     `hidden_ids` are also masked out of attention where they occur: the official recipe
     (LLaSA_training finetune_offline_lora.py) sets pad = eos = `<|eot_id|>` and masks
     `input_ids != pad`, so the `<|eot_id|>` closing the system and user turns is never
     attended to, in Llasa's pretraining (train_tts.py) as in its fine-tuning."""
 
-    def __init__(self, pad_id: int, multiple_of: int = 8, hidden_ids: tuple[int, ...] = ()):
+    def __init__(self, pad_id: int, multiple_of: int = 8, hidden_ids: tuple[int, ...] = (),
+                 buckets: tuple[int, ...] | None = None):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
         self.hidden_ids = tuple(hidden_ids)
+        self.buckets = buckets
+
+    def width(self, lengths: list[int]) -> int:
+        return bucket_width(max(lengths), self.multiple_of, self.buckets)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        width = int(math.ceil(longest / self.multiple_of) * self.multiple_of)
+        width = self.width([len(f["input_ids"]) for f in features])
         n = len(features)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
@@ -60,9 +86,10 @@ class LlasaCollator:
             input_ids[i, :length] = torch.as_tensor(f["input_ids"])
             labels[i, :length] = torch.as_tensor(f["labels"])
             attention[i, :length] = 1
+        real = int(attention.sum())
         if self.hidden_ids:
             attention[torch.isin(input_ids, torch.tensor(self.hidden_ids))] = 0
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, **host_counts(labels, real)}
 
 
 class PackedCollator:
@@ -77,14 +104,52 @@ class PackedCollator:
         self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
+        batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
+        return {**batch, **host_counts(batch["labels"], batch["input_ids"].numel())}
 
 
-def make_collator(pad_id: int, packing: bool, hidden_ids: tuple[int, ...] = ()):
-    """Padded rows (multiple of 8), or padding-free packed rows with `data.packing` (which
-    carry no attention mask, so `hidden_ids` stay visible there: packing is ours, not the recipe's)."""
-    return PackedCollator() if packing else LlasaCollator(pad_id, hidden_ids=hidden_ids)
+class TokenBudgetCollator:
+    """One optimizer step's samples, split into micro-batches by tokens, not by count.
 
+    The dry run measures a plan's micro-batch of `micro_batch_size` rows of the longest
+    sample; that many padded tokens (`budget`) is what memory holds. Here the step's N
+    samples, sorted by length, fill each micro-batch up to that budget, so short rows share
+    a micro-batch and a step makes fewer, fuller calls. The step still sees exactly N
+    samples, and the loss is still summed over their labelled tokens and divided by their
+    count (`num_labels`), so nothing about the optimisation changes but the split."""
+
+    def __init__(self, rows: LlasaCollator, budget_tokens: int):
+        self.rows = rows
+        self.budget = int(budget_tokens)
+
+    def split(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of each micro-batch: sorted by length, each at most `budget` padded tokens
+        (a single row longer than the budget goes alone: the dry run measured the longest)."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+        groups: list[list[int]] = []
+        for index in order:
+            if groups:
+                trial = groups[-1] + [index]
+                if len(trial) * self.rows.width([lengths[i] for i in trial]) <= self.budget:
+                    groups[-1] = trial
+                    continue
+            groups.append([index])
+        return groups
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        groups = self.split([len(f["input_ids"]) for f in features])
+        parts = [self.rows([features[i] for i in group]) for group in groups]
+        return {"micro_batches": parts, "num_labels": sum(p["num_labels"] for p in parts),
+                "num_tokens": sum(p["num_tokens"] for p in parts)}
+
+
+def make_collator(pad_id: int, packing: bool, hidden_ids: tuple[int, ...] = (), *, compiled: bool = False):
+    """Padded rows (a multiple of 8, or a few fixed widths when the step is compiled), or
+    padding-free packed rows with `data.packing` (which carry no attention mask, so
+    `hidden_ids` stay visible there: packing is ours, not the recipe's)."""
+    if packing:
+        return PackedCollator()
+    return LlasaCollator(pad_id, hidden_ids=hidden_ids, buckets=COMPILE_BUCKETS if compiled else None)
 
 
 class ExampleDataset(torch.utils.data.Dataset):

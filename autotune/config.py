@@ -72,6 +72,10 @@ class DataSection(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share held out for validation when no validation set is given.")
     split_seed: int = Field(42, description="Seed of the reproducible train/validation split.")
     packing: bool = Field(False, description="Padding-free batches: pack samples into rows without cross-sample attention.")
+    token_budget: bool = Field(
+        True, description="Split each optimizer step's samples into micro-batches by padded tokens (up to "
+                          "`per_device_train_batch_size` rows of the longest sample) rather than by count: fewer, "
+                          "fuller calls, the same samples per step and the same loss.")
     max_errors_shown: int = Field(50, gt=0, description="Cap on malformed lines listed before stopping.")
     allow_outside_paths: bool = Field(False, description="Read audio paths that lead outside the data folder (`../x.wav`, absolute paths).")
 
@@ -122,6 +126,12 @@ class TrainingSection(_Section):
         description="Labelled tokens per chunk of the lean loss; a chunk holds its [tokens x 193,800] logits in "
                     "fp32 plus their gradient in half precision (1.1 GiB at 1024).")
     nan_patience: int = Field(3, gt=0, description="Consecutive non-finite steps before rolling back to the last good checkpoint.")
+    torch_compile: bool = Field(
+        False, description="Compile the model's step with `torch.compile` (HF's key); rows are padded to a few fixed "
+                           "widths so recompiles stay bounded. The dry run tries it on a GPU and keeps it when it pays.")
+    use_liger_kernel: bool = Field(
+        False, description="Liger's Llama kernels (RMSNorm, RoPE, SwiGLU) through HF's `use_liger_kernel`; needs "
+                           "liger-kernel and CUDA. The dry run tries it when installed.")
 
     @field_validator("report_to", mode="before")
     @classmethod

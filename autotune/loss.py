@@ -166,9 +166,13 @@ def _chunk_logits(
 
 
 def _select_labelled(
-    hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `hidden_states` whose *shifted* label is not ignored, and those labels."""
+    """Rows of `hidden_states` whose *shifted* label is not ignored, and those labels.
+
+    `positions` (flat indices the collator computed on the host, `batches.host_counts`)
+    spare the device a `nonzero`, which would make the host wait for it every step."""
     if labels.shape != hidden_states.shape[:-1]:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match hidden states "
@@ -180,7 +184,10 @@ def _select_labelled(
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     flat_labels = shifted.reshape(-1)
     flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    keep = (flat_labels != ignore_index).nonzero().squeeze(1)
+    if positions is None:
+        keep = (flat_labels != ignore_index).nonzero().squeeze(1)
+    else:
+        keep = positions.to(hidden_states.device, non_blocking=True)
     # index_select's backward scatters into a hidden-sized zero tensor, which
     # is cheap next to anything vocab-sized.
     return flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
@@ -218,10 +225,11 @@ def _lean_loss_and_count(
     num_items_in_batch: torch.Tensor | int | None,
     use_liger: bool | None,
     ignore_index: int,
+    label_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hidden, targets = _select_labelled(hidden_states, labels, ignore_index)
+    hidden, targets = _select_labelled(hidden_states, labels, ignore_index, label_positions)
     count = int(targets.shape[0])
     acc = _accum_dtype(lm_head_weight.dtype)
     if count == 0:
@@ -366,4 +374,5 @@ def compute_lean_loss(
         num_items_in_batch=num_items_in_batch,
         use_liger=use_liger,
         ignore_index=IGNORE_INDEX,
+        label_positions=inputs.get("label_positions"),
     )

@@ -365,8 +365,11 @@ def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
     device = ctx.device
     examples = build_examples(data.train, builder)
     val_examples = build_examples(data.val, builder) if data.val else []
-    collator = make_collator(builder.tokens.pad, config.data.packing, builder.tokens.hidden_from_attention)
     longest_val = max(data.val or data.train, key=lambda s: s.num_tokens)
+
+    def collator_for(plan_config: Config):
+        return make_collator(builder.tokens.pad, plan_config.data.packing, builder.tokens.hidden_from_attention,
+                             compiled=plan_config.training.torch_compile)
 
     def log(attempt):
         mark = "[green]fits[/green]" if attempt.ok else "[red]no[/red]"
@@ -376,7 +379,7 @@ def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
                           + (f": {attempt.error}" if attempt.error else ""))
 
     result = dryrun.dry_run(config, start, pinned=rec.resolved.pinned, examples=examples, val_examples=val_examples,
-                            collator=collator, device=device, tokenizer=tokenizer,
+                            collator_for=collator_for, device=device, tokenizer=tokenizer, run_tokens=run_tokens(config, data),
                             sample_text=longest_val.text if config.samples.num_texts > 0 else None,
                             workdir=ctx.output_dir if ctx.output_dir.is_dir() else None, log=log,
                             announce=ctx.console.print)
@@ -396,6 +399,16 @@ def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
     if ctx.is_main:
         write_json(ctx.output_dir / AUTOTUNE_RECORD, record)
     return result
+
+
+def run_tokens(config: Config, data) -> float:
+    """About how many tokens the run will train: what a one-off cost (compilation) is weighed against."""
+    t = config.training
+    per_epoch = sum(s.num_tokens for s in data.train)
+    if t.max_steps > 0:
+        per_sample = per_epoch / max(1, len(data.train))
+        return t.max_steps * t.per_device_train_batch_size * t.gradient_accumulation_steps * per_sample
+    return per_epoch * t.num_train_epochs
 
 
 # ------------------------------------------------------------------ train ---

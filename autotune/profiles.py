@@ -164,10 +164,9 @@ def adapt_to_hardware(settings: dict[str, Any], gpus: list[GpuInfo], *, bnb_avai
         reasons.append(f"precision {have} (compute capability {cc[0]}.{cc[1]})" if cc else f"precision {have}")
     training["bf16"], training["fp16"] = have == "bf16", have == "fp16"
 
+    # Fused AdamW runs on the CPU too (torch >= 2.4), and its device-side skip keeps the NaN guard
+    # from waiting for the device every step.
     optim = training.get("optim")
-    if optim == "adamw_torch_fused" and not gpus:
-        training["optim"] = "adamw_torch"
-        reasons.append("optimizer adamw_torch instead of adamw_torch_fused: the fused kernel needs CUDA")
     if optim in EIGHT_BIT_OPTIMIZERS:
         bnb = bitsandbytes_installed() if bnb_available is None else bnb_available
         if not gpus or not bnb:

@@ -16,7 +16,8 @@ KEYS = {"per_device_train_batch_size": "training.per_device_train_batch_size",
         "gradient_accumulation_steps": "training.gradient_accumulation_steps",
         "gradient_checkpointing": "training.gradient_checkpointing", "lean_loss": "training.lean_loss",
         "optim": "training.optim", "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha",
-        "load_in_4bit": "model.load_in_4bit", "max_length": "data.max_length"}
+        "load_in_4bit": "model.load_in_4bit", "max_length": "data.max_length",
+        "torch_compile": "training.torch_compile", "use_liger_kernel": "training.use_liger_kernel"}
 
 
 def plan(precision: str = "bf16", **changes) -> Plan:
@@ -24,7 +25,8 @@ def plan(precision: str = "bf16", **changes) -> Plan:
               "training.bf16": precision == "bf16", "training.fp16": precision == "fp16",
               "training.gradient_checkpointing": False, "training.lean_loss": False,
               "training.optim": "adamw_torch_fused", "lora.r": 64, "lora.lora_alpha": 128,
-              "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048}
+              "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048,
+              "training.torch_compile": False, "training.use_liger_kernel": False}
     values.update({KEYS[name]: value for name, value in changes.items()})
     return Plan.of(values)
 
@@ -203,3 +205,38 @@ def test_shorter_max_length_always_drops_the_longest_samples():
     assert get(_shorter(p, {"longest_tokens": 1400}), "max_length") == 1024
     assert get(_shorter(p, {"longest_tokens": 700}), "max_length") == 699   # halving alone would drop nothing
     assert _shorter(p, {"longest_tokens": 400}) is None             # below the shortest useful length
+
+
+def test_compile_and_liger_are_tried_where_they_run_and_compile_time_counts_against_the_run():
+    from autotune.tuning.ladder import Attempt, run_time
+
+    names = [name for name, _ in faster_candidates(plan(), set(), {"compile": True, "liger": True})]
+    assert names[-2:] == ["liger on", "compile on"]
+    assert [n for n, _ in faster_candidates(plan(), set(), {})] == ["larger micro-batch"]
+    assert faster_candidates(plan(), {"training.torch_compile"}, {"compile": True})[-1][0] != "compile on"
+    eager = Attempt(plan(), "x", True, tokens_per_second=1000.0, overhead_seconds=1.0)
+    compiled = Attempt(plan(torch_compile=True), "x", True, tokens_per_second=1500.0, overhead_seconds=60.0)
+    # a short run: 60 s of compiling costs more than it saves; a long one: it pays.
+    assert run_time(compiled, 30_000) > run_time(eager, 30_000)
+    assert run_time(compiled, 3_000_000) < run_time(eager, 3_000_000)
+
+    class Speeds:
+        def __call__(self, p):
+            if get(p, "torch_compile"):
+                return Measurement(GIB, 1500.0, 1.0, overhead_seconds=60.0)
+            return Measurement(GIB, 1000.0, 1.0, overhead_seconds=1.0)
+
+    start = plan(per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    short = search(start, Speeds(), pinned=set(), ctx={"compile": True, "run_tokens": 30_000}, free=no_free)
+    long = search(start, Speeds(), pinned=set(), ctx={"compile": True, "run_tokens": 3_000_000}, free=no_free)
+    assert not get(short.plan, "torch_compile") and get(long.plan, "torch_compile")
+
+
+def test_a_plan_is_applied_as_set_would_be_and_its_values_are_validated():
+    from autotune.config import resolve_config
+
+    config = resolve_config({}).config
+    assert plan(lora_r=16).apply(config).lora.r == 16
+    with pytest.raises(AutotuneError) as caught:
+        plan(lora_r=0).apply(config)   # the schema's own check, as for `--set lora.r=0`
+    assert any("`lora.r`" in d for d in caught.value.details)

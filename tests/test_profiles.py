@@ -195,7 +195,7 @@ def test_cpu_gets_cpu_profile_in_fp32(profiles):
     assert match.reasons == ["no GPU visible: profile `cpu` (fp32, small LoRA)"]
     rec = recommend([], profiles=profiles)
     assert (rec.config.training.bf16, rec.config.training.fp16) == (False, False)
-    assert rec.config.training.optim == "adamw_torch"
+    assert rec.config.training.optim == "adamw_torch_fused"
 
 
 def test_a_bf16_table_on_cpu_falls_to_fp32_with_a_reason():
@@ -228,10 +228,11 @@ def test_user_pinned_bf16_on_volta_is_kept_with_a_warning(profiles):
 
 # --------------------------------------------------------------- optimizer ---
 
-def test_fused_optimizer_falls_back_on_cpu():
+def test_fused_optimizer_stays_on_cpu():
+    """torch's fused AdamW has a CPU kernel (torch >= 2.4): nothing to fall back from."""
     settings, reasons = adapt_to_hardware({"training": {"optim": "adamw_torch_fused"}}, [])
-    assert settings["training"]["optim"] == "adamw_torch"
-    assert "optimizer adamw_torch instead of adamw_torch_fused: the fused kernel needs CUDA" in reasons
+    assert settings["training"]["optim"] == "adamw_torch_fused"
+    assert not any("optimizer" in r for r in reasons)
 
 
 def test_fused_optimizer_stays_on_a_gpu(profiles):

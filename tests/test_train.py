@@ -104,7 +104,7 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
     raised = []
 
     def flaky(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step == 4 and self.args.per_device_train_batch_size == 2 and not raised:
+        if self.state.global_step == 4 and self.micro_batch_size == 2 and not raised:
             raised.append(self.state.global_step)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(self, model, inputs, num_items_in_batch)
@@ -143,7 +143,7 @@ def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: 
     raised = []
 
     def flaky(self, model, inputs, num_items_in_batch=None):
-        if self.state.global_step == 2 and self.args.per_device_train_batch_size == batch and not raised:
+        if self.state.global_step == 2 and self.micro_batch_size == batch and not raised:
             raised.append(self.state.global_step)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(self, model, inputs, num_items_in_batch)

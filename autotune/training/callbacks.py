@@ -22,12 +22,15 @@ class ThroughputCallback(TrainerCallback):
         self.processes = processes
         self.start = None
         self.last_time = None
-        self.last_tokens = 0
+        self.last_tokens = self.start_tokens = 0
         self.rates: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # Every (re)start counts from here: HF's `auto_find_batch_size` restarts training after
+        # each out-of-memory attempt, and those attempts' tokens are no throughput.
         self.start = self.last_time = time.perf_counter()
-        self.last_tokens = self.trainer.tokens_seen
+        self.start_tokens = self.last_tokens = self.trainer.tokens_seen
+        self.rates = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.last_time is None:
@@ -44,7 +47,8 @@ class ThroughputCallback(TrainerCallback):
         if self.start is None:
             return None
         elapsed = time.perf_counter() - self.start
-        return self.trainer.tokens_seen * self.processes / elapsed if elapsed > 0 else None
+        tokens = self.trainer.tokens_seen - self.start_tokens
+        return tokens * self.processes / elapsed if elapsed > 0 else None
 
 
 class RichProgressCallback(TrainerCallback):
@@ -172,13 +176,21 @@ def agree_across_processes(value: int, device: Any) -> int:
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Skips the update of a step whose loss or gradients are NaN or inf (the
-    optimizer sees no gradients, so neither the weights nor its moments move),
-    and after `patience` such steps in a row stops training for a rollback.
+    """Skips the update of a step whose loss or gradients are NaN or inf (neither the weights
+    nor the optimizer's moments move), and after `patience` such steps in a row stops
+    training for a rollback.
 
-    `LlasaTrainer.training_step` reports each micro-batch's loss through `note_loss`.
-    With fp16 the gradient scaler already skips overflowing steps while it
-    calibrates, so only a non-finite loss counts there (`judge_gradients=False`)."""
+    With a fused optimizer in one process (the profiles' AdamW), nothing waits for the
+    device: the verdict is a device tensor built from the loss and the gradient norm the
+    Trainer computes for clipping anyway, handed to the fused kernel as `found_inf` (which
+    then skips the update on the device), and read on the host only at steps that log,
+    save or evaluate. Otherwise (several processes, other optimizers) each step is judged
+    on the host, the skip is done by clearing the gradients.
+
+    `LlasaTrainer.training_step` reports each micro-batch's loss through `note_loss` and
+    its clipping the gradient norm (`grad_norm`). With fp16 the gradient scaler already
+    skips overflowing steps while it calibrates, so only a non-finite loss counts there
+    (`judge_gradients=False`)."""
 
     def __init__(self, patience: int, judge_gradients: bool = True):
         self.patience = patience
@@ -186,16 +198,31 @@ class NonFiniteGuard(TrainerCallback):
         self.streak = 0
         self.skipped_steps: list[int] = []
         self.exhausted_at: int | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.deferred = False                      # verdicts kept on the device, read at logging steps
         self._loss_ok: torch.Tensor | None = None
         self._skipped_this_step = False
+        self._pending: list[tuple[int, torch.Tensor]] = []   # (step, bad) not read yet
 
     def note_loss(self, loss: torch.Tensor) -> None:
-        ok = torch.isfinite(loss.detach()).all()  # stays on the device: one sync per step, below
+        ok = torch.isfinite(loss.detach()).all()  # stays on the device
         self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if (isinstance(inner, torch.optim.Optimizer) and inner.defaults.get("fused") and args.world_size == 1
+                and self.judge_gradients and self.grad_norm is not None and torch.is_tensor(self.grad_norm)):
+            ok = torch.isfinite(self.grad_norm.detach())
+            if self._loss_ok is not None:
+                ok = ok & self._loss_ok.to(ok.device)
+            bad = ~ok
+            inner.found_inf = bad.to(torch.float32)   # the fused kernel skips this update on the device
+            self._pending.append((state.global_step + 1, bad))
+            self._loss_ok = self.grad_norm = None
+            self.deferred = True
+            return
         ok = self._loss_ok is None or bool(self._loss_ok)
-        self._loss_ok = None
+        self._loss_ok = self.grad_norm = None
         if ok and self.judge_gradients and model is not None:
             ok = gradients_finite(model)
         bad = agree_across_processes(0 if ok else 1, args.device) > 0
@@ -209,11 +236,36 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps.append(state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.deferred:
+            if (control.should_log or control.should_save or control.should_evaluate
+                    or control.should_training_stop or state.global_step >= state.max_steps):
+                self._settle(state, control)
+            return
         if not self._skipped_this_step:
             return
         # A rollback must go back to before the trouble: no checkpoint from inside a bad streak.
         control.should_save = False
         if self.streak >= self.patience:
+            self.exhausted_at = state.global_step
+            control.should_training_stop = True
+
+    def _settle(self, state, control) -> None:
+        """Read the verdicts kept on the device (the one host sync, at a logging step)."""
+        if not self._pending:
+            return
+        verdicts = torch.stack([bad for _, bad in self._pending]).tolist()
+        longest = 0
+        for (step, _), bad in zip(self._pending, verdicts):
+            if bad:
+                self.streak += 1
+                self.skipped_steps.append(step)
+                longest = max(longest, self.streak)
+            else:
+                self.streak = 0
+        self._pending = []
+        if self.streak:
+            control.should_save = False   # no checkpoint from inside a bad streak
+        if longest >= self.patience:
             self.exhausted_at = state.global_step
             control.should_training_stop = True
 

@@ -74,7 +74,7 @@ def fit(config: Config, plan: Plan, setting: FitSetting, resume_from: Path | Non
     setting.write_config(config)
     train_set, val_set = datasets(setting, config.data.max_length)
     collator = make_collator(setting.builder.tokens.pad, config.data.packing,
-                             setting.builder.tokens.hidden_from_attention)
+                             setting.builder.tokens.hidden_from_attention, compiled=config.training.torch_compile)
     recoveries: list[dict[str, Any]] = []
     nan_rollbacks: list[dict[str, Any]] = []
     nonfinite_steps: list[int] = []

@@ -4,12 +4,14 @@ The dry run measures plans with this same trainer."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from autotune import checkpoint_checks as C
@@ -27,7 +29,7 @@ from autotune.errors import AutotuneError
 # -------------------------------------------------------------- arguments ---
 
 def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_cpu: bool,
-                       notes: list[str], sequential: bool = False) -> TrainingArguments:
+                       notes: list[str], sequential: bool = False, whole_steps: bool = False) -> TrainingArguments:
     """The config's `training` section as `TrainingArguments`, with the checks HF
     would otherwise raise as a traceback turned into one-line errors."""
     t = config.training
@@ -53,9 +55,16 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
     optim = {"adamw_8bit": "adamw_bnb_8bit"}.get(t.optim, t.optim)
     kwargs = dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        # `whole_steps`: the dataloader hands over one optimizer step's samples at once and the
+        # token-budget collator splits them (batches.TokenBudgetCollator): the same samples per step.
+        per_device_train_batch_size=(t.per_device_train_batch_size * t.gradient_accumulation_steps if whole_steps
+                                     else t.per_device_train_batch_size),
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=1 if whole_steps else t.gradient_accumulation_steps,
+        # HF's NaN check reads every micro-step's loss on the host; the NaN guard decides instead.
+        logging_nan_inf_filter=False,
+        torch_compile=t.torch_compile,
+        use_liger_kernel=t.use_liger_kernel,
         bf16=t.bf16, fp16=t.fp16,
         **_checkpointing_args(t.gradient_checkpointing),
         optim=optim,
@@ -155,6 +164,7 @@ class LlasaTrainer(Trainer):
         self.interrupt: InterruptCallback | None = None
         self.refused_saves: list[int] = []  # steps whose checkpoint held NaN/inf weights and was not written
         self.throughput: Any = None   # callbacks.ThroughputCallback, set by build_trainer
+        self.micro_batch_size: int | None = None
         self.early: Any = None        # callbacks.EarlyStopRecorder, set by build_trainer
 
     def add_guards(self, nan_patience: int) -> None:
@@ -183,10 +193,61 @@ class LlasaTrainer(Trainer):
     # -- NaN/inf ------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        parts = inputs.get("micro_batches") if isinstance(inputs, dict) else None
+        if parts is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            # One optimizer step's samples split by tokens (batches.TokenBudgetCollator): each part
+            # is forward and backward on its own, so memory holds one part at a time; their losses
+            # are sums over `num_items_in_batch` labelled tokens, so the gradients add up exactly.
+            loss = None
+            for j, part in enumerate(parts):
+                last = j == len(parts) - 1
+                sync = (contextlib.nullcontext() if last or self.accelerator.num_processes == 1
+                        else self.accelerator.no_sync(model))
+                with sync:
+                    part_loss = super().training_step(model, part, num_items_in_batch)
+                loss = part_loss if loss is None else loss + part_loss
         if self.nonfinite is not None:
             self.nonfinite.note_loss(loss)
         return loss
+
+    def evaluate(self, *args, **kwargs):
+        # Evaluation batches are plain rows: the token budget splits a training step only.
+        from autotune.batches import TokenBudgetCollator
+
+        collator = self.data_collator
+        if isinstance(collator, TokenBudgetCollator):
+            self.data_collator = collator.rows
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Private, because HF counts labelled tokens from a top-level `labels` that a
+        # token-budget step (a list of micro-batches) does not have; the collator counted them
+        # on the host, so nothing waits for the device either.
+        if batch_samples and isinstance(batch_samples[0], dict) and "micro_batches" in batch_samples[0]:
+            count = torch.tensor(sum(b["num_labels"] for b in batch_samples), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _clip_grad_norm(self, model):
+        # Private, because the public API does not hand the gradient norm to callbacks: the
+        # NaN guard reads it (a device tensor) instead of reducing every gradient again.
+        norm = super()._clip_grad_norm(model)
+        if self.nonfinite is not None:
+            self.nonfinite.grad_norm = norm
+        return norm
+
+    def floating_point_ops(self, inputs):
+        parts = inputs.get("micro_batches") if isinstance(inputs, dict) else None
+        if parts is None:
+            return super().floating_point_ops(inputs)
+        return sum(super(LlasaTrainer, self).floating_point_ops(part) for part in parts)
 
     def _determine_best_metric(self, metrics, trial):
         # np.less(nan, best) is False, but -inf would win: a non-finite metric is never the best.
@@ -345,16 +406,23 @@ class LlasaTrainer(Trainer):
         super()._load_best_model()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        # Counted by the collator on the host (batches.host_counts): no device sync per step.
+        tokens = inputs.pop("num_tokens", None)
+        inputs.pop("num_labels", None)
+        positions = inputs.pop("label_positions", None)
         if model.training:
-            mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            if tokens is None:
+                mask = inputs.get("attention_mask")
+                tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.tokens_seen += int(tokens)
         if not self.lean_loss:
             self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.model_accepts_loss_kwargs
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         from autotune.loss import compute_lean_loss
 
-        loss, _count = compute_lean_loss(model, inputs, chunk_size=self.lean_chunk_size,
-                                         num_items_in_batch=num_items_in_batch)
+        loss, _count = compute_lean_loss(model, {**inputs, "label_positions": positions},
+                                         chunk_size=self.lean_chunk_size, num_items_in_batch=num_items_in_batch)
         if num_items_in_batch is None:
             # A mean over this micro-batch: the Trainer must still divide by accumulation.
             self.loss_is_scaled_for_ga = False
@@ -402,12 +470,22 @@ def build_trainer(config: Config, model, *, train_set, val_set, collator, output
     from autotune.training.callbacks import (EarlyStopRecorder, RichProgressCallback, ThroughputCallback,
                                              callbacks_for)
 
+    from autotune.batches import LlasaCollator, TokenBudgetCollator
+
+    t = config.training
+    whole_steps = (config.data.token_budget and isinstance(collator, LlasaCollator) and t.gradient_accumulation_steps > 1
+                   and len(train_set) > 0)
+    if whole_steps:
+        # What the dry run measured: micro-batch rows of the longest sample, in padded tokens.
+        collator = TokenBudgetCollator(collator, t.per_device_train_batch_size * collator.width([max(train_set.lengths)]))
     args = training_arguments(config, output_dir, has_eval=val_set is not None and len(val_set) > 0,
-                              use_cpu=use_cpu, notes=notes if notes is not None else [], sequential=sequential)
+                              use_cpu=use_cpu, notes=notes if notes is not None else [], sequential=sequential,
+                              whole_steps=whole_steps)
     trainer = LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                            data_collator=collator, callbacks=callbacks_for(config, args.eval_strategy != "no"),
                            lean_loss=config.training.lean_loss, lean_chunk_size=config.training.lean_loss_chunk_size,
                            console=console)
+    trainer.micro_batch_size = t.per_device_train_batch_size   # the plan's, whatever the dataloader hands over
     trainer.throughput = ThroughputCallback(trainer, processes)
     trainer.early = EarlyStopRecorder()
     trainer.remove_callback(PrinterCallback)  # the progress line shows the same, on one line

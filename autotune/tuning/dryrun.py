@@ -67,13 +67,14 @@ class TrainerMeasure:
     """`measure(plan) -> Measurement` for `ladder.search`, by training the plan for real."""
 
     def __init__(self, *, config: Config, load_base: Callable[[str, bool], Any], examples: list[dict[str, list[int]]],
-                 val_examples: list[dict[str, list[int]]], collator: Callable, device: str, tokenizer: Any = None,
+                 val_examples: list[dict[str, list[int]]], collator_for: Callable[[Config], Any], device: str,
+                 tokenizer: Any = None,
                  sample_text: str | None = None, workdir: Path | None = None):
         self.config = config
         self.load_base = load_base
         self.examples = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)
         self.val_examples = sorted(val_examples, key=lambda e: len(e["input_ids"]), reverse=True)
-        self.collator = collator
+        self.collator_for = collator_for   # the collator a plan trains with (compiled plans pad to buckets)
         self.device = device
         self.tokenizer = tokenizer
         self.sample_text = sample_text
@@ -141,7 +142,7 @@ class TrainerMeasure:
             with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".dry-run-") as folder:
                 trainer = build_trainer(config, model, train_set=ExampleDataset(rows),
                                         val_set=ExampleDataset(evaluation[:per_eval]) if evaluation else None,
-                                        collator=self.collator, output_dir=Path(folder), use_cpu=not cuda,
+                                        collator=self.collator_for(config), output_dir=Path(folder), use_cpu=not cuda,
                                         progress=False, sequential=True)
                 timer = StepTimer(cuda)
                 trainer.add_callback(timer.callback())
@@ -157,7 +158,9 @@ class TrainerMeasure:
             median_rows = rows[-plan.micro_batch_size * plan.accumulation_steps:]
             tokens = sum(len(e["input_ids"]) for e in median_rows)
             step = statistics.median(timed) if timed else 0.0
-            return Measurement(peak, tokens / step if step > 0 else 0.0, seconds)
+            # The first step's extra time (compilation, above all) is paid once per run.
+            overhead = max(0.0, timer.seconds[0] - step) if timer.seconds else 0.0
+            return Measurement(peak, tokens / step if step > 0 else 0.0, seconds, overhead_seconds=overhead)
         finally:
             del trainer
             set_gradient_checkpointing(model, False)
@@ -188,11 +191,13 @@ def apply_vram_limit(config: Config, device: str, fraction_of_limit: float = 1.0
     return int(cap * fraction_of_limit)
 
 
-def dry_run(config: Config, start: Plan, *, pinned: set[str], examples, val_examples, collator, device: str,
-            tokenizer: Any, sample_text: str | None, workdir: Path, log: Callable | None = None,
+def dry_run(config: Config, start: Plan, *, pinned: set[str], examples, val_examples, collator_for, device: str,
+            tokenizer: Any, sample_text: str | None, workdir: Path, run_tokens: float | None = None,
+            log: Callable | None = None,
             announce: Callable[[str], None] = lambda text: None) -> DryRunResult:
     """Down the ladder from `start` until a plan fits under `autotune.memory_fraction` of the
     card, then (on a GPU) up to the fastest that fits."""
+    from autotune.loss import liger_available
     from autotune.model import load_base_model
     from autotune.profiles import bitsandbytes_installed
 
@@ -204,7 +209,7 @@ def dry_run(config: Config, start: Plan, *, pinned: set[str], examples, val_exam
                                trust_remote_code=config.model.trust_remote_code, load_in_4bit=four_bit, device=device)
 
     measure = TrainerMeasure(config=config, load_base=load_base, examples=examples, val_examples=val_examples,
-                             collator=collator, device=device, tokenizer=tokenizer, sample_text=sample_text,
+                             collator_for=collator_for, device=device, tokenizer=tokenizer, sample_text=sample_text,
                              workdir=workdir)
     cuda = device.startswith("cuda")
     longest = max(len(e["input_ids"]) for e in examples)
@@ -213,7 +218,9 @@ def dry_run(config: Config, start: Plan, *, pinned: set[str], examples, val_exam
     try:
         return search(start, measure, pinned=pinned, max_attempts=config.autotune.max_attempts,
                       time_plans=config.autotune.time_plans and cuda,
-                      ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed(), "longest_tokens": longest},
+                      ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed(), "longest_tokens": longest,
+                           # compiling pays on a GPU over a run; on a CPU it costs minutes for little
+                           "compile": cuda, "liger": cuda and liger_available(), "run_tokens": run_tokens},
                       budget_bytes=budget, log=log)
     finally:
         del measure

@@ -126,8 +126,10 @@ def next_rung(plan: Plan, pinned: set[str], ctx: dict | None = None) -> tuple[st
     return None
 
 
-def faster_candidates(plan: Plan, pinned: set[str]) -> list[tuple[str, Plan]]:
-    """Plans that may run faster than `plan` if memory allows."""
+def faster_candidates(plan: Plan, pinned: set[str], ctx: dict | None = None) -> list[tuple[str, Plan]]:
+    """Plans that may run faster than `plan` if memory allows. Compilation and Liger's
+    kernels are tried only where they run (`ctx`: "compile" and "liger")."""
+    ctx = ctx or {}
     out = []
     if plan["training.gradient_checkpointing"] and "training.gradient_checkpointing" not in pinned:
         out.append(("checkpointing off", plan.with_values({"training.gradient_checkpointing": False})))
@@ -136,6 +138,9 @@ def faster_candidates(plan: Plan, pinned: set[str]) -> list[tuple[str, Plan]]:
         bigger = _larger_divisor(per_process, plan.micro_batch_size)
         if bigger:
             out.append(("larger micro-batch", _rebatch(plan, bigger)))
+    for key, name in (("training.use_liger_kernel", "liger"), ("training.torch_compile", "compile")):
+        if ctx.get(name) and not plan[key] and key not in pinned:
+            out.append((f"{name} on", plan.with_values({key: True})))
     return out
 
 
@@ -148,6 +153,7 @@ class Measurement:
     peak_bytes: int | None
     tokens_per_second: float
     seconds: float
+    overhead_seconds: float = 0.0   # paid once per run (compilation), on top of the steady steps
 
 
 @dataclass
@@ -159,11 +165,13 @@ class Attempt:
     tokens_per_second: float | None = None
     seconds: float = 0.0
     error: str | None = None
+    overhead_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.to_dict(), "label": self.plan.label(), "why": self.why, "ok": self.ok,
                 "peak_bytes": self.peak_bytes, "tokens_per_second": self.tokens_per_second,
-                "seconds": round(self.seconds, 3), "error": self.error}
+                "seconds": round(self.seconds, 3), "overhead_seconds": round(self.overhead_seconds, 3),
+                "error": self.error}
 
 
 @dataclass
@@ -184,7 +192,8 @@ def _try(measure: Callable[[Plan], Measurement], plan: Plan, why: str, free: Cal
     error = None
     try:
         m = measure(plan)
-        return Attempt(plan, why, True, m.peak_bytes, m.tokens_per_second, time.perf_counter() - started)
+        return Attempt(plan, why, True, m.peak_bytes, m.tokens_per_second, time.perf_counter() - started,
+                       overhead_seconds=m.overhead_seconds)
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -192,6 +201,17 @@ def _try(measure: Callable[[Plan], Measurement], plan: Plan, why: str, free: Cal
     # Outside the handler: the failed step's frames (and their tensors) are gone now.
     free()
     return Attempt(plan, why, False, error=error, seconds=time.perf_counter() - started)
+
+
+def run_time(attempt: "Attempt", run_tokens: float | None) -> float:
+    """What a plan costs the run: its one-off overhead (compilation) plus the run's tokens
+    at its steady speed. Without the run's length, the speed alone decides."""
+    speed = attempt.tokens_per_second or 0.0
+    if speed <= 0:
+        return float("inf")
+    if not run_tokens:
+        return 1.0 / speed
+    return attempt.overhead_seconds + run_tokens / speed
 
 
 def free_memory() -> None:
@@ -246,16 +266,17 @@ def search(start: Plan, measure: Callable[[Plan], Measurement], *, pinned: set[s
 
     reason = f"fits: {best.plan.label()}"
     if time_plans:
+        run_tokens = (ctx or {}).get("run_tokens")
         improved = True
         while improved and len(attempts) < max_attempts:
             improved = False
-            for name, candidate in faster_candidates(best.plan, pinned):
+            for name, candidate in faster_candidates(best.plan, pinned, ctx):
                 if len(attempts) >= max_attempts:
                     break
                 if any(a.plan == candidate for a in attempts):
                     continue
                 attempt = run(candidate, f"faster? {name}")
-                if attempt.ok and (attempt.tokens_per_second or 0) > (best.tokens_per_second or 0) * 1.02:
+                if attempt.ok and run_time(attempt, run_tokens) < run_time(best, run_tokens) / 1.02:
                     best, improved = attempt, True
                     reason = f"fastest that fits: {best.plan.label()} ({name}, {best.tokens_per_second:,.0f} tokens/s)"
                     break

@@ -25,6 +25,7 @@ PLAN_KEYS: tuple[str, ...] = (
     "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
     "training.bf16", "training.fp16", "training.gradient_checkpointing", "training.lean_loss", "training.optim",
     "lora.r", "lora.lora_alpha", "lora.target_modules", "model.load_in_4bit", "data.max_length",
+    "training.torch_compile", "training.use_liger_kernel",
 )
 MICRO_BATCH = "training.per_device_train_batch_size"
 ACCUMULATION = "training.gradient_accumulation_steps"
@@ -109,6 +110,10 @@ class Plan:
                  "lean-loss" if v["training.lean_loss"] else "stock-loss", v["training.optim"], f"r{v['lora.r']}"]
         if self.load_in_4bit:
             parts.append("4bit")
+        if v["training.torch_compile"]:
+            parts.append("compiled")
+        if v["training.use_liger_kernel"]:
+            parts.append("liger")
         parts.append(f"len {self.max_length}")
         return ", ".join(parts)
 
@@ -130,7 +135,11 @@ class Plan:
             values = {new: record[old] for old, new in _OLD_NAMES.items() if old in record}
             if record.get("precision") in ("bf16", "fp16", "fp32"):
                 values.update(precision_settings(record["precision"]))
-        if not isinstance(values, dict) or set(values) != set(PLAN_KEYS):
+        if not isinstance(values, dict):
+            raise ValueError("not a recorded plan")
+        # Keys that came later (compile, liger) were off when an older plan was measured.
+        values = {"training.torch_compile": False, "training.use_liger_kernel": False, **values}
+        if set(values) != set(PLAN_KEYS):
             raise ValueError("not a recorded plan")
         tree: dict[str, Any] = {}
         for key, value in values.items():

@@ -1,0 +1,207 @@
+"""A fast step, checked on the CPU: nothing in a training step waits for the device (but at
+logging steps), token-budget micro-batches train exactly what fixed ones do in fewer calls,
+and a compiled step gives the same loss with recompiles bounded by the padding buckets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from autotune.batches import COMPILE_BUCKETS, LlasaCollator, TokenBudgetCollator, build_examples, host_counts
+from autotune.llasa import PromptBuilder, build_tiny_model, build_tiny_tokenizer
+from autotune.reading import Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "tiny"
+FAST = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0",
+        "--set", "training.eval_strategy=no", "--set", "training.report_to=none"]
+
+# What makes the host wait for the device: reading a value back.
+SYNCS = {"item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy", "nonzero", "__index__"}
+
+
+class CountSyncs(TorchFunctionMode):
+    """Reads of a tensor's value, by where they come from: transformers' own attention-mask
+    builder asks whether the padding mask is all ones (to skip building a mask) in every
+    forward; that is the model's, kept apart in `model`. The collator's reads are of the CPU
+    tensors it builds (no device involved) and are not counted. Everything else is ours or
+    the Trainer's (`calls`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+        self.model: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in SYNCS:
+            import traceback
+
+            frames = [f.filename for f in traceback.extract_stack(limit=12)]
+            if any(f.endswith("autotune/batches.py") for f in frames):
+                pass   # the collator: CPU tensors it builds itself, before anything reaches the device
+            elif any("transformers/masking_utils.py" in f for f in frames):
+                self.model.append(name)
+            else:
+                self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def train(*argv: str) -> int:
+    from train import main
+
+    return main([*FAST, *argv])
+
+
+def test_a_training_step_waits_for_the_device_only_at_logging_steps(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    from autotune.training import trainer as T
+
+    per_step: dict[int, list[str]] = {}
+    in_model: dict[int, list[str]] = {}
+
+    class Watch(TrainerCallback):
+        """From one step's start to the next one's: the step, then what follows it (logging)."""
+
+        mode = None
+        step = 0
+
+        def close(self):
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                per_step[self.step], in_model[self.step] = self.mode.calls, self.mode.model
+                self.mode = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.close()
+            self.step = state.global_step + 1
+            self.mode = CountSyncs()
+            self.mode.__enter__()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.close()
+
+    real = T.build_trainer
+
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(Watch())
+        return trainer
+
+    monkeypatch.setattr(T, "build_trainer", build)
+    out = tmp_path / "run"
+    assert train("--output-dir", str(out), "--set", "training.max_steps=6", "--set", "training.logging_steps=3",
+                 "--set", "training.save_steps=6", "--set", "training.optim=adamw_torch_fused") == 0
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+    # Step 1 builds the optimizer and step 3 and 6 log (the guard reads its verdicts there).
+    quiet = {step: calls for step, calls in per_step.items() if step in (2, 4, 5)}
+    assert quiet == {2: [], 4: [], 5: []}
+    assert any(per_step[step] for step in (3, 6)), "the check itself must see the logging steps' reads"
+    # The model's own mask check: at most two reads per forward (one micro-batch here, or two).
+    assert all(len(calls) <= 4 for calls in in_model.values())
+
+
+def test_a_nan_step_is_skipped_on_the_device_and_rolled_back_after_patience(tmp_path, monkeypatch):
+    """The fused optimizer's device-side skip: a NaN step moves no weight, and `nan_patience`
+    of them in a row still roll back, found at the next logging step."""
+    from autotune.training import trainer as T
+
+    real = T.LlasaTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs, num_items_in_batch)
+        if model.training and self.state.global_step + 1 in (3, 4) and self.args.learning_rate > 3e-3:
+            loss = loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(T.LlasaTrainer, "compute_loss", compute_loss)
+    out = tmp_path / "run"
+    assert train("--output-dir", str(out), "--set", "training.max_steps=6", "--set", "training.logging_steps=2",
+                 "--set", "training.save_steps=2", "--set", "training.nan_patience=2", "--set",
+                 "training.learning_rate=5e-3", "--set", "training.optim=adamw_torch_fused") == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["nonfinite_steps_skipped"][:2] == [3, 4]
+    [rollback] = summary["nan_rollbacks"]
+    assert rollback["resumed_from"].endswith("checkpoint-2") and rollback["learning_rate"] == 2.5e-3
+    assert summary["steps"] == 6
+
+
+def samples(lengths: list[int]) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    return [Sample(text=f"text {i}", source=f"s:{i}", codes=rng.integers(0, 65536, n).astype(np.int32))
+            for i, n in enumerate(lengths)]
+
+
+def test_token_budget_micro_batches_fill_to_the_budget_and_keep_every_sample():
+    builder = PromptBuilder(build_tiny_tokenizer())
+    examples = build_examples(samples([300, 40, 35, 60, 30, 45, 50, 38]), builder)
+    rows = LlasaCollator(builder.tokens.pad)
+    longest = max(len(e["input_ids"]) for e in examples)
+    collator = TokenBudgetCollator(rows, 2 * rows.width([longest]))   # a plan of micro-batch 2
+    batch = collator(examples)
+    parts = batch["micro_batches"]
+    assert len(parts) < len(examples) // 2, "short rows share a micro-batch"
+    assert sum(p["input_ids"].shape[0] for p in parts) == len(examples)
+    assert all(p["input_ids"].numel() <= collator.budget or p["input_ids"].shape[0] == 1 for p in parts)
+    assert batch["num_labels"] == sum(int((e["labels"][i + 1] != -100)) for e in examples
+                                      for i in range(len(e["labels"]) - 1))
+
+
+def test_host_counts_are_the_labelled_positions_the_loss_would_find():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    counts = host_counts(labels, attention_tokens=7)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    assert counts["label_positions"].tolist() == (shifted != -100).nonzero().squeeze(1).tolist() == [1, 2, 5]
+    assert counts["num_labels"] == 3 and counts["num_tokens"] == 7
+
+
+def test_token_budget_steps_train_what_fixed_micro_batches_do(tmp_path):
+    """The same samples per step and the same loss normalisation: the adapters agree."""
+    from safetensors.torch import load_file
+
+    common = ["--set", "training.max_steps=3", "--set", "training.save_steps=3", "--set", "training.logging_steps=1",
+              "--set", "training.per_device_train_batch_size=2", "--set", "training.gradient_accumulation_steps=4",
+              "--set", "training.learning_rate=5e-3", "--set", "lora.lora_dropout=0"]
+    a, b = tmp_path / "budget", tmp_path / "fixed"
+    assert train("--output-dir", str(a), *common) == 0
+    assert train("--output-dir", str(b), *common, "--set", "data.token_budget=false") == 0
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.allclose(x[key], y[key], atol=2e-5), key
+    loss = lambda run: [h["loss"] for h in json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+                        ["log_history"] if "loss" in h]
+    assert loss(a) == pytest.approx(loss(b), abs=1e-4)
+
+
+def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buckets():
+    import torch._dynamo
+
+    from autotune.loss import compute_lean_loss
+
+    torch._dynamo.reset()
+    builder = PromptBuilder(build_tiny_tokenizer())
+    model = build_tiny_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    rng = np.random.default_rng(1)
+    # A realistic mix: 1-20 s of speech at 50 codes per second, log-normal around 5 s.
+    lengths = np.clip(rng.lognormal(np.log(250), 0.6, 24), 50, 1000).astype(int).tolist()
+    examples = build_examples(samples(lengths), builder)
+    collator = LlasaCollator(builder.tokens.pad, buckets=COMPILE_BUCKETS)
+    widths = set()
+    for start in range(0, len(examples), 4):
+        batch = collator(examples[start:start + 4])
+        widths.add(batch["input_ids"].shape[1])
+        eager_loss, _ = compute_lean_loss(model, batch)
+        compiled_loss, _ = compute_lean_loss(compiled, batch)
+        assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+    assert widths <= set(COMPILE_BUCKETS)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= len(widths), (graphs, widths)
+    torch._dynamo.reset()
