@@ -139,7 +139,7 @@ class TrainingSection(_Section):
         # `report_to: null` (llasa-trainer's files) means no reporting, as in `TrainingArguments`.
         return ["none"] if value is None else [value] if isinstance(value, str) else value
 
-    @field_validator("eval_strategy", mode="before")
+    @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` as false; `TrainingArguments` spells it "no".

@@ -507,6 +507,8 @@ def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any
         "best_checkpoint_refused": trainer.best_refused,
         "stopped_early_at": trainer.early.stopped_early_at,
         "tokens_per_second": trainer.throughput.overall(),
+        **dict(zip(("steady_tokens_per_second", "steady_timed_steps"), trainer.throughput.steady())),
+        "throughput_marks": trainer.throughput.marks_since_start(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "wall_seconds": round(result.wall_seconds, 2),
         "oom_recoveries": result.recoveries,

@@ -6,6 +6,8 @@ tests drive them with fake GPUs. No torch here: `probe.py` imports this module.
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import re
 from dataclasses import dataclass, field
@@ -204,6 +206,20 @@ class Recommendation:
         return dump_yaml(self.config)
 
 
+def capped_gpus(gpus: list[GpuInfo], limit_gib: float | None) -> list[GpuInfo]:
+    """The GPUs as a memory cap makes them: cards larger than the cap become unnamed cards
+    of the cap's size (matched by memory tier). `gpus` itself when the cap changes nothing."""
+    if not limit_gib or not gpus:
+        return gpus
+    cap = int(limit_gib * GIB)
+    if all(g.total_bytes is not None and g.total_bytes <= cap for g in gpus):
+        return gpus
+    return [g if g.total_bytes is not None and g.total_bytes <= cap else
+            dataclasses.replace(g, name=f"card capped at {limit_gib:g} GiB", total_bytes=cap,
+                                free_bytes=None if g.free_bytes is None else min(g.free_bytes, cap))
+            for g in gpus]
+
+
 def recommend(gpus: list[GpuInfo], *, user_yaml: dict[str, Any] | None = None, sets: list[str] | None = None,
               profiles: list[Profile] | None = None, bnb_available: bool | None = None) -> Recommendation:
     """GpuInfo -> Profile -> Config: the table's values, adapted to the hardware, under the user's keys."""
@@ -211,6 +227,14 @@ def recommend(gpus: list[GpuInfo], *, user_yaml: dict[str, Any] | None = None, s
     match = match_profile(gpus, profiles)
     settings, hw_reasons = adapt_to_hardware(match.profile.settings, gpus, bnb_available=bnb_available)
     resolved = resolve_config(settings, user_yaml, sets)
+    capped = capped_gpus(gpus, resolved.config.autotune.vram_limit_gib)
+    if capped is not gpus:
+        # `--vram-limit` stands in for a smaller card: plan with that card's profile.
+        match = match_profile(capped, profiles)
+        match.reasons.insert(0, f"`autotune.vram_limit_gib` {resolved.config.autotune.vram_limit_gib:g}: "
+                                "planning as for a card of that size")
+        settings, hw_reasons = adapt_to_hardware(match.profile.settings, capped, bnb_available=bnb_available)
+        resolved = resolve_config(settings, user_yaml, sets)
     reasons = match.reasons + hw_reasons
     warnings = list(match.warnings) + list(resolved.notes)
     training = resolved.config.training

@@ -1,14 +1,25 @@
 #!/usr/bin/env python3
-"""Auto-tuner benchmark: ours (dry run + plan + lean loss + length grouping)
-against the stock HF Trainer with the guide's profile, and stock
-`auto_find_batch_size`, on a random-initialised Llasa-shaped model and a
-realistic TTS length mix. Prints one JSON object.
+"""Training speed in steady state: ours (`train.py --auto`) against the stock settings
+of the guide's profile, stock `auto_find_batch_size`, and a plain padded loop as the
+ceiling, on a random-weight Llasa and a realistic TTS length mix. Prints one JSON object.
 
-    python bench/autotune.py --json                          # GPU: Llasa-1B shape, full card + 24/12/8 GiB
-    python bench/autotune.py --shape tiny --device cpu --steps 3 --limits 0 --json   # smoke test
+    python bench/autotune.py --json                       # GPU: Llasa-1B, whole card + 24/12/8 GiB caps
+    python bench/autotune.py --shape tiny --device cpu --limits 0 --json     # CPU smoke (about a minute)
 
-Lengths: durations log-normal, median 5 s, clipped to 1-20 s, 50 codes per
-second, plus the transcript (about 14 characters per second).
+Every timed run trains `--warmup` steps (default 10, left out: compilation, the
+allocator, the first batches) and then `--timed` steps (default 50), logging every gcd of the two;
+its figure is the non-padding tokens per second between the log that ends the
+warm-up and the last (from run_summary's `throughput_marks`; the device is synced at
+logs). `mfu` = 6 x parameters x tokens/s / the card's dense bf16 peak, from
+PEAK_TFLOPS by name (null on a CPU or an unknown card).
+
+A cap (`--limits 24`) caps the process's memory and plans with the profile of a
+card of that size, as `train.py --vram-limit 24` does. The runs go through the real
+pipeline (`autotune.pipeline.run`), so the dry run, the plan, token-budget
+micro-batches, compilation and Liger are the product's own.
+
+Lengths: durations log-normal, median 5 s, clipped to 1-20 s, 50 codes per second,
+plus the transcript (about 14 characters per second).
 """
 
 from __future__ import annotations
@@ -22,54 +33,54 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "llasa-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8),
-    "llasa-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                     num_key_value_heads=8),
-}
+SHAPES = {"tiny": "tiny", "llasa-1b": "llasa-1b-random", "llasa-3b": "llasa-3b-random"}
 WORDS = "the a voice speech model train data clear slow bright morning station coffee light river quiet".split()
 
+# Dense bf16 tensor-core peak, TFLOP/s (vendor data sheets, without sparsity), by a name fragment;
+# the first match wins, so the more specific names come first.
+PEAK_TFLOPS = [
+    ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.0), ("H100", 989.4), ("GH200", 989.4),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("A10G", 70.0), ("A10", 125.0),
+    ("L4", 121.0), ("RTX 6000 Ada", 364.2), ("RTX A6000", 154.8), ("RTX 4090", 165.2), ("RTX 4080", 97.5),
+    ("RTX 3090", 71.0), ("RTX 3080", 59.5), ("RTX 3060", 25.4),
+]
 
-def realistic_samples(n: int, seed: int = 0, fixed_seconds: float | None = None):
-    from autotune.reading import Sample
-    import numpy as np
 
+def peak_tflops(name: str | None) -> float | None:
+    if not name:
+        return None
+    return next((peak for fragment, peak in PEAK_TFLOPS if fragment.lower() in name.lower()), None)
+
+
+def mfu(params: int, tokens_per_second: float | None, peak: float | None) -> float | None:
+    if not tokens_per_second or not peak:
+        return None
+    return round(6 * params * tokens_per_second / (peak * 1e12), 4)
+
+
+def write_dataset(folder: Path, n: int, seed: int = 0, fixed_seconds: float | None = None) -> Path:
+    """`n` JSONL lines of {"text", "code"} with the realistic length mix (or all `fixed_seconds` long)."""
     rng = random.Random(seed)
-    samples = []
-    for i in range(n):
-        seconds = fixed_seconds or min(20.0, max(1.0, math.exp(rng.gauss(math.log(5.0), 0.6))))
-        codes = np.array([rng.randrange(65536) for _ in range(int(seconds * 50))], dtype=np.int32)
-        text = " ".join(rng.choice(WORDS) for _ in range(max(1, int(seconds * 14 / 5))))
-        samples.append(Sample(text=text, source=f"bench:{i}", codes=codes))
-    return samples
-
-
-def build_model_folder(shape: str, folder: Path, text_vocab: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from autotune.llasa import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer(text_vocab)
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
-                         rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, torch_dtype="bfloat16", **SHAPES[shape])
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del model
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(n):
+            seconds = fixed_seconds or min(20.0, max(1.0, math.exp(rng.gauss(math.log(5.0), 0.6))))
+            codes = [rng.randrange(65536) for _ in range(int(seconds * 50))]
+            text = " ".join(rng.choice(WORDS) for _ in range(max(1, int(seconds * 14 / 5))))
+            f.write(json.dumps({"text": text, "code": codes}) + "\n")
     return folder
 
 
-def free():
+def log_every(args) -> int:
+    """A log (the device synced, a time and a token count taken) where the warm-up ends and at the
+    last step: the steady figure then spans exactly the timed steps."""
+    return math.gcd(args.warmup, args.timed) or 1
+
+
+def free() -> None:
     import torch
 
     gc.collect()
@@ -78,185 +89,264 @@ def free():
         torch.cuda.reset_peak_memory_stats()
 
 
+def model_argument(shape: str, sets: list[str], tmp: Path) -> str:
+    """The random replica by name; saved to a folder first when the weights are to load in
+    4 bits (bitsandbytes quantises at load time, from files)."""
+    name = SHAPES[shape]
+    if shape == "tiny" or not any(s.replace(" ", "") == "model.load_in_4bit=true" for s in sets):
+        return name
+    import torch
+
+    from autotune.replica import build_llasa_tokenizer, build_random_llasa
+
+    folder = tmp / f"{shape}-weights"
+    model = build_random_llasa(name, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
+    model.save_pretrained(folder)
+    build_llasa_tokenizer().save_pretrained(folder)
+    del model
+    free()
+    return str(folder)
+
+
+def pipeline_run(label: str, args, data: Path, model: str, tmp: Path, limit: float, extra: list[str]) -> dict:
+    """One `train.py` run in this process; its run_summary.json, condensed."""
+    from autotune import pipeline
+    from autotune.request import parse_request
+    from autotune.training.callbacks import steady_rate
+
+    out = tmp / f"{label}-{limit:g}"
+    steps = args.warmup + args.timed
+    argv = ["--data", str(data), "--model", model, "--codec", "tiny", "--output-dir", str(out), "--json",
+            "--set", "samples.num_texts=0", "--set", "training.eval_strategy=no", "--set", "training.report_to=none",
+            "--set", "training.save_strategy=no", "--set", f"training.max_steps={steps}",
+            "--set", f"training.logging_steps={log_every(args)}", *extra]
+    for s in args.sets:
+        argv += ["--set", s]
+    if limit:
+        argv += ["--vram-limit", str(limit)]
+    free()
+    started = time.perf_counter()
+    entry: dict = {"run": label, "limit_gib": limit or None}
+    try:
+        code = pipeline.run(parse_request(argv))
+    except Exception as exc:  # record and go on: the benchmark reports, it does not stop
+        return entry | {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        free()
+    entry["seconds"] = round(time.perf_counter() - started, 1)
+    summary_path = out / "run_summary.json"
+    if code != 0 or not summary_path.exists():
+        return entry | {"error": f"exit code {code}"}
+    s = json.loads(summary_path.read_text())
+    plan = s["plan"]
+    entry.update(profile=s["profile"]["name"], plan=plan.get("label") or plan,
+                 effective_batch_size=plan.get("effective_batch_size"),
+                 tokens_per_second_with_warmup=_round(s["tokens_per_second"]),
+                 peak_gib=round(s["peak_gpu_bytes"] / 2**30, 2) if s.get("peak_gpu_bytes") else None,
+                 oom_recoveries=s.get("oom_recoveries"), final_loss=s.get("final_train_loss"))
+    rate, timed = steady_rate(s.get("throughput_marks") or [], args.warmup)
+    entry.update(nonpad_tokens_per_second=_round(rate), timed_steps=timed)
+    if s.get("dry_run"):
+        dry = s["dry_run"]
+        chosen = next((a for a in dry["attempts"] if a["ok"] and a["plan"] == dry["plan"]), None)
+        entry["dry_run"] = {"seconds": dry["seconds"], "attempts": len(dry["attempts"]),
+                            "attempts_oom": sum(1 for a in dry["attempts"] if not a["ok"]),
+                            "compile_seconds": chosen["overhead_seconds"] if chosen else None,
+                            "reason": dry["reason"]}
+    return entry
+
+
+def _round(x):
+    return round(x, 1) if isinstance(x, (int, float)) else None
+
+
+def plain_loop(model_name: str, args, device: str) -> dict:
+    """The ceiling: a hand-written loop, batch 4 x 2,048 of real tokens (no padding), no
+    checkpointing, bf16 (fp32 on a CPU), LoRA r64 on all seven projections, HF's own loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from autotune.model import load_base_model
+
+    free()
+    cuda = device.startswith("cuda")
+    rows, length = (4, 2048) if cuda else (2, 128)
+    base = load_base_model(model_name, precision="bf16" if cuda else "fp32", device=device)
+    model = get_peft_model(base, LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (rows, length), generator=generator).to(device)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(args.timed):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    entry = {"run": "plain-padded-loop", "batch": f"{rows} x {length}", "timed_steps": args.timed,
+             "nonpad_tokens_per_second": round(rows * length * args.timed / seconds, 1),
+             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+    return entry   # the model and optimizer go with this frame; the next run frees them
+
+
+def auto_find_batch_size(model_name: str, data: Path, args, device: str, tmp: Path) -> dict:
+    """Stock HF `auto_find_batch_size` from `--afbs-start`, stock loss, no length grouping;
+    the throughput callback counts its final, successful run only."""
+    import torch
+
+    from autotune.batches import ExampleDataset, LlasaCollator, build_examples
+    from autotune.data import load_dataset
+    from autotune.hardware import probe
+    from autotune.llasa import PromptBuilder
+    from autotune.model import apply_lora, load_base_model, load_tokenizer
+    from autotune.profiles import recommend
+    from autotune.training.trainer import build_trainer
+
+    free()
+    steps = args.warmup + args.timed
+    rec = recommend(probe().gpus[:1], sets=[f"model.name_or_path={json.dumps(model_name)}", "training.eval_strategy=no",
+                                            "training.report_to=none", "training.save_strategy=no",
+                                            f"training.max_steps={steps}", f"training.logging_steps={log_every(args)}",
+                                            "training.lean_loss=false", "training.group_by_length=false",
+                                            "data.token_budget=false", *args.sets])
+    config = rec.config
+    tokenizer = load_tokenizer(model_name)
+    builder = PromptBuilder(tokenizer)
+    loaded = load_dataset(data, prompt_builder=builder, max_length=config.data.max_length,
+                          val_fraction=config.data.val_fraction, split_seed=config.data.split_seed, progress=False)
+    samples = loaded.train + loaded.val   # nothing is evaluated: train on all of it, as the other runs nearly do
+    base = load_base_model(model_name, precision=config.precision, device=device)
+    lora = config.lora
+    model = apply_lora(base, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                       target_modules=list(lora.target_modules), gradient_checkpointing=config.training.gradient_checkpointing)
+    trainer = build_trainer(config, model, train_set=ExampleDataset(build_examples(samples, builder)), val_set=None,
+                            collator=LlasaCollator(builder.tokens.pad), output_dir=tmp / "afbs",
+                            use_cpu=not device.startswith("cuda"), progress=False)
+    trainer.args.auto_find_batch_size = True
+    trainer.args.per_device_train_batch_size = args.afbs_start
+    trainer._train_batch_size = args.afbs_start   # what find_executable_batch_size starts from
+    entry = {"run": "stock-auto-find-batch-size", "start_batch": args.afbs_start, "profile": rec.profile.name}
+    started = time.perf_counter()
+    try:
+        trainer.train()
+        rate, timed = trainer.throughput.steady(args.warmup)
+        entry.update(chosen_batch=trainer._train_batch_size, seconds=round(time.perf_counter() - started, 1),
+                     nonpad_tokens_per_second=_round(rate), timed_steps=timed,
+                     effective_batch_size=trainer._train_batch_size * trainer.args.gradient_accumulation_steps,
+                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
+    except Exception as exc:
+        entry.update(error=f"{type(exc).__name__}: {exc}"[:300])
+    del trainer, model, base
+    free()
+    return entry
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llasa-1b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per timed training run")
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of every figure (default 10)")
+    ap.add_argument("--timed", type=int, default=50, help="steps timed after the warm-up (default 50)")
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--limits", default="0,24,12,8", help="GiB caps to stand in for smaller cards; 0 = whole card")
-    ap.add_argument("--no-afbs", action="store_true", help="skip stock auto_find_batch_size")
-    ap.add_argument("--packing", action="store_true", help="also time ours with padding-free packed rows")
+    ap.add_argument("--runs", default="ours,stock,afbs,ceiling",
+                    help="which runs, comma-separated: ours, packed (ours with packed rows), stock (the guide's "
+                         "profile as it is), afbs (stock auto_find_batch_size; whole card only), ceiling (the "
+                         "plain padded loop; whole card only). Default: ours,stock,afbs,ceiling")
+    ap.add_argument("--afbs-start", type=int, help="auto_find_batch_size's first batch (default 64 on a GPU, 4 on a CPU)")
     ap.add_argument("--fixed-seconds", type=float,
-                    help="every sample this long (29 s is about 2,000 tokens with the byte-level bench tokenizer) instead of the realistic mix")
-    ap.add_argument("--only-ours", action="store_true", help="skip the stock baselines (memory-target checks)")
+                    help="every sample this long (40 s is about 2,048 tokens) instead of the realistic mix")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config for every run, e.g. model.load_in_4bit=true")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="(the output is always JSON; kept for old command lines)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
+    if args.warmup < 0 or args.timed < 2:
+        ap.error("--warmup must be >= 0 and --timed >= 2")
+    runs = {r.strip() for r in args.runs.split(",") if r.strip()}
+    if not runs or runs - {"ours", "packed", "stock", "afbs", "ceiling"}:
+        ap.error(f"--runs takes ours, packed, stock, afbs and ceiling, got {args.runs!r}")
 
     import torch
-    from rich.console import Console
 
-    from autotune import run as R
-    from autotune.data import DataReport, measure
-    from autotune.dryrun import Plan
-    from autotune.hardware import probe, what_if_gpu
-    from autotune.llasa import PromptBuilder
-    from autotune.profiles import recommend
+    from autotune.hardware import probe
+    from autotune.replica import llasa_config
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        print(json.dumps({"error": "no CUDA device"}))
+        print(json.dumps({"error": "no CUDA device; use --device cpu --shape tiny for the smoke run"}))
         return 2
+    if args.afbs_start is None:
+        args.afbs_start = 64 if cuda else 4
+    device = "cuda:0" if cuda else "cpu"
     started = time.perf_counter()
-    console = Console(stderr=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-autotune-"))
-    text_vocab = 512 if args.shape == "tiny" else 128256
-    model_dir = build_model_folder(args.shape, tmp / "model", text_vocab)
-    from autotune.model import load_tokenizer
+    data = write_dataset(tmp / "data", args.samples, fixed_seconds=args.fixed_seconds)
+    model = model_argument(args.shape, args.sets, tmp)
+    if args.shape == "tiny":
+        from autotune.llasa import build_tiny_model
 
-    tokenizer = load_tokenizer(str(model_dir))
-    builder = PromptBuilder(tokenizer)
-    samples = realistic_samples(args.samples, fixed_seconds=args.fixed_seconds)
-    measure(samples, builder)
-    val = samples[:8]
-    data = DataReport(train=samples[8:], val=val, layout="bench", val_source="bench")
-    lengths = sorted(s.num_tokens for s in samples)
-    real = probe().gpus[:1] if cuda else []
-    total_gib = real[0].total_bytes / 2**30 if real else 0.0
-    report = {"gpu": real[0].to_dict() if real else None, "shape": args.shape, "steps": args.steps,
-              "data": {"samples": len(samples), "median_tokens": lengths[len(lengths) // 2], "max_tokens": lengths[-1]},
-              "runs": []}
+        params = sum(p.numel() for p in build_tiny_model().parameters())
+    else:
+        from transformers import AutoModelForCausalLM
 
-    def run_config(limit: float):
-        gpus = real
-        if limit and real:
-            gpus = [what_if_gpu(f"{real[0].name} capped", limit, f"{real[0].cc[0]}.{real[0].cc[1]}")]
-        sets = [f"model.name_or_path={model_dir}", "training.eval_strategy=no", "training.report_to=none",
-                f"training.max_steps={args.steps}", "training.save_steps=100000", "samples.num_texts=0",
-                "training.logging_steps=5", *args.sets]
-        if limit:
-            sets.append(f"autotune.vram_limit_gib={limit}")
-        return recommend(gpus, sets=sets)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(llasa_config(SHAPES[args.shape])).parameters())
+    gpu = probe().gpus[0] if cuda else None
+    peak = peak_tflops(gpu.name) if gpu else None
+    report = {"gpu": gpu.to_dict() if gpu else None, "device": device, "shape": args.shape, "params": params,
+              "peak_bf16_tflops": peak, "warmup_steps": args.warmup, "timed_steps": args.timed,
+              "data": {"samples": args.samples, "fixed_seconds": args.fixed_seconds}, "runs": []}
 
-    def timed_train(label, rec, plan, limit, *, lean: bool, grouped: bool, packing: bool = False):
-        import dataclasses
-
-        plan = dataclasses.replace(plan, lean_loss=lean)
-        config = plan.apply(rec.config)
-        config.training.lean_loss = lean
-        config.training.group_by_length = grouped
-        config.data.packing = packing
-        out = tmp / f"{label}-{limit}"
-        ctx = R.Context(SimpleNamespace(json=True, resume=None, merge=False), console, out)
-        out.mkdir(parents=True, exist_ok=True)
-        device = R.device_for(ctx)
-        R.apply_vram_limit(config, device)
-        free()
-        from autotune.batches import ExampleDataset, build_examples, make_collator
-
-        train_set = ExampleDataset(build_examples([s for s in data.train if s.num_tokens <= config.data.max_length], builder))
-        t0 = time.perf_counter()
-        outcome = R._train_once(ctx, config, plan, train_set, None, make_collator(builder.tokens.pad, packing), tokenizer,
-                                None, device, val_texts=[])
-        seconds = time.perf_counter() - t0
-        entry = {"run": label, "limit_gib": limit or round(total_gib, 1), "plan": plan.label(),
-                 "effective_batch_size": plan.effective_batch_size, "seconds": round(seconds, 1)}
-        if outcome.oom_error:
-            entry.update(oom=True, error=outcome.oom_error[:160])
-        else:
-            entry.update(oom=False, nonpad_tokens_per_second=round(outcome.throughput.overall() or 0, 1),
-                         peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                         final_loss=outcome.trainer.state.log_history[-1].get("train_loss"))
-        del outcome
-        free()
-        return entry
+    def add(entry):
+        entry["mfu"] = mfu(params, entry.get("nonpad_tokens_per_second"), peak)
+        report["runs"].append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
 
     for limit in [float(x) for x in args.limits.split(",")]:
-        rec = run_config(limit)
-        ctx = R.Context(SimpleNamespace(json=False, check_data=False), console, tmp / f"dry-{limit}")
-        (tmp / f"dry-{limit}").mkdir(parents=True, exist_ok=True)
-        start = Plan.from_config(rec.config)
-        t0 = time.perf_counter()
-        try:
-            dry = R.dry_run(ctx, rec, data, builder, start)
-            dry_entry = {"run": "ours-dry-run", "limit_gib": limit or round(total_gib, 1), "profile": rec.profile.name,
-                         "seconds": round(time.perf_counter() - t0, 1), "attempts": len(dry.attempts),
-                         "attempts_oom": sum(1 for a in dry.attempts if not a.ok),
-                         "plan": dry.plan.label(), "reason": dry.reason}
-            report["runs"].append(dry_entry)
-            report["runs"].append(timed_train("ours", rec, dry.plan, limit, lean=dry.plan.lean_loss, grouped=True))
-            if args.packing:
-                report["runs"].append(timed_train("ours-packed", rec, dry.plan, limit, lean=dry.plan.lean_loss,
-                                                  grouped=False, packing=True))
-        except Exception as exc:  # record and go on: the benchmark reports, it does not stop
-            report["runs"].append({"run": "ours", "limit_gib": limit, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        free()
-        if args.only_ours:
-            continue
-        stock_plan = Plan.from_config(rec.config)
-        report["runs"].append(timed_train("stock-profile", rec, stock_plan, limit, lean=False, grouped=False)
-                              | {"profile": rec.profile.name})
-        if limit == 0 and not args.no_afbs:
-            report["runs"].append(auto_find_batch_size(rec, stock_plan, data, builder, tokenizer, tmp, console, args.steps))
-    report["runs_over_limit"] = [r["run"] for r in report["runs"] if r.get("peak_gib") and r.get("limit_gib")
-                                 and r["peak_gib"] > r["limit_gib"]]
-    ours = {r["limit_gib"]: r for r in report["runs"] if r["run"] == "ours" and "nonpad_tokens_per_second" in r}
-    stock = {r["limit_gib"]: r for r in report["runs"] if r["run"] == "stock-profile" and "nonpad_tokens_per_second" in r}
-    packed = {r["limit_gib"]: r for r in report["runs"] if r["run"] == "ours-packed" and "nonpad_tokens_per_second" in r}
-    report["packed_speedup_vs_stock_profile"] = {
-        str(k): round(packed[k]["nonpad_tokens_per_second"] / stock[k]["nonpad_tokens_per_second"], 3)
-        for k in packed if k in stock}
-    report["speedup_vs_stock_profile"] = {str(k): round(ours[k]["nonpad_tokens_per_second"] / stock[k]["nonpad_tokens_per_second"], 3)
+        if "ours" in runs:
+            add(pipeline_run("ours", args, data, model, tmp, limit, ["--auto"]))
+        if "packed" in runs:
+            add(pipeline_run("ours-packed", args, data, model, tmp, limit, ["--auto", "--set", "data.packing=true"]))
+        if "stock" in runs:
+            # The guide's profile as it is: its batch and accumulation, HF's loss, no grouping, fixed micro-batches.
+            add(pipeline_run("stock-profile", args, data, model, tmp, limit,
+                             ["--set", "training.lean_loss=false", "--set", "training.group_by_length=false",
+                              "--set", "data.token_budget=false"]))
+        if limit == 0 and "afbs" in runs:
+            add(auto_find_batch_size(model, data, args, device, tmp))
+        if limit == 0 and "ceiling" in runs:
+            add(plain_loop(model, args, device))
+    done = report["runs"]
+
+    def by_limit(name):
+        return {r["limit_gib"]: r for r in done if r["run"] == name and r.get("nonpad_tokens_per_second")}
+
+    ours, stock = by_limit("ours"), by_limit("stock-profile")
+    report["speedup_vs_stock_profile"] = {str(k or "whole"): round(ours[k]["nonpad_tokens_per_second"]
+                                                                   / stock[k]["nonpad_tokens_per_second"], 3)
                                           for k in ours if k in stock}
-    report["training_ooms_ours"] = sum(1 for r in report["runs"] if r["run"] == "ours" and r.get("oom"))
+    report["runs_over_limit"] = [f"{r['run']}@{r['limit_gib']}" for r in done
+                                 if r.get("peak_gib") and r.get("limit_gib") and r["peak_gib"] > 0.9 * r["limit_gib"]]
+    report["errors"] = [f"{r['run']}@{r['limit_gib']}: {r['error']}" for r in done if r.get("error")]
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
     print(text)
     return 0
-
-
-def auto_find_batch_size(rec, plan, data, builder, tokenizer, tmp, console, steps):
-    """Stock HF `auto_find_batch_size`, starting from 64, with the profile's other settings."""
-    import torch
-
-    from autotune import trainer as T
-    from autotune.batches import ExampleDataset, LlasaCollator, build_examples
-    from autotune.model import apply_lora, load_base_model
-
-    config = plan.apply(rec.config)
-    config.training.lean_loss = False
-    config.training.group_by_length = False
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    free()
-    base = load_base_model(config.model.name_or_path, precision=plan.precision, device=device)
-    model = apply_lora(base, r=plan.lora_r, lora_alpha=plan.lora_alpha, lora_dropout=0.05,
-                       target_modules=list(plan.lora_target_modules), gradient_checkpointing=plan.gradient_checkpointing)
-    args = T.training_arguments(config, tmp / "afbs", has_eval=False, use_cpu=device == "cpu", notes=[])
-    args.auto_find_batch_size = True
-    args.per_device_train_batch_size = 64
-    train_set = ExampleDataset(build_examples(data.train, builder))
-    trainer = T.LlasaTrainer(model=model, args=args, train_dataset=train_set, data_collator=LlasaCollator(builder.tokens.pad),
-                             lean_loss=False)
-    throughput = T.ThroughputCallback(trainer, 1)
-    trainer.add_callback(throughput)
-    t0 = time.perf_counter()
-    entry = {"run": "stock-auto-find-batch-size", "start_batch": 64}
-    try:
-        trainer.train()
-        entry.update(oom=False, chosen_batch=trainer._train_batch_size, seconds=round(time.perf_counter() - t0, 1),
-                     nonpad_tokens_per_second=round(throughput.overall() or 0, 1),
-                     peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-                     effective_batch_size=trainer._train_batch_size * args.gradient_accumulation_steps)
-    except Exception as exc:
-        entry.update(error=f"{type(exc).__name__}: {exc}"[:200])
-    del trainer, model, base
-    free()
-    return entry
 
 
 if __name__ == "__main__":

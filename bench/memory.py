@@ -403,7 +403,7 @@ def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "batch": args.batch, "seq": args.seq, "dtype": "bfloat16", "lora_r": args.lora_r,
         "lora_targets": args.lora_targets, "chunk_size": args.chunk_size,
-        "gradient_checkpointing": True, "vocab": vocab, "label_tokens": labelled_rows,
+        "gradient_checkpointing": args.checkpointing, "vocab": vocab, "label_tokens": labelled_rows,
         "weights_4bit": args.load_in_4bit, "estimate": True,
     }
     for mode in args.modes:
@@ -411,7 +411,7 @@ def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         with fake_tensors(labelled_rows, real_labels.numel()) as tracker:
             model = build_model(
                 shape, torch.device("cpu"), torch.bfloat16, lora_r=args.lora_r,
-                targets=args.lora_targets, checkpointing=True, seq=args.seq,
+                targets=args.lora_targets, checkpointing=args.checkpointing, seq=args.seq,
                 emulate_4bit=args.load_in_4bit,
             )
             batch = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))
@@ -445,13 +445,13 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace) -> d
     entry: dict[str, Any] = {
         "batch": args.batch, "seq": seq, "dtype": str(dtype).removeprefix("torch."),
         "lora_r": args.lora_r, "chunk_size": args.chunk_size,
-        "gradient_checkpointing": True, "vocab": SHAPES[shape]["vocab_size"],
+        "gradient_checkpointing": args.checkpointing, "vocab": SHAPES[shape]["vocab_size"],
     }
     model = _guarded(
         device,
         lambda: build_model(
             shape, device, dtype, lora_r=args.lora_r, targets=args.lora_targets,
-            checkpointing=True, seq=seq,
+            checkpointing=args.checkpointing, seq=seq,
         ),
     )
     if model == "oom":
@@ -502,6 +502,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="repeatable; default: tiny on cpu, llasa-1b and llasa-3b on cuda",
     )
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="without gradient checkpointing (the tuner's fastest rungs); default: with")
     p.add_argument("--seq", type=int, default=None, help="default: 2048 on cuda, 256 on cpu")
     p.add_argument("--chunk-size", type=int, default=1024, help="the lean loss's (the product's default)")
     p.add_argument("--lora-r", type=int, default=16)

@@ -373,3 +373,11 @@ def test_bare_no_is_the_eval_strategy_no(tmp_path, text):
     # YAML 1.1 reads a bare `no` as false; the schema takes it as TrainingArguments' "no".
     assert resolve_config(None, load_yaml_file(write(tmp_path, text))).config.training.eval_strategy == "no"
     assert resolve_config(None, None, ["training.eval_strategy=no"]).config.training.eval_strategy == "no"
+
+
+def test_bare_no_is_the_save_strategy_no(tmp_path):
+    # The same YAML reading for `save_strategy`: `--set training.save_strategy=no` must not fail.
+    assert resolve_config(None, None, ["training.save_strategy=no", "training.eval_strategy=no",
+                                       "training.load_best_model_at_end=false"]).config.training.save_strategy == "no"
+    text = "training:\n  save_strategy: no\n  eval_strategy: no\n"
+    assert resolve_config(None, load_yaml_file(write(tmp_path, text))).config.training.save_strategy == "no"

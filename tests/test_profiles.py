@@ -406,3 +406,24 @@ def test_recommendation_json_shape(profiles):
     assert data["config"]["lora"]["r"] == 4
     assert data["pinned"] == ["lora.r"]
     json.dumps(data)
+
+
+@pytest.mark.parametrize("cap, profile_name", [(24, "rtx3090"), (12, "rtx3060-2080ti"), (8, "rtx3060-2080ti"),
+                                               (40, "a100-40gb")])
+def test_a_memory_cap_plans_as_for_a_card_of_that_size(profiles, cap, profile_name):
+    # The benchmark's "24, 12 and 8 GiB caps" stand in for smaller cards: the guide's
+    # profile for such a card, with the real card's compute capability (bf16 on an H200).
+    rec = recommend([fixture_gpu("NVIDIA H200")], profiles=profiles, bnb_available=True,
+                    sets=[f"autotune.vram_limit_gib={cap}"])
+    assert rec.profile.name == profile_name
+    assert any("planning as for a card of that size" in r for r in rec.reasons)
+    assert rec.config.training.bf16
+    assert rec.config.autotune.vram_limit_gib == cap
+
+
+def test_a_cap_above_the_card_changes_nothing(profiles):
+    plain = recommend([fixture_gpu("NVIDIA GeForce RTX 4090")], profiles=profiles, bnb_available=True)
+    capped = recommend([fixture_gpu("NVIDIA GeForce RTX 4090")], profiles=profiles, bnb_available=True,
+                       sets=["autotune.vram_limit_gib=48"])
+    assert capped.profile.name == plain.profile.name == "rtx4090"
+    assert not any("planning as for" in r for r in capped.reasons)

@@ -205,3 +205,59 @@ def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buck
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 1 <= graphs <= len(widths), (graphs, widths)
     torch._dynamo.reset()
+
+
+def test_steady_tokens_per_second_leaves_out_the_warm_up_and_counts_the_final_restart(monkeypatch):
+    # Logs every 5 steps; the first 10 steps are slow (compilation), then 100 tokens per
+    # step at 10 steps/s. HF's auto_find_batch_size restarts training after an OOM: the
+    # failed attempt's steps count for nothing.
+    from types import SimpleNamespace
+
+    from autotune.training import callbacks
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock["now"])
+    trainer = SimpleNamespace(tokens_seen=0)
+    cb = callbacks.ThroughputCallback(trainer, processes=1)
+
+    def log_after(step, seconds, tokens):
+        clock["now"] += seconds
+        trainer.tokens_seen += tokens
+        cb.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": 1.0})
+
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    log_after(5, 60.0, 500)            # an attempt that ran out of memory: thrown away
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    log_after(5, 30.0, 500)            # warm-up
+    log_after(10, 10.0, 500)           # warm-up
+    for step in range(15, 65, 5):
+        log_after(step, 0.5, 500)
+    rate, steps = cb.steady(warmup_steps=10)
+    assert steps == 50
+    assert rate == pytest.approx(1000.0)
+    assert cb.overall() == pytest.approx(6000 / 45.0)   # this restart only, warm-up included
+    assert cb.steady(warmup_steps=100) == (None, 0)
+
+
+@pytest.mark.slow
+def test_the_benchmark_reports_steady_timed_steps_on_the_cpu(tmp_path):
+    # The documented CPU smoke path of bench/autotune.py, shortened: the real pipeline, the
+    # warm-up left out, exactly the timed steps counted; auto_find starts small on a CPU.
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "autotune.py"), "--shape", "tiny", "--device", "cpu",
+                           "--limits", "0", "--samples", "40", "--warmup", "2", "--timed", "4",
+                           "--runs", "ours,afbs,ceiling", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    runs = {r["run"]: r for r in report["runs"]}
+    assert set(runs) == {"ours", "stock-auto-find-batch-size", "plain-padded-loop"}
+    for r in runs.values():
+        assert r["timed_steps"] == 4 and r["nonpad_tokens_per_second"] > 0
+        assert r["mfu"] is None   # no dense-bf16 peak for a CPU
+    assert runs["stock-auto-find-batch-size"]["start_batch"] == 4
+    assert runs["ours"]["dry_run"]["attempts"] >= 1

@@ -47,6 +47,11 @@ def test_outputs_of_a_finished_run(finished_run: Path):
     assert summary["final_train_loss"] > 0 and summary["final_eval_loss"] > 0
     assert summary["tokens_per_second"] > 0
     assert summary["wall_seconds"] > 0
+    # A mark at the start and at each log; too short a run for a steady figure past 10 steps.
+    marks = summary["throughput_marks"]
+    assert [m[0] for m in marks][0] == 0 and marks[-1][0] == 6
+    assert all(a[1] <= b[1] and a[2] < b[2] for a, b in zip(marks, marks[1:]))
+    assert summary["steady_tokens_per_second"] is None and summary["steady_timed_steps"] == 0
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2, 4, 6]
 

@@ -24,6 +24,7 @@ class ThroughputCallback(TrainerCallback):
         self.last_time = None
         self.last_tokens = self.start_tokens = 0
         self.rates: list[float] = []
+        self.marks: list[tuple[int, float, int]] = []   # (step, time, tokens) at each log: the device is synced there
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Every (re)start counts from here: HF's `auto_find_batch_size` restarts training after
@@ -31,6 +32,7 @@ class ThroughputCallback(TrainerCallback):
         self.start = self.last_time = time.perf_counter()
         self.start_tokens = self.last_tokens = self.trainer.tokens_seen
         self.rates = []
+        self.marks = [(state.global_step, self.start, self.start_tokens)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.last_time is None:
@@ -42,6 +44,21 @@ class ThroughputCallback(TrainerCallback):
             logs["tokens_per_second"] = round(rate, 1)
             self.rates.append(rate)
         self.last_time, self.last_tokens = now, tokens
+        self.marks.append((state.global_step, now, tokens))
+
+    def marks_since_start(self) -> list[list[float]]:
+        """[step, seconds since this (re)start, this process's tokens since it] at each log: the device is synced
+        there, so any steady-state window can be read off afterwards."""
+        if not self.marks:
+            return []
+        s0, t0, n0 = self.marks[0]
+        return [[s, round(t - t0, 4), n - n0] for s, t, n in self.marks]
+
+    def steady(self, warmup_steps: int = 10) -> tuple[float | None, int]:
+        """(tokens/s, timed steps) from the first log at or after `warmup_steps` steps into
+        this (re)start to the last log: compilation, allocator growth and the first batches
+        left out. (None, 0) when no two logs are that far in."""
+        return steady_rate(self.marks, warmup_steps, self.processes)
 
     def overall(self) -> float | None:
         if self.start is None:
@@ -49,6 +66,21 @@ class ThroughputCallback(TrainerCallback):
         elapsed = time.perf_counter() - self.start
         tokens = self.trainer.tokens_seen - self.start_tokens
         return tokens * self.processes / elapsed if elapsed > 0 else None
+
+
+def steady_rate(marks, warmup_steps: int, processes: int = 1) -> tuple[float | None, int]:
+    """(tokens/s, timed steps) between the first of `marks` ([step, time, tokens], the first at the
+    start) at least `warmup_steps` in and the last; (None, 0) when fewer than two are."""
+    if not marks:
+        return None, 0
+    first_step = marks[0][0]
+    later = [m for m in marks if m[0] - first_step >= warmup_steps]
+    if len(later) < 2:
+        return None, 0
+    (s0, t0, n0), (s1, t1, n1) = later[0], later[-1]
+    if t1 <= t0:
+        return None, 0
+    return (n1 - n0) * processes / (t1 - t0), s1 - s0
 
 
 class RichProgressCallback(TrainerCallback):
