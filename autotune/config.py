@@ -23,6 +23,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from autotune.compat import translate_llasa_trainer
+from autotune.dotted import deep_merge, dotted_keys, get_dotted, set_dotted
 from autotune.errors import AutotuneError
 from autotune.llasa import DEFAULT_CODEC, DEFAULT_MODEL
 
@@ -110,9 +111,12 @@ class TrainingSection(_Section):
     logging_dir: str | None = Field(None, description="TensorBoard folder; defaults to `<output>/logs`.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Loggers: `tensorboard` or `none`.")
     load_best_model_at_end: bool = Field(True, description="Restore the best checkpoint by `metric_for_best_model` at the end.")
-    metric_for_best_model: Literal["eval_loss", "loss"] = Field(
-        "eval_loss", description="Metric that picks the best checkpoint (validation computes the loss only).")
-    greater_is_better: bool = Field(False, description="Whether a larger metric is better.")
+    metric_for_best_model: Literal["eval_loss", "loss", "cer", "wer", "error_rate", "similarity"] = Field(
+        "eval_loss", description="Metric that picks the best checkpoint and drives early stopping: `eval_loss`, or "
+                                 "a score of the samples spoken at each evaluation (`cer`, `wer`, `error_rate`: "
+                                 "each text's own, `similarity`; see `scores`).")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric is better; default: true for `similarity`, false otherwise.")
     dataloader_num_workers: int = Field(0, ge=0, description="Data-loading worker processes.")
     dataloader_pin_memory: bool = Field(True, description="Pin host memory for faster GPU copies.")
     group_by_length: bool = Field(True, description="Batch samples of similar length together to reduce padding.")
@@ -138,6 +142,19 @@ class TrainingSection(_Section):
     def _listify(cls, value: Any) -> Any:
         # `report_to: null` (llasa-trainer's files) means no reporting, as in `TrainingArguments`.
         return ["none"] if value is None else [value] if isinstance(value, str) else value
+
+    @field_validator("metric_for_best_model", mode="before")
+    @classmethod
+    def _score_name(cls, value: Any) -> Any:
+        # HF writes evaluation metrics as `eval_<name>`: `eval_cer` is the `cer` score.
+        if isinstance(value, str) and value.startswith("eval_") and value[5:] in SCORE_METRICS:
+            return value[5:]
+        return value
+
+    @property
+    def higher_is_better(self) -> bool:
+        """`greater_is_better` as set, else by the metric (similarity up, losses and error rates down)."""
+        return self.greater_is_better if self.greater_is_better is not None else self.metric_for_best_model == "similarity"
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -205,6 +222,31 @@ class SamplesSection(_Section):
         return [value] if isinstance(value, str) else [] if value is None else value
 
 
+DEFAULT_ASR_MODEL = "openai/whisper-large-v3-turbo"
+DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
+# The scores `training.metric_for_best_model` may name, and the scorer each needs.
+SCORE_METRICS = {"cer": "asr_model", "wer": "asr_model", "error_rate": "asr_model", "similarity": "speaker_model"}
+
+
+class ScoresSection(_Section):
+    """Scores of the samples spoken at each evaluation (the seed-tts-eval protocol)."""
+
+    asr_model: str = Field(
+        DEFAULT_ASR_MODEL, description="Speech recogniser for intelligibility (CER for Japanese and Chinese, WER "
+                                       "otherwise): a hub id or folder of a Whisper checkpoint, `tiny` (tests), or "
+                                       "`none` to turn it off.")
+    speaker_model: str = Field(
+        DEFAULT_SPEAKER_MODEL, description="Speaker-verification model for similarity to real clips of the same "
+                                           "speaker: a hub id or folder (`WavLMForXVector`), `tiny`, or `none`.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the scorers run; `auto`: the GPU when the plan leaves room for them, else the CPU.")
+    references: int = Field(3, ge=1, le=16, description="Real validation clips per speaker that similarity is measured against.")
+
+    @property
+    def enabled(self) -> bool:
+        return any(m.strip().lower() != "none" for m in (self.asr_model, self.speaker_model))
+
+
 class Config(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -212,6 +254,7 @@ class Config(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     autotune: AutotuneSection = Field(default_factory=AutotuneSection)
     samples: SamplesSection = Field(default_factory=SamplesSection)
+    scores: ScoresSection = Field(default_factory=ScoresSection)
     eval_data_dir: str | None = Field(None, description="Validation set (file or folder); overrides the automatic split.")
 
     @property
@@ -257,6 +300,18 @@ def config_rule_problems(config: Config) -> list[str]:
             problems.append(f"`training.save_steps` ({t.save_steps}) must be a multiple of `training.eval_steps` "
                             f"({t.eval_steps}) when `training.load_best_model_at_end` is true: e.g. "
                             f"`--set training.save_steps={t.eval_steps * max(1, t.save_steps // t.eval_steps)}`")
+    metric = t.metric_for_best_model
+    if metric in SCORE_METRICS:
+        needs = SCORE_METRICS[metric]
+        if getattr(config.scores, needs).strip().lower() == "none":
+            problems.append(f"`training.metric_for_best_model: {metric}` needs `scores.{needs}`, which is `none`: set "
+                            f"a model, or `--set training.metric_for_best_model=eval_loss`")
+        if not evaluating:
+            problems.append(f"`training.metric_for_best_model: {metric}` scores the samples of each evaluation, and "
+                            "`training.eval_strategy` is `no`: `--set training.eval_strategy=steps`")
+        if config.samples.num_texts <= 0 or config.samples.every_n_steps is not None:
+            problems.append(f"`training.metric_for_best_model: {metric}` needs samples at every evaluation: "
+                            "`--set samples.num_texts=2` and no `samples.every_n_steps`")
     return problems
 
 
@@ -264,7 +319,7 @@ def config_rule_problems(config: Config) -> list[str]:
 
 # Keys a resumed run may change freely: what it is shown and told, not what it learns.
 # The tuner's own keys (batch split, precision, checkpointing...) are left to the plan.
-HARMLESS_ON_RESUME = ("samples.", "autotune.", "training.logging_steps", "training.logging_dir",
+HARMLESS_ON_RESUME = ("samples.", "scores.", "autotune.", "training.logging_steps", "training.logging_dir",
                       "training.report_to", "training.dataloader_num_workers", "training.dataloader_pin_memory",
                       "training.per_device_eval_batch_size", "data.max_errors_shown")
 
@@ -339,47 +394,6 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         return _floatify(data)
     except _BadTree as exc:
         raise AutotuneError(f"`{path}` {exc}") from None
-
-
-def get_dotted(tree: dict[str, Any], key: str) -> Any:
-    """`tree["a"]["b"]` for `a.b`; None where a part is missing."""
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
-def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    """Leaf keys of a nested mapping, dotted (`training.bf16`)."""
-    keys: set[str] = set()
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and not name.endswith("lr_scheduler_kwargs"):
-            keys |= dotted_keys(value, name + ".")
-        else:
-            keys.add(name)
-    return keys
 
 
 class Resolved(BaseModel):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from autotune import distributed
 from autotune.config import Config, changed_keys, config_rule_problems, dump_yaml, load_yaml_file, validate
@@ -24,6 +25,7 @@ from autotune.errors import AutotuneError
 from autotune.request import RunRequest
 from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_REQUEST, RUN_SUMMARY, RunFolder,
                              path_text, write_json, write_text)
+from autotune.training.scoring import report_info, scoring_on, time_scorers
 from autotune.tuning.plan import Plan
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -47,6 +49,12 @@ class Context:
     signals: Any = None              # signals.RunSignals, installed for the whole run
     folder: RunFolder | None = None  # once claimed
     resume_changes: list[dict[str, Any]] = field(default_factory=list)   # accepted by --allow-changes
+    scorer: Any = None               # scores.Scorer the dry run loaded and timed, reused by the training
+    scorer_timing: dict[str, Any] | None = None
+    keeper: Any = None               # scoring.ScoreKeeper of the training, when scores are on
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]! {escape(message)}[/yellow]")
 
     @property
     def device(self) -> str:
@@ -112,6 +120,10 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
     data = load_data(ctx, rec.config, builder)
     if request.check_data:
         return report_data(ctx, data)
+    if scoring_on(rec.config):
+        from autotune.training.scoring import check_metric_has_texts
+
+        check_metric_has_texts(rec.config, data.val, data.train)
     claim_folder(ctx, folder, action)
     if action == "resume":
         check_resume_flags(ctx, rec)
@@ -393,6 +405,9 @@ def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
     record = result.to_dict()
     record["device"] = device
     record["measured_with"] = measured_with(config)
+    if ctx.is_main and scoring_on(config):
+        ctx.scorer, record["scores"] = time_scorers(config, warn=ctx.warn, say=ctx.console.print)
+        ctx.scorer_timing = record["scores"]
     if ctx.request.json and ctx.request.dry_run:
         print(json.dumps(record, indent=2))
     tables.attempts_table(ctx.console, result)
@@ -425,9 +440,22 @@ def train(ctx: Context, rec, plan: Plan, dry, data, tokenizer, builder) -> int:
         tokenizer=tokenizer, builder=builder, pinned=rec.resolved.pinned, is_main=ctx.is_main,
         processes=ctx.processes, notes=ctx.notes, named_checkpoint=ctx.request.resume not in (None, "latest"),
         on_training_started=(ctx.folder.training_started if ctx.folder is not None else lambda: None),
-        write_config=lambda config: write_run_config(ctx, config))
+        write_config=lambda config: write_run_config(ctx, config), keeper=make_keeper(ctx, rec, plan, device))
+    ctx.keeper = setting.keeper
     result = recovery.fit(rec.config, plan, setting, resume_from)
     return finish(ctx, rec, dry, data, tokenizer, result)
+
+
+def make_keeper(ctx: Context, rec, plan: Plan, device: str):
+    """The run's `ScoreKeeper` when scores are on (on every process: all take part in choosing the best)."""
+    if not scoring_on(rec.config):
+        return None
+    from autotune.training.scoring import ScoreKeeper
+
+    keeper = ScoreKeeper(rec.config, ctx.output_dir, training_device=device, console=ctx.console,
+                         report_info=report_info(ctx.output_dir, rec, plan), scorer=ctx.scorer, warn=ctx.warn)
+    keeper.timing = ctx.scorer_timing
+    return keeper
 
 
 # ----------------------------------------------------------------- finish ---
@@ -466,6 +494,7 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
                 write_model_card(out, summary, config.to_dict(), data.summary())
             summary["signal_after_last_step"] = ctx.signals.received if not interrupted else None
             write_json(out / RUN_SUMMARY, summary)
+            write_final_report(ctx, rec, result, summary)
     if interrupted:
         newest = newest_checkpoint(out)
         argv, program = signals.command_line(ctx.request)
@@ -483,6 +512,16 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
     return 0
 
 
+def write_final_report(ctx: Context, rec, result, summary: dict[str, Any]) -> None:
+    """report.html as the run ended (with or without scores): the headline, the curves, the clips."""
+    from autotune.training.scoring import headline, write_run_report
+
+    trainer, keeper = result.outcome.trainer, ctx.keeper
+    write_run_report(ctx.output_dir, report_info(ctx.output_dir, rec, result.plan), trainer.state,
+                     keeper.evaluations if keeper is not None else [], trainer.args.metric_for_best_model or "eval_loss",
+                     summary=headline(summary), warn=ctx.warn)
+
+
 def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any]:
     """run_summary.json: what the run was, what it measured and what happened."""
     import torch
@@ -492,6 +531,8 @@ def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     interrupted = trainer.interrupt.requested if result.outcome.interrupted else None
+    metric = (trainer.args.metric_for_best_model or "eval_loss").removeprefix("eval_")
+    by_loss = metric in ("loss", "eval_loss")
     return {
         "profile": {"name": rec.profile.name, "title": rec.profile.title},
         "gpus": [g.to_dict() for g in rec.gpus],
@@ -502,7 +543,9 @@ def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any
         "max_steps": trainer.state.max_steps,
         "final_train_loss": train_losses[-1] if train_losses else None,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "best_eval_loss": trainer.state.best_metric,
+        "best_eval_loss": trainer.state.best_metric if by_loss else (min(eval_losses) if eval_losses else None),
+        "metric_for_best_model": "eval_loss" if by_loss else metric,
+        "best_metric": _finite_or_none(trainer.state.best_metric),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_checkpoint_refused": trainer.best_refused,
         "stopped_early_at": trainer.early.stopped_early_at,
@@ -520,6 +563,22 @@ def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any
         "resume_changes": ctx.resume_changes,
         "speakers": data.speakers(),
         "speaker_conditioning": data.speaker_conditioning,
+        "scores": ctx.keeper.summary(adapter_step(trainer)) if ctx.keeper is not None else None,
         "notes": ctx.notes,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def adapter_step(trainer) -> int:
+    """The step of the adapter the run saves: the best checkpoint's when it is loaded at the end."""
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.rsplit("-", 1)[-1])
+    return int(trainer.state.global_step)
+
+
+def _finite_or_none(value: Any) -> Any:
+    # An evaluation that could not be scored counts as +-inf; JSON holds no infinity.
+    import math
+
+    return value if not isinstance(value, float) or math.isfinite(value) else None

@@ -20,6 +20,7 @@ torch and transformers load with the models.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from autotune.audio import load_audio
+from autotune.config import DEFAULT_ASR_MODEL, DEFAULT_SPEAKER_MODEL
 from autotune.errors import AutotuneError
 from autotune.llasa import SAMPLING_RATE
 from autotune.metrics import asr_language, cosine, error_rate, uses_cer
@@ -42,10 +44,9 @@ __all__ = ["DEFAULT_ASR_MODEL", "DEFAULT_SPEAKER_MODEL", "NONE", "SCORES_FILE", 
 #: Multilingual Whisper with large-v3's encoder and a 4-layer decoder: about as
 #: accurate as large-v3 (seed-tts-eval's English ASR) on Japanese and English,
 #: and several times faster to decode, which matters when it runs at every evaluation.
-DEFAULT_ASR_MODEL = "openai/whisper-large-v3-turbo"
 #: WavLM fine-tuned for speaker verification, the transformers-format relative of
 #: seed-tts-eval's WavLM-large checkpoint (which ships only as a raw .pth file).
-DEFAULT_SPEAKER_MODEL = "microsoft/wavlm-base-plus-sv"
+#: Both are the `scores` section's defaults (config.py).
 #: A model id meaning "the tiny random offline model" (tests, offline runs).
 TINY = "tiny"
 #: A model id meaning "skip this part of the scores".
@@ -86,7 +87,15 @@ class Transcriber:
             kwargs["generate_kwargs"] = generate
             if wave.size > _WHISPER_WINDOW_SAMPLES:
                 kwargs["return_timestamps"] = True
-        output = self.pipe({"raw": wave, "sampling_rate": SAMPLING_RATE}, **kwargs)
+        # Whisper's own generate() passes its config together with arguments, and transformers
+        # warns about that inside itself: nothing for a user to act on.
+        quiet = logging.getLogger("transformers.generation.utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            output = self.pipe({"raw": wave, "sampling_rate": SAMPLING_RATE}, **kwargs)
+        finally:
+            quiet.setLevel(level)
         return str(output.get("text", "")).strip()
 
 
@@ -529,12 +538,16 @@ def _describe(value: Any) -> str | None:
 
 
 def _relative_to(path: str | None, folder: Path) -> str | None:
+    """`path` relative to `folder` when it lies in it or beside it (`../references/x.wav`), else as is."""
     if path is None:
         return None
-    try:
-        return Path(path).resolve().relative_to(folder.resolve()).as_posix()
-    except ValueError:
-        return path
+    resolved, here = Path(path).resolve(), folder.resolve()
+    for ups, base in enumerate((here, here.parent)):
+        try:
+            return "../" * ups + resolved.relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path
 
 
 def write_scores(folder: str | os.PathLike[str], result: dict[str, Any]) -> Path:

@@ -89,13 +89,38 @@ def final_table(console, output_dir: Path, summary: dict[str, Any], findings) ->
     table.add_row("final train loss", fmt(summary["final_train_loss"]))
     table.add_row("final eval loss", fmt(summary["final_eval_loss"]))
     table.add_row("best eval loss", fmt(summary["best_eval_loss"]))
-    table.add_row("tokens/s", fmt(summary["tokens_per_second"], ",.0f"))
+    metric = summary.get("metric_for_best_model")
+    if summary.get("best_checkpoint"):
+        table.add_row("best checkpoint", f"{Path(summary['best_checkpoint']).name} (by {metric or 'eval_loss'}"
+                      + (f" {summary['best_metric']:.4g})" if summary.get("best_metric") is not None else ")"))
+    scores = summary.get("scores") or {}
+    for label, key in (("best scores", "best"), ("latest scores", "latest")):
+        if scores.get(key):
+            table.add_row(label, _scores_line(scores[key]))
+    if scores and scores.get("median_seconds_per_evaluation") is not None:
+        table.add_row("scoring", f"{scores['median_seconds_per_evaluation']:.1f} s per evaluation on "
+                      f"{scores.get('device') or '-'}")
+    steady = summary.get("steady_tokens_per_second")
+    table.add_row("tokens/s", (f"{steady:,.0f} steady, " if steady else "")
+                  + f"{fmt(summary['tokens_per_second'], ',.0f')} overall")
     table.add_row("peak GPU memory", "-" if summary["peak_gpu_bytes"] is None else f"{summary['peak_gpu_bytes'] / 2**30:.2f} GiB")
     table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
     table.add_row("plan", summary["plan"]["label"] + f" ({summary['plan']['effective_batch_size']} effective)")
     console.print(table)
     for f in findings:
         console.print(f"[yellow]{f.kind}[/yellow]: {escape(f.message)}\n  try: {escape(' '.join(f.remedies))}")
+    if (output_dir / "report.html").is_file():
+        console.print(f"report: {output_dir}/report.html  (curves, and every evaluation's clips to listen to)",
+                      markup=False, highlight=False)
     if summary.get("adapter_saved"):
         console.print(f"adapter: {output_dir}/adapter_model.safetensors  "
                       f"(PeftModel.from_pretrained(base, '{output_dir}'))", markup=False, highlight=False)
+
+
+def _scores_line(scores: dict[str, Any]) -> str:
+    """`step 40: CER 12.5%, similarity 0.812` from a summary's best or latest scores."""
+    parts = [f"{label} {scores[key]:.1%}" for key, label in (("mean_cer", "CER"), ("mean_wer", "WER"))
+             if scores.get(key) is not None]
+    if scores.get("mean_similarity") is not None:
+        parts.append(f"similarity {scores['mean_similarity']:.3f}")
+    return f"step {scores.get('step')}: " + (", ".join(parts) or "not scored")

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "autotune"
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
     # facts, errors, printing, files
-    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat"},
+    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat", "dotted"},
     # the probe's path (no torch): hardware, profiles, config, the command line
     {"hardware", "config", "profiles", "cli", "request", "probe_report", "diagnosis", "distributed"},
     # reading files and audio
@@ -23,7 +23,8 @@ LAYERS: list[set[str]] = [
     {"data", "generation", "checkpoint_checks", "checkpoints", "tuning.plan", "tuning.ladder", "model_card",
      "report", "scores", "metrics", "tables"},
     # training
-    {"training.callbacks", "training.trainer", "training.samples", "training.outputs", "training.recovery"},
+    {"training.callbacks", "training.trainer", "training.samples", "training.scoring", "training.outputs",
+     "training.recovery"},
     # the dry run measures with the training's trainer
     {"tuning.dryrun"},
     # the driver

@@ -72,6 +72,8 @@ class Trial:
     finished_at: float | None = None
     dry_run: str | None = None              # `.dry-runs/<n>`: where its plan was measured (several GPUs only)
     resume_plan: str | None = None          # on --resume, a stopped trial's own plan: it continues from its checkpoint
+    scores: dict[str, Any] | None = None    # the scores of the trial's saved adapter (its step's evaluation)
+    sample: dict[str, Any] | None = None    # one of that evaluation's clips, for the sweep's report
 
     @property
     def done(self) -> bool:
@@ -87,7 +89,12 @@ class Trial:
                 "error": self.error, "eval_loss": self.eval_loss, "train_loss": self.train_loss,
                 "tokens_per_second": self.tokens_per_second, "peak_gpu_bytes": self.peak_gpu_bytes,
                 "wall_seconds": self.wall_seconds, "plan": self.plan, "gpu": self.gpu,
-                "started_at": self.started_at, "finished_at": self.finished_at, "dry_run": self.dry_run}
+                "started_at": self.started_at, "finished_at": self.finished_at, "dry_run": self.dry_run,
+                "scores": self.scores}
+
+    def score(self, by: str) -> float | None:
+        """The trial's `error_rate` or `similarity` (of its saved adapter), or None."""
+        return _finite((self.scores or {}).get(f"mean_{by}"))
 
 
 def split_values(text: str) -> list[str]:
@@ -383,6 +390,9 @@ def read_summary(trial: Trial, folder: Path) -> None:
     trial.peak_gpu_bytes = int(peak) if isinstance(peak, (int, float)) and math.isfinite(peak) else None
     trial.wall_seconds = _finite(summary.get("wall_seconds"))
     trial.plan = summary.get("plan")
+    scores = summary.get("scores") or {}
+    trial.scores = scores.get("adapter")
+    trial.sample = scores.get("adapter_sample")
     bad = [f"{label} is {value}" for label, value in (("final train loss", train), ("eval loss", eval_loss))
            if isinstance(value, (int, float)) and not math.isfinite(value)]
     if train is None and eval_loss is None:
@@ -391,11 +401,33 @@ def read_summary(trial: Trial, folder: Path) -> None:
         trial.status, trial.error = "failed", "; ".join(bad)
 
 
-def rank(trials: list[Trial]) -> list[Trial]:
-    """Validation loss ascending; then trials with only a train loss; failed and unrun last."""
+# What trials are ranked by, best first: the scores of their saved adapters when every
+# trial that succeeded has one (intelligibility, else speaker similarity), else the
+# validation loss, else the train loss.
+RANKINGS = ("error_rate", "similarity", "eval_loss", "train_loss")
+RANKING_LABELS = {"error_rate": "intelligibility (CER/WER of the samples)", "similarity": "speaker similarity",
+                  "eval_loss": "validation loss", "train_loss": "train loss"}
+
+
+def ranking_basis(trials: list[Trial]) -> str:
+    ok = [t for t in trials if t.succeeded]
+    for by in ("error_rate", "similarity"):
+        if ok and all(t.score(by) is not None for t in ok):
+            return by
+    return "eval_loss" if any(t.eval_loss is not None for t in ok) or not ok else "train_loss"
+
+
+def rank(trials: list[Trial], by: str | None = None) -> list[Trial]:
+    """By `by` (default: `ranking_basis`): error rate ascending, similarity descending, or
+    validation loss ascending then trials with only a train loss; failed and unrun last."""
+    by = by or ranking_basis(trials)
+
     def key(t: Trial):
         if not t.succeeded:
             return (2, 0, math.inf, t.index)
+        if by in ("error_rate", "similarity"):
+            value = t.score(by)
+            return (0, 0, -value if by == "similarity" else value, t.index) if value is not None else (1, 0, 0, t.index)
         if t.eval_loss is not None:
             return (0, 0, t.eval_loss, t.index)
         return (1, 0, t.train_loss if t.train_loss is not None else math.inf, t.index)
@@ -405,7 +437,8 @@ def rank(trials: list[Trial]) -> list[Trial]:
 
 def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any], complete: bool,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    done = rank([t for t in trials if t.done])
+    by = ranking_basis([t for t in trials if t.done])
+    done = rank([t for t in trials if t.done], by)
     best = next((t for t in done if t.succeeded), None)
     record = {
         "version": 1,
@@ -413,7 +446,7 @@ def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any
         "output_dir": str(ctx.output_dir),
         "grid": {a.key: a.values for a in axes},
         "base": base,
-        "ranked_by": "eval_loss" if best is None or best.eval_loss is not None else "train_loss",
+        "ranked_by": by,
         "trials": [t.to_dict() for t in done],
         "pending": [t.name for t in trials if not t.done],
         "best": best.to_dict() if best else None,
@@ -446,17 +479,21 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
         return "-" if value is None else format(value, spec)
 
     short = _short_names([a.key for a in axes])
-    ranked = rank([t for t in trials if t.done])
-    table = Table(title=f"Sweep: {len(ranked)} of {len(trials)} trials, ranked by "
-                        f"{'validation' if record['ranked_by'] == 'eval_loss' else 'train'} loss", title_justify="left")
+    by = record["ranked_by"]
+    ranked = rank([t for t in trials if t.done], by)
+    scored = any(t.scores for t in ranked)
+    table = Table(title=f"Sweep: {len(ranked)} of {len(trials)} trials, ranked by {RANKING_LABELS[by]}",
+                  title_justify="left")
     table.add_column("#", justify="right")
     for a in axes:
         table.add_column(short[a.key], no_wrap=True)
-    for column in ("eval loss", "train loss", "tokens/s", "peak GiB", "status"):
+    columns = (("CER/WER", "similarity") if scored else ()) + ("eval loss", "train loss", "tokens/s", "peak GiB", "status")
+    for column in columns:
         table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
     for i, t in enumerate(ranked, 1):
         status = ("[green]ok[/green]" if t.status == "ok" else "[red]failed[/red]") + (" (earlier)" if t.earlier else "")
-        table.add_row(str(i), *(escape(_cell(k, v)) for k, v in t.settings.items()),
+        score_cells = ((num(t.score("error_rate"), ".1%"), num(t.score("similarity"), ".3f")) if scored else ())
+        table.add_row(str(i), *(escape(_cell(k, v)) for k, v in t.settings.items()), *score_cells,
                       num(t.eval_loss, ".4f"), num(t.train_loss, ".4f"), num(t.tokens_per_second, ",.0f"),
                       "-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}", status)
     c = ctx.console
@@ -470,15 +507,46 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
     if best is None:
         c.print("[red]no trial finished[/red]: see the errors above")
         return
-    if record["ranked_by"] == "train_loss":
+    if by == "train_loss":
         c.print("[yellow]no validation loss: ranked by train loss, which rewards overfitting; "
                 "add validation data (`--val`, or keep `data.val_fraction` > 0)[/yellow]")
-    figure = best["eval_loss"] if best["eval_loss"] is not None else best["train_loss"]
-    c.print(f"best: [bold]{escape(best['name'])}[/bold] ({record['ranked_by'].replace('_', ' ')} "
-            f"{num(figure, '.4f')}), adapter in {escape(str(ctx.output_dir / best['name']))}")
+    elif by == "eval_loss" and scored:
+        c.print("[yellow]not every trial was scored: ranked by validation loss, not by the scores[/yellow]")
+    if by in ("error_rate", "similarity"):
+        shown = f"{by.replace('_', ' ')} {num((best['scores'] or {}).get('mean_' + by), '.1%' if by == 'error_rate' else '.3f')}"
+    else:
+        shown = f"{by.replace('_', ' ')} {num(best[by], '.4f')}"
+    c.print(f"best: [bold]{escape(best['name'])}[/bold] ({shown}), adapter in {escape(str(ctx.output_dir / best['name']))}")
     c.print("train the winner with:")
     c.print(record["best_sets"], markup=False, highlight=False, soft_wrap=True)
-    c.print(f"(all trials: {escape(str(ctx.output_dir / SWEEP_RECORD))})")
+    c.print(f"(all trials: {escape(str(ctx.output_dir / SWEEP_RECORD))}; to listen: "
+            f"{escape(str(ctx.output_dir / 'report.html'))})")
+
+
+def write_report(out: Path, trials: list[Trial], record: dict[str, Any], warn) -> None:
+    """The sweep's report.html: the trials ranked as in the table, one sample of each."""
+    from autotune.errors import AutotuneError
+    from autotune.report import write_sweep_report
+
+    by = record["ranked_by"]
+    metric = f"mean_{by}" if by in ("error_rate", "similarity") else by
+    rows = []
+    for t in rank([t for t in trials if t.done], by):
+        sample = dict(t.sample) if t.sample else None
+        if sample:
+            for key in ("wav", "reference_wav"):
+                path = sample.get(key)
+                if path and not Path(path).is_absolute():
+                    sample[key] = f"{t.name}/{path}"
+        metrics = {**{f"mean_{k}": t.score(k) for k in ("error_rate", "similarity")},
+                   "eval_loss": t.eval_loss, "train_loss": t.train_loss}
+        rows.append({"name": t.name, "status": t.status + (f": {t.error}" if t.error else ""),
+                     "params": t.settings, "metrics": metrics, "report": f"{t.name}/report.html", "sample": sample})
+    try:
+        write_sweep_report(out, rows, metric=metric, higher_is_better=by == "similarity",
+                           title=f"Sweep {out.name}: ranked by {RANKING_LABELS[by]}")
+    except AutotuneError as exc:
+        warn(f"report.html not written: {exc.one_line()}")
 
 
 def _readable_plan(plan: Any) -> bool:

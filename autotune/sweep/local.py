@@ -13,7 +13,7 @@ from typing import Any
 from autotune.errors import AutotuneError
 from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD, RunFolder
 from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, check_flags, check_same_base, mark_failed,
-                                 parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
+                                 parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args, write_report,
                                  validate_trials, write_record)
 from autotune.sweep.pool import TRAIN_PY, ParallelSweep, SweepTerminated, gpu_label, gpus_for_trials
 from autotune.tuning.ladder import free_memory
@@ -174,6 +174,7 @@ def _sweep(ctx) -> int:
         record = sweep_record(ctx, axes, trials, base, complete, parallel.record() if parallel else None)
         if ctx.is_main:
             write_record(out / SWEEP_RECORD, record)
+            write_report(out, trials, record, lambda m: c.print(f"[yellow]! {escape(m)}[/yellow]"))
         return record
 
     if gpus:

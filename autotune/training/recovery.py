@@ -46,6 +46,7 @@ class FitSetting:
     notes: list[str] = field(default_factory=list)
     on_training_started: Callable[[], None] = lambda: None
     write_config: Callable[[Config], None] = lambda config: None
+    keeper: Any = None                # scoring.ScoreKeeper when `scores` are on: one for the whole run
 
 
 @dataclass
@@ -162,8 +163,11 @@ def fit_once(config: Config, plan: Plan, setting: FitSetting, train_set, val_set
                             output_dir=setting.output_dir, use_cpu=not setting.device.startswith("cuda"),
                             console=setting.console, processes=setting.processes, notes=setting.notes)
     data = setting.data
+    if setting.keeper is not None:
+        setting.keeper.use_data(data.val, data.train)
     maybe_add_sample_callback(trainer, config, setting.output_dir, setting.tokenizer, data.val, setting.console,
-                              train=data.train, should_stop=lambda: trainer.interrupt.requested is not None)
+                              train=data.train, should_stop=lambda: trainer.interrupt.requested is not None,
+                              keeper=setting.keeper)
     trainer.add_guards(config.training.nan_patience)  # last: they end a step
     trainer.resume_fallback = not setting.named_checkpoint
     K.require_room_for_checkpoints(setting.output_dir, model, config.training.optim)

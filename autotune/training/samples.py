@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from autotune.errors import AutotuneError
 from autotune.generation import generate_codes
@@ -68,6 +68,7 @@ class SampleCallback(TrainerCallback):
     should_stop: Callable[[], bool] | None = None   # a signal arrived: end the generation at the next token
     tensorboard: Any = None          # transformers' TensorBoardCallback, whose tb_writer we borrow
     codec_device: str = "cpu"
+    keeper: Any = None               # scoring.ScoreKeeper: scores each sampling, feeds the Trainer's metrics
     codec: Any = field(default=None, init=False)
     codec_error: str | None = field(default=None, init=False)
     _codec_tried: bool = field(default=False, init=False)
@@ -81,7 +82,11 @@ class SampleCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.every_n_steps is None:
-            self._sample(args, state, kwargs.get("model"))
+            self._sample(args, state, kwargs.get("model"), metrics)
+        if self.keeper is not None and metrics is not None:
+            # Every process needs the scores (the best checkpoint and early stopping are decided
+            # on each); only the main one speaks and scores.
+            self.keeper.fill_metrics(int(state.global_step), metrics, main=state.is_world_process_zero, args=args)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -94,7 +99,7 @@ class SampleCallback(TrainerCallback):
 
     # -- what ---------------------------------------------------------------
 
-    def _sample(self, args, state, model) -> None:
+    def _sample(self, args, state, model, metrics=None) -> None:
         step = int(state.global_step)
         if not state.is_world_process_zero or model is None or step in self.sampled_steps:
             return
@@ -153,6 +158,12 @@ class SampleCallback(TrainerCallback):
             plural = "s" if len(done) != 1 else ""
             self.console.print(f"samples at step {step}: {len(done)} text{plural}, {heard}, {total_generated} "
                                f"tokens generated, {total_dropped} non-speech dropped -> {folder}")
+        if self.keeper is not None and not interrupted:
+            try:
+                self.keeper.after_sampling(step, folder, records, codec, metrics, writer, state)
+            except Exception as exc:  # noqa: BLE001 - scoring must never end a training run
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                self._warn(f"scores: step {step} not scored ({type(exc).__name__}: {reason}); training goes on")
 
     def _reference_codes(self) -> list[int] | None:
         return self.reference.codes if self.reference is not None and self.reference.codes else None
@@ -318,8 +329,10 @@ def auto_max_new_tokens(val: Sequence[Any], train: Sequence[Any] = ()) -> int | 
 
 
 def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, val, console, *, train=(),
-                              should_stop: Callable[[], bool] | None = None) -> SampleCallback | None:
-    """Add a `SampleCallback` when `samples.num_texts > 0` and there is something to speak.
+                              should_stop: Callable[[], bool] | None = None,
+                              keeper: Any = None) -> SampleCallback | None:
+    """Add a `SampleCallback` when `samples.num_texts > 0` and there is something to speak;
+    with a `scoring.ScoreKeeper`, each sampling is scored and the scores join the metrics.
 
     Raises:
         AutotuneError: the reference clip is set without a transcript (or the
@@ -335,6 +348,15 @@ def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, val, conso
         output_dir=Path(output_dir), tokenizer=tokenizer, texts=prompts, codec_id=config.data.codec, console=console,
         every_n_steps=s.every_n_steps, temperature=s.temperature, top_p=s.top_p,
         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens or auto_max_new_tokens(val, train),
-        reference=_reference(s), tensorboard=_find_tensorboard(trainer), should_stop=should_stop)
-    trainer.add_callback(callback)
+        reference=_reference(s), tensorboard=_find_tensorboard(trainer), should_stop=should_stop, keeper=keeper)
+    if keeper is not None:
+        keeper.voice_prompt = callback.reference.audio if callback._reference_codes() else None
+    # Before early stopping: the scores must be among the metrics when it (and then the
+    # Trainer's choice of the best checkpoint) reads them.
+    handler = trainer.callback_handler
+    at = next((i for i, c in enumerate(handler.callbacks) if isinstance(c, EarlyStoppingCallback)), None)
+    if at is None:
+        trainer.add_callback(callback)
+    else:
+        handler.callbacks.insert(at, callback)
     return callback

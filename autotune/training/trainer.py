@@ -80,7 +80,7 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         report_to=report_to or "none",
         load_best_model_at_end=load_best,
         metric_for_best_model=t.metric_for_best_model if eval_on else None,
-        greater_is_better=t.greater_is_better if eval_on else None,
+        greater_is_better=t.higher_is_better if eval_on else None,
         dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=t.dataloader_pin_memory and not use_cpu,
         # `sequential`: the dry run feeds its rows in the order it measures them.

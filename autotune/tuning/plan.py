@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from autotune.config import (Config, get_dotted, load_yaml_file, precision_of, precision_settings, set_dotted,
-                             validate)
+from autotune.config import Config, load_yaml_file, precision_of, precision_settings, validate
+from autotune.dotted import get_dotted, set_dotted
 from autotune.errors import AutotuneError
 
 # The keys the tuner owns (unless the user pinned them): what decides memory and speed.
