@@ -113,6 +113,7 @@ def expected_replica_max_tokens(data_dir: Path) -> int:
     return max(lengths)
 
 
+@pytest.mark.slow
 def test_default_model_offline_counts_exactly_with_the_replica_tokenizer(tmp_path, data_dir):
     pytest.importorskip("llama_models")
     (first, modules), (second, _) = (check_data(tmp_path, "--data", str(data_dir), "--json") for _ in range(2))

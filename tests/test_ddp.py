@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_through_accelerate_launch(tmp_path: Path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -34,6 +37,7 @@ def test_two_process_ddp_run_through_accelerate_launch(tmp_path: Path):
     assert state["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_both_processes_fail_with_one_line_when_the_output_folder_is_taken(tmp_path: Path):
     out = tmp_path / "taken"
     out.mkdir()

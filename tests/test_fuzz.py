@@ -45,6 +45,9 @@ from autotune.cli import run_main  # noqa: E402
 from autotune.config import Config  # noqa: E402
 from autotune.hardware import known_cc  # noqa: E402
 
+# Hundreds of inputs and a dozen real processes: the slow tier (`-m slow`).
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])

@@ -68,7 +68,8 @@ def test_lean_peak_is_at_most_a_quarter_of_stock_at_batch_16():
 
 @pytest.mark.parametrize(
     "shape, load_in_4bit, card_gib",
-    [("llasa-1b", False, 8), ("llasa-3b", False, 12), ("llasa-3b", True, 8)],
+    [("llasa-1b", False, 8), pytest.param("llasa-3b", False, 12, marks=pytest.mark.slow),
+     pytest.param("llasa-3b", True, 8, marks=pytest.mark.slow)],
     ids=["1b-in-8gib", "3b-in-12gib", "3b-4bit-in-8gib"],
 )
 def test_targets_fit_with_the_lean_loss_where_stock_does_not(shape, load_in_4bit, card_gib):

@@ -63,8 +63,14 @@ def losses(checkpoint: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def signalled(data, tmp_path_factory) -> dict[str, dict]:
     """Three real `train.py` processes, run side by side: each is signalled once
-    its first checkpoint exists (so training is under way), then waited for."""
+    its first checkpoint exists (so training is under way), then waited for.
+
+    The second Ctrl-C of "double" goes only once the first one's message is on
+    stderr, as a person presses it again after reading that message: two SIGINTs
+    sent back to back can both land before the interpreter runs its handler, and
+    CPython then calls the handler once for the two."""
     plans = {"sigint": [signal.SIGINT], "sigterm": [signal.SIGTERM], "double": [signal.SIGINT, signal.SIGINT]}
+    first_message = "SIGINT: finishing this step"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     runs = {}
     for name in plans:
@@ -77,16 +83,23 @@ def signalled(data, tmp_path_factory) -> dict[str, dict]:
         runs[name] = {"proc": proc, "out": out, "folder": folder, "files": (stdout, stderr), "argv": argv}
     deadline = time.time() + 120
     pending = set(runs)
+    sent = dict.fromkeys(runs, 0)   # how many of its signals each run has had
     while pending and time.time() < deadline:
         for name in sorted(pending):
-            run = runs[name]
-            if (run["out"] / "checkpoint-2" / "trainer_state.json").is_file() or run["proc"].poll() is not None:
-                for i, sig in enumerate(plans[name]):
-                    if i:
-                        time.sleep(0.05)
-                    run["proc"].send_signal(sig)
+            run, plan = runs[name], plans[name]
+            if run["proc"].poll() is not None:
                 pending.discard(name)
-        time.sleep(0.1)
+            elif sent[name] == 0:
+                if (run["out"] / "checkpoint-2" / "trainer_state.json").is_file():
+                    run["proc"].send_signal(plan[0])
+                    sent[name] = 1
+            elif first_message in (run["folder"] / "stderr").read_text(errors="replace"):
+                run["proc"].send_signal(plan[sent[name]])
+                sent[name] += 1
+            if sent[name] == len(plan):
+                pending.discard(name)
+        # Fine polling while a run waits to be asked again: its window is the rest of one step and a save.
+        time.sleep(0.005 if any(0 < sent[name] < len(plans[name]) for name in pending) else 0.1)
     for run in runs.values():
         try:
             run["code"] = run["proc"].wait(timeout=max(5.0, deadline - time.time()))
@@ -100,6 +113,7 @@ def signalled(data, tmp_path_factory) -> dict[str, dict]:
     return runs
 
 
+@pytest.mark.slow
 def test_sigint_saves_the_step_says_how_to_resume_and_exits_130(signalled, capsys):
     run = signalled["sigint"]
     assert run["code"] == 130, run["stderr"][-2000:]
@@ -129,6 +143,7 @@ def test_sigint_saves_the_step_says_how_to_resume_and_exits_130(signalled, capsy
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(signalled):
     run = signalled["sigterm"]
     assert run["code"] == 143, run["stderr"][-2000:]
@@ -139,6 +154,7 @@ def test_sigterm_saves_and_exits_143(signalled):
     assert "--resume --output-dir" in run["stdout"]
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(signalled):
     run = signalled["double"]
     assert run["code"] == 130, run["stderr"][-2000:]
@@ -151,6 +167,7 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_traceback(signalled):
 
 # ------------------------------------------------------------ exact resume ---
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     """8 steps straight, against: SIGINT during step 7 (in the second epoch, so the
     data order of a later epoch and the skip into it both matter), then --resume."""
@@ -204,6 +221,7 @@ def poison_loss(monkeypatch, bad_steps, when=lambda trainer: True):
     monkeypatch.setattr(T.LlasaTrainer, "compute_loss", compute_loss)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_rolled_back_with_the_remedies(data, tmp_path, monkeypatch, capsys):
     # Steps 3, 4 and 5 are NaN in the first attempt only (its learning rate is the original).
     poison_loss(monkeypatch, {3, 4, 5}, when=lambda t: t.args.learning_rate == 5e-3)
@@ -243,6 +261,7 @@ def test_nan_steps_are_skipped_then_rolled_back_with_the_remedies(data, tmp_path
             assert torch.isfinite(tensor).all(), (file, key)
 
 
+@pytest.mark.slow
 def test_nan_that_persists_stops_after_two_rollbacks_with_one_line(data, tmp_path, monkeypatch):
     poison_loss(monkeypatch, set(range(1, 100)))
     out = tmp_path / "out"

@@ -87,6 +87,7 @@ def test_overwrite_replaces_our_run_only_once_the_new_one_trains(tmp_path, monke
     assert not list(tmp_path.glob(rundir.REPLACED_PREFIX + "*")), "the old run is deleted once the new one trained"
 
 
+@pytest.mark.slow
 def test_overwrite_through_a_symlinked_output_dir(tmp_path):
     real = tmp_path / "real"
     assert train(*FAST, "--output-dir", str(real)) == 0

@@ -180,6 +180,7 @@ def test_token_budget_steps_train_what_fixed_micro_batches_do(tmp_path):
     assert loss(a) == pytest.approx(loss(b), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buckets():
     import torch._dynamo
 

@@ -311,6 +311,7 @@ def in_trial_r4(action):
     return step
 
 
+@pytest.mark.slow
 def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
     """A real Ctrl-C in the second trial: it saves a checkpoint and the sweep stops;
     `--resume` continues that trial from the checkpoint instead of starting it over."""
@@ -349,6 +350,7 @@ def test_resume_continues_a_stopped_trial_from_its_checkpoint(tmp_path, capsys):
     assert logged[:3] == [1, 2, 3] and logged[-1] == 4   # the first steps' history came from the checkpoint
 
 
+@pytest.mark.slow
 def test_resume_starts_a_failed_trial_over(tmp_path, capsys):
     """A trial that failed (not one that was stopped) would fail the same way from its
     checkpoint: `--resume` starts it over."""
@@ -469,6 +471,7 @@ def parallel_sweep(tmp_path_factory):
             "seconds": time.time() - started, "record": json.loads((out / "sweep.json").read_text())}
 
 
+@pytest.mark.slow
 def test_parallel_trials_run_one_per_gpu_two_at_a_time(parallel_sweep):
     record, out = parallel_sweep["record"], parallel_sweep["out"]
     assert parallel_sweep["code"] == 0 and record["complete"] and record["pending"] == []
@@ -496,6 +499,7 @@ def test_parallel_trials_run_one_per_gpu_two_at_a_time(parallel_sweep):
     assert record["best_sets"] in text.splitlines()
 
 
+@pytest.mark.slow
 def test_parallel_dry_runs_once_per_memory_shape_and_trains_with_its_plan(parallel_sweep):
     record, out = parallel_sweep["record"], parallel_sweep["out"]
     dry = record["dry_runs"]
@@ -521,6 +525,7 @@ def test_parallel_dry_runs_once_per_memory_shape_and_trains_with_its_plan(parall
         assert "Dry run" not in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("began_training", [False, True])
 def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus, tmp_path, began_training):
     out = tmp_path / "sweep"
@@ -553,6 +558,7 @@ def test_parallel_resume_runs_only_the_unfinished_trial(parallel_sweep, two_gpus
         assert shape["status"] == "reused" and shape["started_at"] is None
 
 
+@pytest.mark.slow
 def test_parallel_failing_trial_is_listed_with_its_error(two_gpus, tmp_path, capsys):
     out = tmp_path / "sweep"
     code = main(*[a for a in PARALLEL if a != "--auto"], "--sweep", "data.max_length=16,2048",

@@ -133,6 +133,7 @@ def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, mo
     assert (started["per_device_train_batch_size"], started["gradient_accumulation_steps"]) == (1, 4)
 
 
+@pytest.mark.slow
 def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: Path, monkeypatch, capsys):
     """`--plan` (what a sweep on several GPUs gives its trials) trains with a measured plan;
     unlike the same values given as `--set`, they are not pinned, so an OOM steps down."""
@@ -177,6 +178,7 @@ def test_a_plan_file_trains_without_a_dry_run_and_can_still_step_down(tmp_path: 
         train("--output-dir", str(tmp_path / "pinned"), *common, *[a for s in pinned for a in ("--set", s)])
 
 
+@pytest.mark.slow
 def test_a_run_config_yaml_is_a_plan_too(tmp_path: Path, capsys):
     """What a sweep resumes a killed trial with: the config the run trained with."""
     first = tmp_path / "first"
@@ -194,6 +196,7 @@ def test_a_run_config_yaml_is_a_plan_too(tmp_path: Path, capsys):
         train("--output-dir", str(tmp_path / "third"), "--plan", str(tmp_path / "broken.yaml"))
 
 
+@pytest.mark.slow
 def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     """Dry-run into a folder, then train there with its plan: `--overwrite` clears the
     folder, so the plan must have been read first."""
@@ -212,15 +215,15 @@ def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     ([], "not json", "is not JSON"),
     ([], '{"plan": {"per_device_train_batch_size": 2}}', "holds no valid dry-run plan"),
     (["--set", "lora.r=4"], "dry", "`lora.r` is set to 4"),
-    ([], 'training.bf16="maybe"', "holds no valid dry-run plan"),
-    ([], "lora.target_modules=[]", "holds no valid dry-run plan"),
-    ([], "training.per_device_train_batch_size=0", "holds no valid dry-run plan"),
+    pytest.param([], 'training.bf16="maybe"', "holds no valid dry-run plan", marks=pytest.mark.slow),
+    pytest.param([], "lora.target_modules=[]", "holds no valid dry-run plan", marks=pytest.mark.slow),
+    pytest.param([], "training.per_device_train_batch_size=0", "holds no valid dry-run plan", marks=pytest.mark.slow),
     ([], "processes=2", "measured for 2 process(es)"),
-    ([], "training.bf16=true", "measured on other hardware (bf16, and this machine runs fp32)"),
-    ([], '"training.optim"="adamw_8bit"', "measured on other hardware (adamw_8bit, which cannot run here)"),
-    (["--set", "training.lean_loss_chunk_size=4096"], "dry",
-     "measured with `training.lean_loss_chunk_size` 1024 and this run has 4096"),
-    (["--set", "data.packing=true"], "dry", "measured with `data.packing` false and this run has true"),
+    pytest.param([], "training.bf16=true", "measured on other hardware (bf16, and this machine runs fp32)", marks=pytest.mark.slow),
+    pytest.param([], '"training.optim"="adamw_8bit"', "measured on other hardware (adamw_8bit, which cannot run here)", marks=pytest.mark.slow),
+    pytest.param(["--set", "training.lean_loss_chunk_size=4096"], "dry",
+                 "measured with `training.lean_loss_chunk_size` 1024 and this run has 4096", marks=pytest.mark.slow),
+    pytest.param(["--set", "data.packing=true"], "dry", "measured with `data.packing` false and this run has true", marks=pytest.mark.slow),
 ])
 def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make, words):
     from train import main
@@ -249,6 +252,7 @@ def test_bad_plan_files_are_one_line_errors(tmp_path: Path, capsys, extra, make,
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
 
 
+@pytest.mark.slow
 def test_the_lean_loss_chunk_size_reaches_the_dry_run_and_the_trainer(tmp_path: Path, monkeypatch):
     import autotune.loss as loss_module
     from autotune.config import resolve_config
@@ -302,13 +306,13 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "nowhere"], "data path `nowhere` does not exist"),
-    (["--data", str(DATA), "--model", "/no/such/model", "--output-dir", "{tmp}/o"], "cannot load the model `/no/such/model`"),
+    pytest.param(["--data", str(DATA), "--model", "/no/such/model", "--output-dir", "{tmp}/o"], "cannot load the model `/no/such/model`", marks=pytest.mark.slow),
     (["--data", str(DATA), "--model", "tiny", "--set", "lora.rnak=4", "--output-dir", "{tmp}/o"], "did you mean `lora.r`"),
-    (["--data", str(DATA), "--model", "tiny", "--output-dir", "/proc/forbidden"], "cannot write to `/proc/forbidden`"),
+    pytest.param(["--data", str(DATA), "--model", "tiny", "--output-dir", "/proc/forbidden"], "cannot write to `/proc/forbidden`", marks=pytest.mark.slow),
     (["--data", str(DATA), "--model", "tiny", "--output-dir", "{tmp}/full"], "already holds files"),
-    (["--data", str(DATA), "--model", "tiny", "--set", "lora.target_modules=[nope]", "--output-dir", "{tmp}/o"],
-     "`lora.target_modules` names nope"),
-    (["--data", str(DATA), "--model", "tiny", "--resume", "{tmp}/none", "--output-dir", "{tmp}/o"], "is not a complete checkpoint"),
+    pytest.param(["--data", str(DATA), "--model", "tiny", "--set", "lora.target_modules=[nope]", "--output-dir",
+                  "{tmp}/o"], "`lora.target_modules` names nope", marks=pytest.mark.slow),
+    pytest.param(["--data", str(DATA), "--model", "tiny", "--resume", "{tmp}/none", "--output-dir", "{tmp}/o"], "is not a complete checkpoint", marks=pytest.mark.slow),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args, message):
     """One error line; a list of problems follows it, one problem per line."""
