@@ -55,9 +55,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write the base model with the adapter merged in (merged/)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model repository")
     p.add_argument("--vram-limit", type=float, metavar="GIB",
-                   help="cap this process's GPU memory, as on a smaller card (torch.cuda.set_per_process_memory_fraction)")
+                   help="plan as for a card of this size (its profile) and cap this process's GPU memory to it "
+                        "(torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="grid search over values of a key, e.g. `--sweep lora.r=8,16,32`; repeatable")
+                   help="grid search over values of a key, e.g. `--sweep lora.r=8,16,32`; repeatable; trials are "
+                        "ranked by their samples' scores when all have them, else by eval loss (report.html)")
     return p
 
 
