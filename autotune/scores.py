@@ -127,15 +127,22 @@ class SpeakerEncoder:
 _SPACE = "\u0120"  # how byte-level BPE writes a space ("Ġ")
 
 
-def _tiny_whisper_tokenizer() -> tuple[Any, list[str]]:
+def _tiny_whisper_tokenizer(text_tokens: int = 0) -> tuple[Any, list[str]]:
     """A byte-level Whisper tokenizer with no merges and Whisper's special tokens in
     Whisper's order (end of text, start of transcript, languages, tasks, ...,
-    no-timestamps, then the 1,501 timestamps), built offline; and its language tokens."""
+    no-timestamps, then the 1,501 timestamps), built offline; and its language tokens.
+    `text_tokens` (e.g. Whisper's real 50,257) pads the text vocabulary with filler
+    two-symbol tokens, never produced by encoding but decodable, so that the special
+    ids are the real model's."""
     from tokenizers import pre_tokenizers
     from transformers import WhisperTokenizer
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    fillers = (a + b for a in alphabet for b in alphabet)
+    while len(vocab) < text_tokens:
+        vocab.setdefault(next(fillers), len(vocab))
     vocab["<|endoftext|>"] = len(vocab)
     languages = [f"<|{code}|>" for code in LANGUAGES]
     specials = ["<|startoftranscript|>", *languages, "<|translate|>", "<|transcribe|>", "<|startoflm|>",

@@ -117,28 +117,13 @@ def _whisper_tokenizer() -> tuple[Any, list[str]]:
     """`build_tiny_asr`'s offline Whisper tokenizer (byte-level, no merges, Whisper's
     special tokens in Whisper's order), with filler text tokens so that the ids are
     Whisper's real ones: end-of-text at 50257, 51,866 tokens in all."""
-    from tokenizers import pre_tokenizers
-    from transformers import WhisperTokenizer
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    from autotune.scores import _tiny_whisper_tokenizer
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    # Filler "merged" tokens (two byte-level symbols each): never produced by encoding
-    # (no merges) but decodable, as the real BPE tokens are.
-    fillers = (a + b for a in alphabet for b in alphabet)
-    while len(vocab) < 50257:
-        vocab.setdefault(next(fillers), len(vocab))
-    vocab["<|endoftext|>"] = len(vocab)
-    languages = [f"<|{code}|>" for code in LANGUAGES]
-    specials = ["<|startoftranscript|>", *languages, "<|translate|>", "<|transcribe|>", "<|startoflm|>",
-                "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    for i in range(1501):
-        vocab[f"<|{i * 0.02:.2f}|>"] = len(vocab)
+    tokenizer, languages = _tiny_whisper_tokenizer(text_tokens=50257)
+    vocab = tokenizer.get_vocab()
     assert len(vocab) == WHISPER_TURBO["vocab_size"], len(vocab)
     assert vocab["<|endoftext|>"] == 50257 and vocab["<|notimestamps|>"] == 50364
-    return WhisperTokenizer(vocab=vocab, merges=[], extra_special_tokens=specials), languages
+    return tokenizer, languages
 
 
 def build_asr(device: str, tokens: int) -> tuple[Transcriber, dict[str, float]]:
