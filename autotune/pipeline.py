@@ -455,6 +455,8 @@ def make_keeper(ctx: Context, rec, plan: Plan, device: str):
     keeper = ScoreKeeper(rec.config, ctx.output_dir, training_device=device, console=ctx.console,
                          report_info=report_info(ctx.output_dir, rec, plan), scorer=ctx.scorer, warn=ctx.warn)
     keeper.timing = ctx.scorer_timing
+    if ctx.request.resume:
+        keeper.restore()
     return keeper
 
 

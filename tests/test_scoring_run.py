@@ -133,6 +133,24 @@ def test_a_scorer_that_cannot_load_warns_once_and_training_goes_on(tmp_path: Pat
     assert summary["scores"]["latest"]["mean_similarity"] is not None
 
 
+def test_a_resumed_run_keeps_the_scores_it_had(scored_run: Path, tmp_path: Path):
+    """What `--resume` restores: every scored evaluation, from its scores.json."""
+    import shutil
+
+    from autotune.training.scoring import ScoreKeeper
+
+    copy = tmp_path / "copy"
+    shutil.copytree(scored_run / "samples", copy / "samples")
+    (copy / "samples" / "step-6").mkdir()
+    (copy / "samples" / "step-6" / "scores.json").write_text("{ cut short")    # damaged: skipped
+    keeper = ScoreKeeper(Config(), copy)
+    assert keeper.restore() == 2
+    assert [e["step"] for e in keeper.evaluations] == [2, 4]
+    saved = json.loads((scored_run / "samples" / "step-4" / "scores.json").read_text())
+    assert keeper.evaluations[1]["means"]["mean_cer"] == saved["mean_cer"]
+    assert keeper.evaluations[1]["samples"][0]["wav"] == "samples/step-4/0.wav"
+
+
 # ------------------------------------------------------------- early stopping ---
 
 def _keeper(metric: str, **scores_config):

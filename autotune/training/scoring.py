@@ -117,6 +117,24 @@ class ScoreKeeper:
         self.fallback: str | None = None       # why the best checkpoint follows eval_loss instead of a score
         self.timing: dict[str, Any] | None = None   # the dry run's `time_scorers` record
 
+    def restore(self) -> int:
+        """On `--resume`: the evaluations the run scored before it stopped, from their
+        scores.json (a later one of the same step replaces it). Returns how many."""
+        import json
+
+        from autotune.report import evaluation_from_scores
+
+        for path in sorted((self.output_dir / "samples").glob("step-*/scores.json")):
+            try:
+                payload = json.loads(path.read_text(encoding="utf-8"))
+                step = int(path.parent.name.removeprefix("step-"))
+            except (OSError, ValueError):
+                continue      # a damaged file costs its evaluation's row, nothing more
+            if step not in {e["step"] for e in self.evaluations}:
+                self.evaluations.append(evaluation_from_scores(step, payload, f"samples/{path.parent.name}"))
+        self.evaluations.sort(key=lambda e: e["step"])
+        return len(self.evaluations)
+
     def use_data(self, val: Sequence[Any], train: Sequence[Any]) -> None:
         """The validation and training samples references are chosen from (after the plan's cut)."""
         self.val, self.train = list(val), list(train)
