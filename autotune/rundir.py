@@ -95,6 +95,14 @@ def write_json(path: Path, payload: Any, *, allow_nan: bool = True) -> None:
     write_text(path, json.dumps(json_safe(payload), indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan))
 
 
+def _file_mode() -> int:
+    """The mode `open()` would give a new file under this process's umask (mkstemp's
+    temporary files are 0600, which would leave the run's files unreadable to others)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` for a writer that wants a file name (matplotlib,
@@ -107,6 +115,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise storage_error(exc, path) from None
     try:
         yield Path(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException as exc:
         try:

@@ -320,3 +320,20 @@ def test_odd_console_encodings_and_a_japanese_path_print_without_a_traceback(tmp
                           env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     assert b"Traceback" not in proc.stderr
+
+
+def test_files_written_whole_get_the_modes_of_ordinary_files(tmp_path: Path):
+    """Atomic writes go through a 0600 temporary file; the result has the umask's mode, as
+    `open()` would give, so a run's report and summary stay readable to others."""
+    old = os.umask(0o022)
+    try:
+        rundir.write_text(tmp_path / "report.html", "<html></html>")
+        with rundir.atomic_path(tmp_path / "loss.png") as tmp:
+            tmp.write_bytes(b"png")
+        os.umask(0o077)
+        rundir.write_json(tmp_path / "private.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "loss.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600
