@@ -404,6 +404,14 @@ class Scorer:
         setattr(self, part, loaded)
         self.load_seconds[part] = time.perf_counter() - started
 
+    def unavailable(self, part: str) -> str | None:
+        """Why `part` ("asr" or "speaker") is off after an attempt to load it, else None
+        (loaded, not tried yet, or `none` on purpose)."""
+        model_id = self.asr_model if part == "asr" else self.speaker_model
+        if not self._tried[part] or getattr(self, part) is not None or model_id.strip().lower() == NONE:
+            return None
+        return getattr(self, f"{part}_error") or f"no {part} model"
+
     def unload(self) -> None:
         """Drop the models (and free their GPU memory); a later `score()` does not reload them."""
         self.asr = None

@@ -321,3 +321,13 @@ def test_the_sweep_report_lists_the_trials_in_the_table_order(tmp_path: Path):
     assert "ranked by intelligibility" in page
     assert page.index(">t1<") < page.index(">t0<")
     assert 'src="t1/samples/step-2/0.wav"' in page
+
+
+def test_a_scorer_says_which_part_could_not_load(tmp_path: Path):
+    from autotune.scores import Scorer
+
+    scorer = Scorer(str(tmp_path / "missing"), "none")
+    assert scorer.unavailable("asr") is None              # not tried yet
+    scorer.load()
+    assert "no such folder" in scorer.unavailable("asr")
+    assert scorer.unavailable("speaker") is None          # off on purpose

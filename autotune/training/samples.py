@@ -82,7 +82,7 @@ class SampleCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.every_n_steps is None:
-            self._sample(args, state, kwargs.get("model"), metrics)
+            self._sample(args, state, kwargs.get("model"))
         if self.keeper is not None and metrics is not None:
             # Every process needs the scores (the best checkpoint and early stopping are decided
             # on each); only the main one speaks and scores.
@@ -99,7 +99,7 @@ class SampleCallback(TrainerCallback):
 
     # -- what ---------------------------------------------------------------
 
-    def _sample(self, args, state, model, metrics=None) -> None:
+    def _sample(self, args, state, model) -> None:
         step = int(state.global_step)
         if not state.is_world_process_zero or model is None or step in self.sampled_steps:
             return
@@ -160,7 +160,7 @@ class SampleCallback(TrainerCallback):
                                f"tokens generated, {total_dropped} non-speech dropped -> {folder}")
         if self.keeper is not None and not interrupted:
             try:
-                self.keeper.after_sampling(step, folder, records, codec, metrics, writer, state)
+                self.keeper.after_sampling(step, folder, records, codec, writer, state)
             except Exception as exc:  # noqa: BLE001 - scoring must never end a training run
                 reason = " ".join(str(exc).split())[:200] or type(exc).__name__
                 self._warn(f"scores: step {step} not scored ({type(exc).__name__}: {reason}); training goes on")

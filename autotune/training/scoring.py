@@ -185,7 +185,7 @@ class ScoreKeeper:
     # -- after each sampling --------------------------------------------------------
 
     def after_sampling(self, step: int, folder: Path, records: list[dict[str, Any]], codec: Any,
-                       metrics: dict[str, Any] | None, writer: Any, state: Any = None) -> dict[str, Any] | None:
+                       writer: Any, state: Any = None) -> dict[str, Any] | None:
         """Score the clips of one sampling; the result as written to scores.json."""
         from autotune.report import evaluation_from_scores
 
@@ -254,9 +254,7 @@ class ScoreKeeper:
         if self.metric not in SCORE_METRICS or self.scorer is None:
             return None
         part = "speaker" if SCORE_METRICS[self.metric] == "speaker_model" else "asr"
-        if getattr(self.scorer, part) is None and self.scorer._tried[part]:
-            return getattr(self.scorer, f"{part}_error") or f"no {part} model"
-        return None
+        return self.scorer.unavailable(part)
 
     def _worst(self, name: str) -> float:
         """What a step that could not be scored counts as: never the best, no improvement."""
