@@ -60,7 +60,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="grid search over values of a key, e.g. `--sweep lora.r=8,16,32`; repeatable; trials are "
                         "ranked by their samples' scores when all have them, else by eval loss (report.html)")
+    p.add_argument("--trials-per-gpu", type=trials_per_gpu, metavar="N|auto",
+                   help="with --sweep: how many trials share one GPU at a time. `auto` (default): one, or more when "
+                        "the dry run's measured peak leaves room for them under autotune.memory_fraction; N: N at "
+                        "a time, each planned and capped as a card of 1/N of the GPU (less 0.75 GiB per process)")
     return p
+
+
+def trials_per_gpu(text: str) -> str | int:
+    """`--trials-per-gpu`: `auto` or a whole number from 1 to 8."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"expected `auto` or a whole number from 1 to 8, got {text!r}")
+    return value
 
 
 @dataclass
@@ -86,6 +103,7 @@ class RunRequest:
     trust_remote_code: bool = False
     vram_limit: float | None = None
     sweep: list[str] = field(default_factory=list)
+    trials_per_gpu: str | int | None = None   # None: not given (auto)
     # Not flags: the exact command line (for the resume hint), and a sweep's shared codec cache.
     argv: list[str] | None = None
     codec_cache: str | None = None
@@ -143,6 +161,8 @@ def parse_request(argv: list[str]) -> RunRequest:
         request.output_dir = request.output_dir or keys.get("output_dir")
         if "cuda_visible_devices" in keys:
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", keys["cuda_visible_devices"])
+    if request.trials_per_gpu is not None and not request.sweep:
+        raise AutotuneError("`--trials-per-gpu` only applies to a sweep: add `--sweep KEY=V1,V2`, or drop it")
     if not request.data:
         raise AutotuneError("no data given: pass `--data DIR` (a folder or transcript file), "
                             "or `data_dir:` in the `--config` file")

@@ -17,6 +17,9 @@
 #   dry run + compilation <= 60 s (runs[].dry_run.seconds)
 #   Llasa-1B at 2,048 tokens in 8 GiB, 3B in 12 GiB, 3B 4-bit in 8 GiB: no OOM, peak <= 90% of the cap
 #   memory estimate within +-5% (estimates are made on the CPU: bench/results/memory-estimates.json)
+#   sweep: >= 2x the trials per hour of one trial at a time, on the whole card (sweep.json speedup)
+#
+# CHECKS="sweep caps" runs only the named steps (default: all, in the order below).
 set -u
 OUT=$(realpath -m "${OUT:-gpu-out}")   # before the cd: a relative OUT is the caller's
 cd "$(dirname "$0")/.." || exit 1
@@ -34,6 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 # cut at MAX_SECONDS or at the deadline, whichever comes first.
 step() {
     local name=$1 limit=$2; shift 2
+    if [[ -n ${CHECKS:-} && " $CHECKS " != *" $name "* ]]; then return; fi
     local left=$(( DEADLINE - SECONDS ))
     if (( left < 30 )); then echo "== $name skipped: deadline"; return; fi
     (( limit > left - 10 )) && limit=$(( left - 10 ))   # room for timeout's -k
@@ -65,4 +69,8 @@ if python3 -c "import bitsandbytes" 2>/dev/null; then
 else
     echo "== target-3b-4bit-8gib skipped: no bitsandbytes"
 fi
+# 6. Sweep trials per hour: four short trials one at a time, as the measured peak allows, and two
+#    at a time (bench/sweep.py; a one-trial warm-up sweep first, left out).
+step sweep 300 python3 bench/sweep.py --out "$OUT/sweep.json" --shape llasa-1b --settings 1,auto,2 --trials 4 \
+    --steps 20 --samples 200 --timeout 140
 echo "done at ${SECONDS}s"

@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     # the driver
     {"pipeline"},
     # sweeps run the driver per trial
-    {"sweep.grid", "sweep.pool", "sweep.local"},
+    {"sweep.grid", "sweep.children", "sweep.sharing", "sweep.pool", "sweep.local"},
 ]
 PACKAGES = {"__init__", "training.__init__", "tuning.__init__", "sweep.__init__"}
 MAX_LINES = 620

@@ -576,7 +576,8 @@ def test_parallel_failing_trial_is_listed_with_its_error(two_gpus, tmp_path, cap
 
 
 # A stand-in for train.py: no torch, answers in milliseconds. What each trial does is
-# keyed by its `lora.r`, read from the file named by FAKE_TRAIN.
+# keyed by its `lora.r`, read from the file named by FAKE_TRAIN; a dry run (`--dry-run`)
+# writes the autotune.json in FAKE_DRY.
 FAKE_TRAIN = r'''
 import json, os, signal, sys, time
 from pathlib import Path
@@ -587,6 +588,9 @@ r = [f.rsplit("=", 1)[1] for f in flags if f.startswith("--set=lora.r=")][-1]
 plan = json.loads(Path(os.environ["FAKE_TRAIN"]).read_text())[r]
 out.mkdir(parents=True, exist_ok=True)
 (out / "env.json").write_text(json.dumps({"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "flags": flags}))
+if "--dry-run" in flags:   # the dry run's record, as the test wrote it
+    (out / "autotune.json").write_text(os.environ["FAKE_DRY"])
+    sys.exit(0)
 
 def stop(signum, frame):
     with open(out / "signals.txt", "a") as f:
@@ -606,6 +610,9 @@ if plan == "error":
     sys.exit(2)
 if plan == "stopped":
     sys.exit(130)
+if plan.startswith("sleep:"):   # "sleep:SECONDS:LOSS": a trial that takes a while
+    _, seconds, plan = plan.split(":")
+    time.sleep(float(seconds))
 loss = float(plan)
 (out / "run_summary.json").write_text(json.dumps({"final_train_loss": loss, "final_eval_loss": loss,
     "best_eval_loss": loss, "tokens_per_second": 1.0, "wall_seconds": 0.1, "plan": {}}))
@@ -686,7 +693,7 @@ def test_a_signal_is_passed_to_the_running_children_and_resume_finishes(fake_tra
 def test_child_flags_parse_back_to_the_same_run(tmp_path):
     from autotune.request import build_parser, parse_request
     from autotune.sweep.grid import Trial, trial_args
-    from autotune.sweep.pool import child_flags
+    from autotune.sweep.children import child_flags
 
     (tmp_path / "c.yaml").write_text("training: {seed: 1}\n")
     args = parse_request(["--data", "d", "--config", str(tmp_path / "c.yaml"), "--model", "tiny", "--codec", "x",
@@ -707,16 +714,26 @@ def test_which_gpus_a_sweep_spreads_over(monkeypatch):
 
     from autotune.sweep.pool import gpus_for_trials
 
-    one = SimpleNamespace(processes=1)
+    def ctx(processes=1, auto=False, per_gpu=None):
+        return SimpleNamespace(processes=processes, request=SimpleNamespace(auto=auto, trials_per_gpu=per_gpu))
+
+    one = ctx()
     mixed = fake_gpus(H100, "NVIDIA GeForce RTX 4090", H100)
     monkeypatch.setattr(sweep_module, "visible_gpus", lambda: mixed)
     used, left = gpus_for_trials(one)
     assert [g.index for g in used] == [0, 2] and [g.index for g in left] == [1]
-    assert gpus_for_trials(SimpleNamespace(processes=2)) == ([], [])      # under torchrun: sequential
+    assert gpus_for_trials(ctx(processes=2)) == ([], [])                  # under torchrun: sequential
+    assert gpus_for_trials(ctx(processes=2, per_gpu=4)) == ([], [])
     monkeypatch.setattr(sweep_module, "visible_gpus", lambda: fake_gpus(H100))
-    assert gpus_for_trials(one) == ([], [])
+    assert gpus_for_trials(one) == ([], [])                               # one trial at a time: in this process
+    assert gpus_for_trials(ctx(per_gpu=1, auto=True)) == ([], [])
+    assert [g.index for g in gpus_for_trials(ctx(per_gpu=2))[0]] == [0]   # two at a time on the one GPU
+    assert [g.index for g in gpus_for_trials(ctx(auto=True))[0]] == [0]   # as many as the dry run's peak allows
     monkeypatch.setattr(sweep_module, "visible_gpus", lambda: fake_gpus(H100, "NVIDIA GeForce RTX 4090"))
     assert gpus_for_trials(one) == ([], [])                               # one of a kind: sequential on the first
+    assert [g.index for g in gpus_for_trials(ctx(per_gpu=3))[0]] == [0]
+    monkeypatch.setattr(sweep_module, "visible_gpus", lambda: [])
+    assert gpus_for_trials(ctx(per_gpu=3)) == ([], [])                     # no GPU: in this process
 
 
 def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):

@@ -45,8 +45,16 @@ one command:
   stop; the sweep then writes `sweep.json` and exits 130 (143).
   `--dry-run`, `--check-data`, `--merge` and `--resume CHECKPOINT`
   are refused with `--sweep` (one line, exit 2).
+- Several trials on one GPU (`--trials-per-gpu`, `pool.py`): `auto` (the default) runs
+  the trials of a memory shape k at a time on a GPU when its dry run measured a peak that
+  stays under `autotune.memory_fraction` of 1/k of the card less a CUDA context per child;
+  `N` runs N at a time and dry-runs for that share. A child that shares its GPU gets
+  `--vram-limit` of its share (and plans as a card of that size); a dry run under `auto`
+  has its GPU to itself. One GPU that takes one trial at a time runs them in this process.
+  `sweep.json` records `trials_per_gpu`, `most_at_once` per GPU, each dry run's
+  `peak_bytes` and `trials_per_gpu`, and the sweep's `trials_per_hour` and `wall_seconds`.
 
 The package: `grid.py` (the grid, the trials' records, ranking and the table),
 `local.py` (the sweep folder, trials in this process, the driver `run_sweep`) and
-`pool.py` (one trial per GPU, each a `train.py` child process).
+`pool.py` (trials as `train.py` child processes, one or more per GPU).
 """

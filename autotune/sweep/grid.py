@@ -456,6 +456,17 @@ def sweep_record(ctx, axes: list[Axis], trials: list[Trial], base: dict[str, Any
     return record
 
 
+def pace(trials: list[Trial], since: float) -> dict[str, Any]:
+    """The trials this invocation finished (`ok`), per hour of its wall time from `since`
+    (the sweep's start, dry runs included) to the last trial's end."""
+    ran = [t for t in trials if t.done and not t.earlier and t.finished_at]
+    end = max((t.finished_at for t in ran), default=None)
+    if end is None or end <= since:
+        return {"wall_seconds": None, "trials_per_hour": None}
+    wall = end - since
+    return {"wall_seconds": round(wall, 1), "trials_per_hour": round(sum(t.succeeded for t in ran) * 3600 / wall, 2)}
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
     from autotune.rundir import write_json
 
@@ -501,6 +512,9 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
     for t in ranked:
         if t.status == "failed":
             c.print(f"[red]failed[/red] {escape(t.name)}: {escape(t.error or '')}", highlight=False)
+    if record.get("trials_per_hour") is not None:
+        c.print(f"pace: {sum(1 for t in ranked if t.succeeded and not t.earlier)} trials in "
+                f"{record['wall_seconds'] / 60:.1f} min, {record['trials_per_hour']:,.1f} trials/hour", highlight=False)
     if record["pending"]:
         c.print(f"[yellow]{len(record['pending'])} trials not run yet: rerun with `--resume` to finish them[/yellow]")
     best = record["best"]

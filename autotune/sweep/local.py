@@ -13,9 +13,11 @@ from typing import Any
 from autotune.errors import AutotuneError
 from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD, RunFolder
 from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, check_flags, check_same_base, mark_failed,
-                                 parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args, write_report,
-                                 validate_trials, write_record)
-from autotune.sweep.pool import TRAIN_PY, ParallelSweep, SweepTerminated, gpu_label, gpus_for_trials
+                                 pace, parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
+                                 write_report, validate_trials, write_record)
+from autotune.sweep.children import gpu_label
+from autotune.sweep.pool import TRAIN_PY, ParallelSweep, SweepTerminated, gpus_for_trials
+from autotune.sweep.sharing import card_bytes, share_gib
 from autotune.tuning.ladder import free_memory
 
 
@@ -122,6 +124,22 @@ def run_sweep(request) -> int:
             ctx.folder.release()
 
 
+def spread(args, gpus: list) -> str:
+    """How the trials are spread, for the sweep's first line."""
+    if not gpus:
+        return "one after another"
+    names = ", ".join(gpu_label(g) for g in gpus)
+    per_gpu = args.trials_per_gpu
+    if isinstance(per_gpu, int) and per_gpu > 1:
+        cap = share_gib(card_bytes(gpus[0], args.vram_limit), per_gpu)
+        where = f"on {names}" if len(gpus) == 1 else f"{per_gpu} per GPU ({names})"
+        return f"{per_gpu * len(gpus)} at a time {where}, each capped at {cap:g} GiB"
+    if per_gpu in (None, "auto") and args.auto:
+        where = f"one at a time on {names}" if len(gpus) == 1 else f"{len(gpus)} at a time, one per GPU ({names})"
+        return f"{where}, more where a dry run's measured peak leaves room"
+    return f"{len(gpus)} at a time, one per GPU ({names})"
+
+
 def _sweep(ctx) -> int:
     from rich.markup import escape
 
@@ -155,8 +173,10 @@ def _sweep(ctx) -> int:
             if t.resume_plan is None:
                 c.print(f"[yellow]! trial {escape(t.name)} starts over: its run_config.yaml does not read[/yellow]")
     keys = ", ".join(f"{a.key} ({len(a.values)})" for a in axes)
-    how = (f"{len(gpus)} at a time, one per GPU ({', '.join(gpu_label(g) for g in gpus)})" if gpus
-           else "one after another")
+    how = spread(args, gpus)
+    if args.trials_per_gpu not in (None, "auto", 1) and not gpus:
+        c.print(f"[yellow]! `--trials-per-gpu {args.trials_per_gpu}` has no effect "
+                f"{'under torchrun' if ctx.processes > 1 else 'without a GPU'}: the trials run one after another[/yellow]")
     c.print(f"[bold]Sweep[/bold]: {len(trials)} trials over {keys}, {escape(how)}, in {escape(str(out))}"
             + (f"; {len(finished)} finished earlier" if finished else ""))
     for gpu in left_out:
@@ -169,9 +189,11 @@ def _sweep(ctx) -> int:
             c.print(f"[yellow]! `--set {pinned[-1]}` is replaced by the sweep's values of `{a.key}`[/yellow]")
 
     parallel: ParallelSweep | None = None
+    started = time.time()   # trials/hour counts from here: dry runs and every child's start-up included
 
     def save(complete: bool) -> dict[str, Any]:
-        record = sweep_record(ctx, axes, trials, base, complete, parallel.record() if parallel else None)
+        record = sweep_record(ctx, axes, trials, base, complete,
+                              {**pace(trials, started), **(parallel.record() if parallel else {})})
         if ctx.is_main:
             write_record(out / SWEEP_RECORD, record)
             write_report(out, trials, record, lambda m: c.print(f"[yellow]! {escape(m)}[/yellow]"))

@@ -1,12 +1,17 @@
-"""Several GPUs: one trial per GPU at a time, each a `train.py` child process that sees only
-its GPU. The children are started in a session of their own, so a Ctrl-C in the terminal
-reaches the sweep alone, which passes it on once to each child."""
+"""Trials on GPUs: each trial a `train.py` child process that sees only its GPU, one or
+more per GPU at a time. The children are started in a session of their own, so a Ctrl-C in
+the terminal reaches the sweep alone, which passes it on once to each child.
+
+Several trials on one GPU (`--trials-per-gpu`): a child that shares its GPU with k-1 others
+is capped (`--vram-limit`) at 1/k of the card less `CONTEXT_BYTES` each, so k caps and k CUDA
+contexts add up to the card, and it plans as a card of that size. With `auto`, a GPU runs
+one trial at a time unless a dry run measured a peak that fits k times under
+`autotune.memory_fraction` of such caps; with N, every child runs as one of N."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -21,7 +26,11 @@ from typing import Any, Iterator
 
 from autotune.config import load_yaml_file
 from autotune.rundir import mark_ours
+from autotune.sweep.children import (child_env, child_error, child_flags, cuda_visible, die_with_parent, gpu_label,
+                                     plan_label)
 from autotune.sweep.grid import Trial, _readable_plan, mark_failed, record_summary, trial_args, write_record
+from autotune.sweep.sharing import (card_bytes, chosen_peak, recorded_cap, share_gib, sharing_for_cap,
+                                    trials_that_fit)
 
 
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
@@ -50,11 +59,6 @@ POLL_SECONDS = 0.2
 STOPPED = {130: "SIGINT", 143: "SIGTERM", -int(signal.SIGINT): "SIGINT", -int(signal.SIGTERM): "SIGTERM"}
 
 
-# train.py flags the sweep sets itself for each child (or refuses with `--sweep`).
-_NOT_PASSED = {"help", "sweep", "json", "resume", "overwrite", "output_dir", "dry_run", "check_data", "merge", "auto",
-               "plan"}
-
-
 class SweepTerminated(SystemExit):
     """SIGTERM during a sweep on several GPUs: the trials saved and stopped; exit 143."""
 
@@ -75,8 +79,10 @@ def _kind_record(gpu) -> dict[str, Any]:
 
 
 def gpus_for_trials(ctx) -> tuple[list, list]:
-    """(the GPUs to run trials on, one at a time each; the GPUs left out). No GPUs: the
-    trials run one after another in this process, as under `torchrun` or with one GPU.
+    """(the GPUs to run trial children on; the GPUs left out). No GPUs: the trials run one
+    after another in this process, as under `torchrun`, on a CPU, or on one GPU that can only
+    take one trial at a time (`--trials-per-gpu 1`, or `auto` without `--auto`, where no dry
+    run measures a peak).
 
     Only GPUs of the first GPU's kind (name, memory, compute capability): a sweep on one
     GPU trains on the first, the trials are compared with each other, and a plan measured
@@ -84,101 +90,18 @@ def gpus_for_trials(ctx) -> tuple[list, list]:
     if ctx.processes > 1:   # under torchrun each trial uses every process
         return [], []
     gpus = visible_gpus()
-    if len(gpus) < 2:
+    if not gpus:
         return [], []
     same = [g for g in gpus if _kind(g) == _kind(gpus[0])]
-    if len(same) < 2:
+    per_gpu = ctx.request.trials_per_gpu
+    shares = per_gpu not in (None, "auto", 1) or (per_gpu in (None, "auto") and ctx.request.auto)
+    if len(same) < 2 and not (shares and same[0].total_bytes):
         return [], []
     return same, [g for g in gpus if _kind(g) != _kind(gpus[0])]
 
 
-def cuda_visible(gpu) -> str:
-    """What `CUDA_VISIBLE_DEVICES` names this GPU by: its uuid (a MIG slice's too),
-    which unlike an index does not depend on `CUDA_DEVICE_ORDER`."""
-    return gpu.uuid or str(gpu.index)
-
-
-def gpu_label(gpu) -> str:
-    return gpu.uuid if gpu.is_mig_slice else f"GPU {gpu.index}"
-
-
-def child_env(gpu) -> dict[str, str]:
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = cuda_visible(gpu)
-    if not gpu.uuid:
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # NVML's order, which `index` counts in
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(key, None)                        # one process per trial
-    env["PYTHONUNBUFFERED"] = "1"                 # console.log is current while the trial runs
-    env.setdefault("COLUMNS", "120")              # rich's tables in console.log, not 80 columns
-    return env
-
-
-def child_flags(request) -> list[str]:
-    """The trial's request back as `train.py` flags; those in `_NOT_PASSED` are the caller's."""
-    return request.to_argv(leave_out=_NOT_PASSED)
-
-
-def die_with_parent():
-    """A `preexec_fn` that has Linux send the child SIGTERM when the sweep dies, even by
-    SIGKILL: the trial then saves a checkpoint and stops (the sweep's `--resume` continues
-    it from there), where it would otherwise train on, orphaned, on a GPU the next sweep wants.
-    None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-        if os.getppid() != parent:   # the sweep died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
-
-
 def child_command(flags: list[str]) -> list[str]:
     return [sys.executable, str(TRAIN_PY), *flags]
-
-
-def plan_label(plan: dict[str, Any]) -> str:
-    from autotune.tuning.plan import Plan
-
-    try:
-        return Plan.from_record(plan).label()
-    except (KeyError, TypeError, ValueError):
-        return json.dumps(plan, default=str)
-
-
-def child_error(log: Path, code: int) -> str:
-    """Why a child failed, in one line: its `error:` line (exit 2), the last line it wrote
-    (a traceback's ends with the exception), or the signal that killed it."""
-    try:
-        with open(log, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 65536))
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        text = ""
-    lines = [" ".join(line.split()) for line in re.split(r"[\r\n]+", text)]
-    lines = [line for line in lines if line and not line.startswith("# ")]
-    errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
-    if code == 2 and errors:
-        return errors[-1]
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"the run was killed by {name}" + (" (out of host memory?)" if name == "SIGKILL" else "")
-    last = errors[-1] if errors else lines[-1] if lines else None
-    return f"{last[:300]} (exit code {code})" if last else f"the run exited with code {code}"
 
 
 @dataclass
@@ -194,6 +117,9 @@ class Shape:
     gpu: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    fraction: float = 0.9                # the trials' autotune.memory_fraction
+    peak_bytes: int | None = None        # the plan's peak, as the dry run measured it
+    per_gpu: int = 1                     # how many of its trials share a GPU
 
     @property
     def folder_name(self) -> str:
@@ -202,7 +128,7 @@ class Shape:
     def to_dict(self) -> dict[str, Any]:
         return {"dry_run": self.folder_name, "trials": [t.name for t in self.trials], "status": self.status,
                 "plan": self.plan, "error": self.error, "gpu": self.gpu, "started_at": self.started_at,
-                "finished_at": self.finished_at}
+                "finished_at": self.finished_at, "peak_bytes": self.peak_bytes, "trials_per_gpu": self.per_gpu}
 
 
 @dataclass
@@ -212,11 +138,14 @@ class Child:
     log: Path
     trial: Trial | None = None
     shape: Shape | None = None
+    position: int = 0                    # its GPU's place in `ParallelSweep.gpus`
+    sharing: int = 1                     # it is one of this many on its GPU (it holds 1/sharing)
 
 
 @dataclass
 class ParallelSweep:
-    """The pending trials, one per GPU at a time; with `--auto` first one dry run per memory shape."""
+    """The pending trials, one or more per GPU at a time; with `--auto` first one dry run per
+    memory shape."""
 
     ctx: Any
     trials: list[Trial]                  # the whole grid
@@ -225,17 +154,29 @@ class ParallelSweep:
     shapes: list[Shape] = field(default_factory=list)
     shape_of: dict[str, Shape] = field(default_factory=dict)
     queue: list[tuple[str, Any]] = field(default_factory=list)   # ("dry", Shape) | ("trial", Trial)
-    running: dict[int, Child] = field(default_factory=dict)      # position in `gpus` -> its child
+    running: dict[int, Child] = field(default_factory=dict)      # a number per start -> its child
     signals: list[str] = field(default_factory=list)             # signals the sweep received
     stop_reason: str | None = None                               # a child stopped on this signal
+    started: int = 0                                             # children started so far
+    most_at_once: dict[str, int] = field(default_factory=dict)   # GPU -> the most children it ran at once
 
     @property
     def out(self) -> Path:
         return self.ctx.output_dir
 
+    @property
+    def per_gpu(self) -> int | None:
+        """`--trials-per-gpu N`; None for `auto`."""
+        value = self.ctx.request.trials_per_gpu
+        return value if isinstance(value, int) else None
+
+    def card(self, gpu) -> int:
+        return card_bytes(gpu, self.ctx.request.vram_limit)
+
     def record(self) -> dict[str, Any]:
         """What sweep.json says about the GPUs and the dry runs."""
-        return {"gpus": [cuda_visible(g) for g in self.gpus],
+        return {"gpus": [cuda_visible(g) for g in self.gpus], "trials_per_gpu": self.per_gpu or "auto",
+                "most_at_once": dict(self.most_at_once),
                 "dry_runs": [s.to_dict() for s in self.shapes if s.status != "unused"]}
 
     def say(self, gpu, text: str) -> None:
@@ -263,13 +204,13 @@ class ParallelSweep:
                             profiles=profiles, bnb_available=bnb)
             key = memory_shape(Plan.from_config(rec.config, 1), rec.config)
             if key not in by_key:
-                by_key[key] = Shape(len(by_key) + 1, key, [])
+                by_key[key] = Shape(len(by_key) + 1, key, [], fraction=rec.config.autotune.memory_fraction)
                 self.shapes.append(by_key[key])
             by_key[key].trials.append(trial)
             self.shape_of[trial.name] = by_key[key]
         waiting = {t.name for t in pending}
         for shape in self.shapes:
-            saved = self.saved_plan(shape)
+            saved, shape.peak_bytes = self.saved_plan(shape)
             if saved is not None:
                 for trial in shape.trials:   # finished earlier with this plan
                     trial.dry_run = shape.folder_name
@@ -281,16 +222,33 @@ class ParallelSweep:
                 self.ctx.console.print(f"dry run {shape.number}/{len(self.shapes)}: reusing the plan measured "
                                        f"earlier for this memory shape ({plan_label(saved)})", highlight=False)
 
-    def saved_plan(self, shape: Shape) -> dict[str, Any] | None:
-        """The plan an earlier dry run of this sweep measured for this shape on this kind of GPU."""
+    def kind_record(self) -> dict[str, Any]:
+        """The GPU the dry runs plan for, as shape.json records it: its kind, and the cap a
+        dry run runs under when it shares the GPU (or the user's `--vram-limit`)."""
+        record = _kind_record(self.gpus[0])
+        cap = self.dry_run_cap()
+        if cap:
+            record["vram_limit_gib"] = cap
+        return record
+
+    def dry_run_cap(self) -> float | None:
+        if self.per_gpu and self.per_gpu > 1:
+            return share_gib(self.card(self.gpus[0]), self.per_gpu)
+        return self.ctx.request.vram_limit
+
+    def saved_plan(self, shape: Shape) -> tuple[dict[str, Any] | None, int | None]:
+        """The plan an earlier dry run of this sweep measured for this shape on this kind of GPU
+        (under the same cap), and its peak; (None, None) when there is none."""
         try:
             saved = json.loads((self.out / shape.folder_name / SHAPE_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return None
-        if not isinstance(saved, dict) or saved.get("shape") != shape.key or saved.get("gpu") != _kind_record(self.gpus[0]):
-            return None
-        plan = saved.get("plan")
-        return plan if _readable_plan(plan) else None
+            return None, None
+        if not isinstance(saved, dict) or saved.get("shape") != shape.key or saved.get("gpu") != self.kind_record():
+            return None, None
+        plan, peak = saved.get("plan"), saved.get("peak_bytes")
+        if not _readable_plan(plan):
+            return None, None
+        return plan, peak if isinstance(peak, int) and peak > 0 else None
 
     def link_codec_cache(self) -> None:
         """A child caches codec output next to its output folder (`../.codec-cache`); point
@@ -319,6 +277,9 @@ class ParallelSweep:
             if shape is not None and shape.status == "pending" and ("dry", shape) not in self.queue:
                 self.queue.append(("dry", shape))
             self.queue.append(("trial", trial))
+        for shape in self.shapes:
+            if shape.status == "reused":
+                self.decide_sharing(shape)
         try:
             with self.catching_signals():
                 while self.queue or self.running:
@@ -334,30 +295,60 @@ class ParallelSweep:
             except OSError:
                 pass
 
-    def next_job(self) -> tuple[str, Any] | None:
+    def sharing(self, kind: str, item) -> int:
+        """How many children like this one a GPU runs at once: `--trials-per-gpu N`; with
+        `auto` a dry run has its GPU to itself, and a trial shares it as its shape's measured
+        peak allows. A resumed trial keeps the cap it ran with."""
+        if kind == "trial" and item.resume_plan is not None:
+            return sharing_for_cap(self.card(self.gpus[0]), recorded_cap(self.out / item.name))
+        if self.per_gpu:
+            return self.per_gpu
+        shape = self.shape_of.get(item.name) if kind == "trial" else None
+        return shape.per_gpu if shape is not None else 1
+
+    def load(self, position: int) -> float:
+        """How much of a GPU its running children hold (1.0: all of it)."""
+        return sum(1 / c.sharing for c in self.running.values() if c.position == position)
+
+    def next_job(self) -> tuple[int, tuple[str, Any]] | None:
+        """The first job, in the queue's order, that can start, and the GPU it fits on (the
+        least loaded); a trial waits for its shape's dry run."""
         for job in self.queue:
             kind, item = job
             shape = self.shape_of.get(item.name) if kind == "trial" else None
-            if kind == "dry" or shape is None or shape.plan is not None:
+            if kind == "trial" and shape is not None and shape.plan is None:
+                continue
+            need = 1 / self.sharing(kind, item)
+            free = [(self.load(p), p) for p in range(len(self.gpus)) if self.load(p) + need <= 1 + 1e-9]
+            if free:
                 self.queue.remove(job)
-                return job
+                return min(free)[1], job
         return None
 
     def start_what_fits(self) -> None:
-        for slot, gpu in enumerate(self.gpus):
-            if slot in self.running:
-                continue
-            job = self.next_job()
-            if job is None:
+        while True:
+            picked = self.next_job()
+            if picked is None:
                 if self.queue and not self.running:
                     raise RuntimeError(f"sweep: nothing can start, yet {len(self.queue)} jobs wait")  # a bug, not a user error
                 return
-            self.start(slot, gpu, *job)
+            position, (kind, item) = picked
+            self.start(position, self.gpus[position], kind, item)
 
-    def start(self, slot: int, gpu, kind: str, item) -> None:
+    def cap_for(self, kind: str, item, gpu) -> float | None:
+        """The `--vram-limit` a child gets when it shares its GPU (None: the sweep's own flags)."""
+        if kind == "trial" and item.resume_plan is not None:
+            return recorded_cap(self.out / item.name)
+        k = self.sharing(kind, item)
+        return share_gib(self.card(gpu), k) if k > 1 else None
+
+    def start(self, position: int, gpu, kind: str, item) -> None:
         from rich.markup import escape
 
         args, total = self.ctx.request, len(self.trials)
+        sharing, cap = self.sharing(kind, item), self.cap_for(kind, item, gpu)
+        if cap is not None:
+            args = args.replace(vram_limit=cap)
         if kind == "dry":
             shape: Shape = item
             first = next(t for t in shape.trials if not t.done)
@@ -401,20 +392,27 @@ class ParallelSweep:
             else:
                 self.trial_ended(gpu, item, log, None, error)
             return
+        child = Child(proc, gpu, log, position=position, sharing=sharing)
         if kind == "dry":
-            self.running[slot] = Child(proc, gpu, log, shape=item)
+            child.shape = item
         else:
-            self.running[slot] = Child(proc, gpu, log, trial=item)
-        self.say(gpu, f"{escape(title)}: started (log: {escape(str(log))})")
+            child.trial = item
+        self.started += 1
+        self.running[self.started] = child
+        label = cuda_visible(gpu)
+        now = sum(1 for c in self.running.values() if c.position == position)
+        self.most_at_once[label] = max(self.most_at_once.get(label, 0), now)
+        shared = f", 1 of up to {sharing} on this GPU, capped at {cap:g} GiB" if sharing > 1 and cap else ""
+        self.say(gpu, f"{escape(title)}: started{shared} (log: {escape(str(log))})")
 
     def reap(self) -> bool:
         """Record every child that ended; whether one did."""
         ended = False
-        for slot, child in list(self.running.items()):
+        for number, child in list(self.running.items()):
             code = child.proc.poll()
             if code is None:
                 continue
-            del self.running[slot]
+            del self.running[number]
             ended = True
             if child.shape is not None:
                 self.dry_run_ended(child, code)
@@ -484,13 +482,29 @@ class ParallelSweep:
                                                   f"({type(exc).__name__}: {exc})", title)
             return
         shape.plan, shape.status = plan, "ok"
+        shape.peak_bytes = chosen_peak(folder / "autotune.json")
         try:
-            write_record(folder / SHAPE_RECORD, {"shape": shape.key, "gpu": _kind_record(child.gpu), "plan": plan})
+            write_record(folder / SHAPE_RECORD, {"shape": shape.key, "gpu": self.kind_record(), "plan": plan,
+                                                 "peak_bytes": shape.peak_bytes})
         except OSError:
             pass
+        self.decide_sharing(shape)
+        together = (f"; its trials run {shape.per_gpu} at a time on a GPU (peak {shape.peak_bytes / 2**30:.1f} GiB, "
+                    f"each capped at {share_gib(self.card(child.gpu), shape.per_gpu):g} GiB)"
+                    if shape.per_gpu > 1 and not self.per_gpu else "")
         self.say(child.gpu, f"{title}: [green]done[/green] in {shape.finished_at - shape.started_at:.1f} s: "
-                            f"{escape(plan_label(plan))}")
+                            f"{escape(plan_label(plan))}{together}")
         self.save()
+
+    def decide_sharing(self, shape: Shape) -> None:
+        """`auto`: as many of the shape's trials on a GPU as its measured peak allows, and no
+        more than wait to run (a cap costs the profile of a smaller card for nothing)."""
+        if self.per_gpu:
+            shape.per_gpu = self.per_gpu
+            return
+        waiting = sum(1 for kind, item in self.queue if kind == "trial" and self.shape_of.get(item.name) is shape)
+        fits = trials_that_fit(shape.peak_bytes, self.card(self.gpus[0]), shape.fraction)
+        shape.per_gpu = max(1, min(fits, waiting))
 
     def dry_run_failed(self, gpu, shape: Shape, error: str, title: str) -> None:
         """No plan for this shape: each of its trials fails with the dry run's reason, as it would
