@@ -246,6 +246,27 @@ def backward_step(
     return loss.detach()
 
 
+def phases(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, chunk_size: int,
+    use_liger: bool | None, current: Callable[[], int], peak: Callable[[], int], reset_peak: Callable[[], None],
+) -> dict[str, float]:
+    """One forward+backward measured in parts, in GiB above what was live before it: what the
+    forward leaves for the backward (`forward_live`), the forward's peak, and the whole step's
+    peak. The same on a GPU (the allocator's figures) and in `--estimate` (the tracker's), so
+    that where an estimate misses shows which part it misses."""
+    before = current()
+    reset_peak()
+    if mode == "stock":
+        loss = model(**batch).loss
+    else:
+        loss, _ = compute_lean_loss(model, batch, chunk_size=chunk_size, use_liger=use_liger)
+    forward_live, forward_peak = current() - before, peak() - before
+    loss.backward()
+    del loss
+    return {"forward_live_gib": round(forward_live / GIB, 3), "forward_peak_gib": round(forward_peak / GIB, 3),
+            "step_peak_gib": round((peak() - before) / GIB, 3)}
+
+
 def step(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, chunk_size: int,
     use_liger: bool | None,
@@ -325,6 +346,12 @@ def measure(
         peak = torch.cuda.max_memory_allocated(device)
         result["peak_gib"] = round(peak / GIB, 3)
         result["peak_above_weights_gib"] = round((peak - resident) / GIB, 3)
+        _sync(device)
+        result["phases"] = phases(model, batch, mode, chunk_size, use_liger,
+                                  lambda: torch.cuda.memory_allocated(device),
+                                  lambda: torch.cuda.max_memory_allocated(device),
+                                  lambda: torch.cuda.reset_peak_memory_stats(device))
+        model.zero_grad(set_to_none=True)
     return result
 
 
@@ -417,7 +444,8 @@ def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             batch = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))
             resident = tracker.current_bytes
             tracker.reset_peak()
-            backward_step(model, batch, mode, args.chunk_size, False)
+            parts = phases(model, batch, mode, args.chunk_size, False, lambda: tracker.current_bytes,
+                           lambda: tracker.peak_bytes, tracker.reset_peak)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             # AdamW keeps two fp32 moments per trainable (LoRA) parameter; present
             # from the first optimizer step on, so in every later step's peak.
@@ -430,6 +458,7 @@ def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
                 "adamw_state_gib": round(adamw_bytes / GIB, 3),
                 "peak_with_adamw_gib": round((tracker.peak_bytes + adamw_bytes) / GIB, 3),
                 "tokens_per_s": None,
+                "phases": parts,
             }
             del model, batch
     stock, lean = entry.get("stock"), entry.get("lean")
