@@ -158,8 +158,8 @@ def _sweep(ctx) -> int:
 
     gpus, left_out = gpus_for_trials(ctx)
     if gpus and not TRAIN_PY.is_file():
-        c.print(f"[yellow]! {len(gpus)} GPUs, but {escape(str(TRAIN_PY))} is missing: the trials run one after "
-                "another on the first GPU[/yellow]")
+        c.print(f"[yellow]! trials as child processes need {escape(str(TRAIN_PY))}, which is missing: the trials "
+                "run one after another on the first GPU[/yellow]")
         gpus, left_out = [], []
     # Decided up front, so every process of a DDP sweep skips the same trials.
     finished = {t.name for t in trials if args.resume and _finished(out / t.name / RUN_SUMMARY)}
