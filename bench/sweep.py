@@ -123,9 +123,8 @@ def main(argv=None) -> int:
     report = {"gpu": gpu.to_dict() if gpu else None, "device": args.device, "shape": args.shape,
               "trials": args.trials, "steps": args.steps, "samples": args.samples,
               "context_bytes": context_bytes() if args.device == "cuda" else None, "runs": []}
-    env_note = None if args.device == "cuda" else "CPU: every setting runs its trials one after another"
-    if env_note:
-        report["note"] = env_note
+    if args.device == "cpu":
+        report["note"] = "CPU: every setting runs its trials one after another"
     # Left out: the first sweep on a machine pays one-off costs (caches, kernels) the others would not.
     report["warmup"] = run_setting(settings[0], args, data, tmp, trials=1, name="warmup")
     for setting in settings:

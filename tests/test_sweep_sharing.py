@@ -163,14 +163,12 @@ def test_n_per_gpu_plans_the_dry_run_for_the_share_and_resume_reuses_it(fake_tra
     assert shape["gpu"]["vram_limit_gib"] == 39.07
     # another share: the plan measured for half the card is not reused for a third of it
     (out / "lr=0.002" / "run_summary.json").unlink()
-    pool_shape = pool.ParallelSweep.saved_plan
-    seen = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pool.ParallelSweep, "saved_plan", lambda self, s: seen.append(pool_shape(self, s)) or seen[-1])
-        assert main(*FAST, *LR2, "--trials-per-gpu", "3", "--resume",
-                    "--output-dir", str(out)) == 0
-    assert seen[0] == (None, None)
+    assert main(*FAST, *LR2, "--trials-per-gpu", "3", "--resume", "--output-dir", str(out)) == 0
+    dry_env = json.loads((out / ".dry-runs" / "1" / "env.json").read_text())
+    assert vram_flags(dry_env) == ["--vram-limit=25.79"]           # dry-run again, for the new share
     assert json.loads((out / ".dry-runs" / "1" / "shape.json").read_text())["gpu"]["vram_limit_gib"] == 25.79
+    record = json.loads((out / "sweep.json").read_text())
+    assert [t["name"] for t in record["trials"] if t["earlier"]] == ["lr=0.001"]
 
 
 def test_trials_per_gpu_is_refused_without_a_sweep_and_out_of_range(tmp_path, capsys):

@@ -159,6 +159,7 @@ class ParallelSweep:
     stop_reason: str | None = None                               # a child stopped on this signal
     started: int = 0                                             # children started so far
     most_at_once: dict[str, int] = field(default_factory=dict)   # GPU -> the most children it ran at once
+    resumed_caps: dict[str, float | None] = field(default_factory=dict)  # a resumed trial -> the cap it ran with
 
     @property
     def out(self) -> Path:
@@ -232,9 +233,7 @@ class ParallelSweep:
         return record
 
     def dry_run_cap(self) -> float | None:
-        if self.per_gpu and self.per_gpu > 1:
-            return share_gib(self.card(self.gpus[0]), self.per_gpu)
-        return self.ctx.request.vram_limit
+        return self.cap_for("dry", None, self.gpus[0]) or self.ctx.request.vram_limit
 
     def saved_plan(self, shape: Shape) -> tuple[dict[str, Any] | None, int | None]:
         """The plan an earlier dry run of this sweep measured for this shape on this kind of GPU
@@ -277,6 +276,8 @@ class ParallelSweep:
             if shape is not None and shape.status == "pending" and ("dry", shape) not in self.queue:
                 self.queue.append(("dry", shape))
             self.queue.append(("trial", trial))
+            if trial.resume_plan is not None:   # read once, not at every look at the queue
+                self.resumed_caps[trial.name] = recorded_cap(self.out / trial.name)
         for shape in self.shapes:
             if shape.status == "reused":
                 self.decide_sharing(shape)
@@ -300,7 +301,7 @@ class ParallelSweep:
         `auto` a dry run has its GPU to itself, and a trial shares it as its shape's measured
         peak allows. A resumed trial keeps the cap it ran with."""
         if kind == "trial" and item.resume_plan is not None:
-            return sharing_for_cap(self.card(self.gpus[0]), recorded_cap(self.out / item.name))
+            return sharing_for_cap(self.card(self.gpus[0]), self.resumed_caps.get(item.name))
         if self.per_gpu:
             return self.per_gpu
         shape = self.shape_of.get(item.name) if kind == "trial" else None
@@ -338,7 +339,7 @@ class ParallelSweep:
     def cap_for(self, kind: str, item, gpu) -> float | None:
         """The `--vram-limit` a child gets when it shares its GPU (None: the sweep's own flags)."""
         if kind == "trial" and item.resume_plan is not None:
-            return recorded_cap(self.out / item.name)
+            return self.resumed_caps.get(item.name)
         k = self.sharing(kind, item)
         return share_gib(self.card(gpu), k) if k > 1 else None
 

@@ -47,7 +47,7 @@ def trials_that_fit(peak: int | None, card: int, fraction: float, most: int = MA
     if not peak or not card:
         return 1
     k = 1
-    while k < most and peak <= fraction * share_bytes(card, k + 1) and share_bytes(card, k + 1) > 0:
+    while k < most and peak <= fraction * share_bytes(card, k + 1):
         k += 1
     return k
 
