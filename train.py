@@ -1,35 +1,9 @@
 #!/usr/bin/env python3
 """Fine-tune Llasa with LoRA on your GPU: `python train.py --data dataset/ --auto`.
 
-the folder -> probe -> profile -> config -> data -> plan (dry run) -> train -> finish;
-every step is a named function in `autotune.pipeline`, a sweep is `autotune.sweep`.
-"""
+A thin wrapper: the command is `autotune.commands.train` (installed as `llasa-train`)."""
 
-from __future__ import annotations
-
-import sys
-
-from autotune.cli import run_main
-
-
-def build_parser():
-    from autotune.request import build_parser
-
-    return build_parser()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from autotune.request import parse_request
-
-    request = parse_request(list(argv) if argv is not None else sys.argv[1:])
-    if request.sweep:
-        from autotune.sweep.local import run_sweep
-
-        return run_sweep(request)
-    from autotune.pipeline import run
-
-    return run(request)
-
+from autotune.commands.train import build_parser, entry, main  # noqa: F401 - tests and tools import these
 
 if __name__ == "__main__":
-    run_main(main)
+    entry()

@@ -388,13 +388,13 @@ def test_no_cpu_profile_is_a_clear_error(profiles):
     gpu_only = [p for p in profiles if not p.match.cpu]
     with pytest.raises(AutotuneError) as excinfo:
         match_profile([], gpu_only)
-    assert str(excinfo.value) == "no CPU profile is installed: restore `profiles/cpu.yaml`"
+    assert str(excinfo.value) == "no CPU profile is installed: restore `autotune/profiles/cpu.yaml`"
 
 
 def test_empty_profile_folder_is_a_clear_error(tmp_path):
     with pytest.raises(AutotuneError) as excinfo:
         load_profiles(tmp_path)
-    assert str(excinfo.value) == f"no profiles found in `{tmp_path}`: reinstall the package or restore `profiles/`"
+    assert str(excinfo.value) == f"no profiles found in `{tmp_path}`: reinstall the package or restore `autotune/profiles/`"
 
 
 def test_recommendation_json_shape(profiles):

@@ -16,7 +16,7 @@ from autotune.config import load_yaml_file, resolve_config  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
 from autotune.profiles import PROFILES_DIR, load_profiles  # noqa: E402
 
-SHIPPED = sorted(p for folder in ("profiles", "config") for p in (REPO / folder).rglob("*.yaml"))
+SHIPPED = sorted(p for folder in ("autotune/profiles", "config") for p in (REPO / folder).rglob("*.yaml"))
 PROFILE_FILES = [p for p in SHIPPED if p.parent == PROFILES_DIR]
 CONFIG_FILES = [p for p in SHIPPED if p.is_relative_to(REPO / "config")]
 

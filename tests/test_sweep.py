@@ -780,6 +780,10 @@ def test_a_trial_is_stopped_when_the_sweep_is_killed(tmp_path):
             parent.kill()
 
 
-def test_the_pool_starts_the_real_train_py():
-    """Children run `train.py` at the repository's root; without it the pool would quietly fall back."""
-    assert sweep_module.TRAIN_PY.is_file() and sweep_module.TRAIN_PY.parent == ROOT
+def test_the_pool_starts_the_trainer_through_the_package(tmp_path):
+    """Children run `python -m autotune.commands.train`: an installed wheel has no train.py on disk.
+    From a folder that is not the checkout, the module still answers `--help`."""
+    command = sweep_module.child_command(["--help"])
+    assert command[:3] == [sys.executable, "-m", "autotune.commands.train"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--sweep" in done.stdout

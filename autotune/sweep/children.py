@@ -34,6 +34,9 @@ def child_env(gpu) -> dict[str, str]:
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"   # NVML's order, which `index` counts in
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)                        # one process per trial
+    # `python -m autotune.commands.train` finds this very package, installed or a checkout run from anywhere.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"                 # console.log is current while the trial runs
     env.setdefault("COLUMNS", "120")              # rich's tables in console.log, not 80 columns
     return env

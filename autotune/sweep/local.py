@@ -16,7 +16,7 @@ from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, chec
                                  pace, parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
                                  write_report, validate_trials, write_record)
 from autotune.sweep.children import gpu_label
-from autotune.sweep.pool import TRAIN_PY, ParallelSweep, SweepTerminated, gpus_for_trials
+from autotune.sweep.pool import ParallelSweep, SweepTerminated, gpus_for_trials
 from autotune.sweep.sharing import card_bytes, share_gib
 from autotune.tuning.ladder import free_memory
 
@@ -157,10 +157,6 @@ def _sweep(ctx) -> int:
     out, c = ctx.output_dir, ctx.console
 
     gpus, left_out = gpus_for_trials(ctx)
-    if gpus and not TRAIN_PY.is_file():
-        c.print(f"[yellow]! trials as child processes need {escape(str(TRAIN_PY))}, which is missing: the trials "
-                "run one after another on the first GPU[/yellow]")
-        gpus, left_out = [], []
     # Decided up front, so every process of a DDP sweep skips the same trials.
     finished = {t.name for t in trials if args.resume and _finished(out / t.name / RUN_SUMMARY)}
     # A trial that began training and was stopped continues from its checkpoint; one that

@@ -33,7 +33,8 @@ from autotune.sweep.sharing import (card_bytes, chosen_peak, recorded_cap, share
                                     trials_that_fit)
 
 
-TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
+# Children start through the package, so an installed wheel (no train.py on disk) runs them too.
+TRAIN_MODULE = "autotune.commands.train"
 
 
 DRY_RUNS = ".dry-runs"           # <sweep>/.dry-runs/<n>/: one dry run per memory shape
@@ -101,7 +102,7 @@ def gpus_for_trials(ctx) -> tuple[list, list]:
 
 
 def child_command(flags: list[str]) -> list[str]:
-    return [sys.executable, str(TRAIN_PY), *flags]
+    return [sys.executable, "-m", TRAIN_MODULE, *flags]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from autotune.config import EIGHT_BIT_OPTIMIZERS, Resolved, dump_yaml, precision
 from autotune.errors import AutotuneError
 from autotune.hardware import GpuInfo
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent   # the built-in *.yaml ship inside the package
 GIB = 1024 ** 3
 
 
@@ -45,7 +45,7 @@ def load_profiles(directory: Path = PROFILES_DIR) -> list[Profile]:
     """Every `*.yaml` in `directory`, validated (schema and settings)."""
     paths = sorted(directory.glob("*.yaml"))
     if not paths:
-        raise AutotuneError(f"no profiles found in `{directory}`: reinstall the package or restore `profiles/`")
+        raise AutotuneError(f"no profiles found in `{directory}`: reinstall the package or restore `autotune/profiles/`")
     profiles = []
     for path in paths:
         try:
@@ -77,7 +77,7 @@ def match_profile(gpus: list[GpuInfo], profiles: list[Profile]) -> Match:
     if not gpus:
         cpu = next((p for p in profiles if p.match.cpu), None)
         if cpu is None:
-            raise AutotuneError("no CPU profile is installed: restore `profiles/cpu.yaml`")
+            raise AutotuneError("no CPU profile is installed: restore `autotune/profiles/cpu.yaml`")
         return Match(cpu, [f"no GPU visible: profile `{cpu.name}` (fp32, small LoRA)"])
 
     warnings: list[str] = []
@@ -100,7 +100,7 @@ def match_profile(gpus: list[GpuInfo], profiles: list[Profile]) -> Match:
     tiers = sorted((p for p in gpu_profiles if p.match.min_vram_gib is not None),
                    key=lambda p: p.match.min_vram_gib, reverse=True)
     if not tiers:
-        raise AutotuneError("no profile has `match.min_vram_gib`: restore the built-in `profiles/`")
+        raise AutotuneError("no profile has `match.min_vram_gib`: restore the built-in `autotune/profiles/`")
     if decider.total_bytes is None:
         smallest = tiers[-1]
         warnings.append(f"`{who}` did not report its memory: using the smallest tier `{smallest.name}`")
