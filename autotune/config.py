@@ -79,6 +79,12 @@ class DataSection(_Section):
                           "fuller calls, the same samples per step and the same loss.")
     max_errors_shown: int = Field(50, gt=0, description="Cap on malformed lines listed before stopping.")
     allow_outside_paths: bool = Field(False, description="Read audio paths that lead outside the data folder (`../x.wav`, absolute paths).")
+    text_normalization: Literal["auto", "none", "llasa-trainer", "nfkc"] = Field(
+        "auto", description="How transcripts are normalised before they become prompts, the same in training, "
+                            "`--check-data`, samples, scores and synthesis: `none`; `llasa-trainer` (its Japanese "
+                            "rules: no spaces, half-width `?!` and alphanumerics, `ー` for wave dashes, only kana, "
+                            "kanji, Latin letters, digits and `。、!?…♪♡○` kept); `nfkc`; `auto`: `llasa-trainer` for "
+                            "NandemoGHS's Anime-Llasa models, `none` otherwise. The run records the choice.")
 
 
 class TrainingSection(_Section):
@@ -418,12 +424,25 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
     _precision_choice_turns_other_off(user)
     merged = deep_merge(profile_values or {}, user)
     config = validate(merged)
+    _decide_text_normalization(config, notes)
     pinned = dotted_keys(user)
     # Choosing one precision pins the other off, or the tuner could turn both on.
     if "training.bf16" in pinned or "training.fp16" in pinned:
         pinned |= {"training.bf16", "training.fp16"}
     _align_save_and_eval_steps(config, pinned, notes)
     return Resolved(config=config, pinned=pinned, notes=notes)
+
+
+def _decide_text_normalization(config: Config, notes: list[str]) -> None:
+    """`auto` becomes the model's choice here, so the run records what it trained with and
+    synthesis of its adapter uses the same."""
+    from autotune.textnorm import AUTO, resolve
+
+    if config.data.text_normalization == AUTO:
+        config.data.text_normalization = resolve(AUTO, config.model.name_or_path)
+        if config.data.text_normalization != "none":
+            notes.append(f"transcripts are normalised as `{config.data.text_normalization}` (the choice for "
+                         f"`{config.model.name_or_path}`; `--set data.text_normalization=none` turns it off)")
 
 
 def _align_save_and_eval_steps(config: Config, pinned: set[str], notes: list[str]) -> None:

@@ -134,14 +134,16 @@ def split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sampl
 
 # ---------------------------------------------------------------- lengths ---
 
-def measure(samples: list[Sample], prompt_builder=None) -> None:
+def measure(samples: list[Sample], prompt_builder=None, text_normalization: str = "none") -> None:
     """Fill `num_tokens` = prompt + speech codes + END. Without a tokenizer, a
-    conservative estimate (UTF-8 bytes + template upper bound)."""
+    conservative estimate (UTF-8 bytes of the normalised text + template upper bound)."""
     from autotune.llasa import ESTIMATED_TEMPLATE_TOKENS, estimate_text_tokens
+    from autotune.textnorm import normalize
 
     if prompt_builder is None:
         for s in samples:
-            s.num_tokens = ESTIMATED_TEMPLATE_TOKENS + estimate_text_tokens(s.text) + len(s.codes) + 1
+            text = normalize(s.text, text_normalization)
+            s.num_tokens = ESTIMATED_TEMPLATE_TOKENS + estimate_text_tokens(text) + len(s.codes) + 1
         return
     texts = [s.text for s in samples]
     # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
@@ -168,7 +170,7 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
                  eval_data: str | Path | None = None, prompt_builder=None,
                  codec_loader: Callable[[], Any] | None = None, cache_dir: Path | None = None,
                  max_errors_shown: int = 50, progress: bool = True,
-                 allow_outside_paths: bool = False) -> DataReport:
+                 allow_outside_paths: bool = False, text_normalization: str = "none") -> DataReport:
     """Read, validate, encode audio, measure, skip over-long samples, split.
     Audio must lie inside the folder given (a file's own folder for a file) unless
     `allow_outside_paths`."""
@@ -222,7 +224,7 @@ def load_dataset(data: str | Path, *, max_length: int, val_fraction: float, spli
     for sample in train + val:
         sample.prompt_speaker = sample.speaker if report.speaker_conditioning else None
     for part in (train, val):
-        measure(part, prompt_builder)
+        measure(part, prompt_builder, text_normalization)
     report.train = drop_too_long(train, max_length, report.skipped)
     report.val = drop_too_long(val, max_length, report.skipped)
     if not report.train and not report.val:

@@ -67,16 +67,17 @@ def codes_from_new_ids(new_ids: Sequence[int], tokens: LlasaTokens) -> tuple[lis
     return codes, dropped, generated
 
 
-_BUILDERS: dict[int, PromptBuilder] = {}
+_BUILDERS: dict[tuple[int, str], PromptBuilder] = {}
 
 
-def _prompt_builder(tokenizer: Any) -> PromptBuilder:
-    """One `PromptBuilder` per tokenizer (it renders the chat template once)."""
-    builder = _BUILDERS.get(id(tokenizer))
+def prompt_builder_for(tokenizer: Any, text_normalization: str = "none") -> PromptBuilder:
+    """One `PromptBuilder` per tokenizer and normalisation (it renders the chat template once)."""
+    key = (id(tokenizer), text_normalization)
+    builder = _BUILDERS.get(key)
     if builder is None or builder.tokenizer is not tokenizer:
         if len(_BUILDERS) >= 8:
             _BUILDERS.clear()
-        builder = _BUILDERS[id(tokenizer)] = PromptBuilder(tokenizer)
+        builder = _BUILDERS[key] = PromptBuilder(tokenizer, text_normalization)
     return builder
 
 
@@ -95,7 +96,7 @@ def _model_device(model: Any):
 def generate_codes(model: Any, tokenizer: Any, text: str, *, temperature: float = 0.8, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, max_new_tokens: int | None = None,
                    reference_text: str | None = None, reference_codes: Sequence[int] | None = None,
-                   speaker: str | None = None, seed: int | None = None,
+                   speaker: str | None = None, seed: int | None = None, text_normalization: str = "none",
                    should_stop: Callable[[], bool] | None = None,
                    on_token: Callable[[int, int], None] | None = None) -> tuple[list[int], int, int]:
     """Speak `text` with a Llasa model (plain or PEFT): sampled XCodec2 codes.
@@ -109,14 +110,15 @@ def generate_codes(model: Any, tokenizer: Any, text: str, *, temperature: float 
     generator is used. The model is put in eval mode for the call and returned
     to train mode if it was training. `on_token(done, budget)` is called after each
     new token (a progress line); `should_stop()` true ends generation at the next token
-    (a signal arrived), keeping what was generated so far.
+    (a signal arrived), keeping what was generated so far. `text_normalization` is the run's
+    (`autotune.textnorm`), applied to the text and the reference transcript alike.
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     if not text or not text.strip():
         raise AutotuneError("the text to speak is empty")
-    builder = _prompt_builder(tokenizer)
+    builder = prompt_builder_for(tokenizer, text_normalization)
     tokens = builder.tokens
     ids = prompt_ids(builder, text, reference_text=reference_text, reference_codes=reference_codes, speaker=speaker)
     budget = new_token_budget(len(ids), max_new_tokens)

@@ -129,11 +129,18 @@ class PromptBuilder:
     its own between two special tokens, so `prefix + tokens(text) + suffix` equals
     the full template's tokenization (a test checks this) at a fraction of the cost.
     A speaker changes only the suffix (the assistant turn's opening), which is
-    tokenized once per speaker.
+    tokenized once per speaker. Every transcript is normalised first (`text_normalization`,
+    see `autotune.textnorm`): training, the token counts, the samples and synthesis all build
+    their prompts here, so they all see the same text.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, text_normalization: str = "none"):
+        from autotune.textnorm import normalize
+
         self.tokenizer = tokenizer
+        self.text_normalization = text_normalization
+        normalize("", text_normalization)   # an unknown choice fails here, not at the first text
+        self._normalize = lambda text: normalize(text, text_normalization)
         self.tokens = LlasaTokens.from_tokenizer(tokenizer)
         if getattr(tokenizer, "chat_template", None) is None:
             tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
@@ -155,10 +162,16 @@ class PromptBuilder:
             ids = self._suffixes[speaker] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
+    def normalized(self, texts: list[str]) -> list[str]:
+        """The transcripts as the prompts hold them."""
+        if self.text_normalization == "none":
+            return list(texts)
+        return [self._normalize(t) for t in texts]
+
     def text_ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.normalized(texts), add_special_tokens=False)["input_ids"]
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         """`[len(ids) for ids in text_ids(texts)]`, without building the id lists.
@@ -171,7 +184,7 @@ class PromptBuilder:
         backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
         if backend is None or backend.truncation is not None or backend.padding is not None:
             return [len(ids) for ids in self.text_ids(texts)]
-        return [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [len(e) for e in backend.encode_batch(self.normalized(texts), add_special_tokens=False)]
 
     def prompt_ids(self, text: str, speaker: str | None = None) -> list[int]:
         return self.prefix_ids + self.text_ids([text])[0] + self.suffix_for(speaker)

@@ -270,12 +270,12 @@ def load_tokenizer_for_data(ctx: Context, config: Config):
             ctx.notes.append(f"the tokenizer of `{name}` is not available locally: prompt lengths are counted "
                              "with the offline replica of Llasa's tokenizer (exact for Llasa models)")
             tokenizer = replica.build_llasa_tokenizer()
-            return tokenizer, PromptBuilder(tokenizer)
+            return tokenizer, PromptBuilder(tokenizer, config.data.text_normalization)
         ctx.notes.append(f"the tokenizer of `{name}` is not available locally: prompt lengths are conservative "
                          "estimates (UTF-8 bytes + 64 template tokens); `pip install \"llasa-autotune[replica]\"` "
                          "counts them exactly")
         return None, None
-    return tokenizer, PromptBuilder(tokenizer)
+    return tokenizer, PromptBuilder(tokenizer, config.data.text_normalization)
 
 
 def codec_cache_dir(ctx: Context) -> Path:
@@ -299,7 +299,8 @@ def load_data(ctx: Context, config: Config, builder):
                         codec_loader=codec_loader, cache_dir=codec_cache_dir(ctx),
                         max_errors_shown=config.data.max_errors_shown,
                         progress=ctx.is_main and not ctx.request.json,
-                        allow_outside_paths=config.data.allow_outside_paths)
+                        allow_outside_paths=config.data.allow_outside_paths,
+                        text_normalization=config.data.text_normalization)
     speakers = len(data.speakers())
     if data.speaker_conditioning:
         ctx.notes.append(f"{speakers} speakers: each prompt names its speaker "

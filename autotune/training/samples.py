@@ -69,6 +69,7 @@ class SampleCallback(TrainerCallback):
     tensorboard: Any = None          # transformers' TensorBoardCallback, whose tb_writer we borrow
     codec_device: str = "cpu"
     keeper: Any = None               # scoring.ScoreKeeper: scores each sampling, feeds the Trainer's metrics
+    text_normalization: str = "none"  # the run's (autotune.textnorm): the samples speak what training saw
     codec: Any = field(default=None, init=False)
     codec_error: str | None = field(default=None, init=False)
     _codec_tried: bool = field(default=False, init=False)
@@ -185,7 +186,8 @@ class SampleCallback(TrainerCallback):
             model, self.tokenizer, prompt.text, temperature=self.temperature, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
             reference_text=self.reference.text if reference_codes else None, reference_codes=reference_codes,
-            speaker=prompt.speaker, seed=seed, should_stop=self._stopping, on_token=progress)
+            speaker=prompt.speaker, seed=seed, text_normalization=self.text_normalization,
+            should_stop=self._stopping, on_token=progress)
         record = {"index": index, "text": prompt.text, "speaker": prompt.speaker, "generated_tokens": generated,
                   "dropped_ids": dropped, "codes": codes, "wav": None}
         if codec is None:
@@ -348,7 +350,8 @@ def maybe_add_sample_callback(trainer, config, output_dir, tokenizer, val, conso
         output_dir=Path(output_dir), tokenizer=tokenizer, texts=prompts, codec_id=config.data.codec, console=console,
         every_n_steps=s.every_n_steps, temperature=s.temperature, top_p=s.top_p,
         repetition_penalty=s.repetition_penalty, max_new_tokens=s.max_new_tokens or auto_max_new_tokens(val, train),
-        reference=_reference(s), tensorboard=_find_tensorboard(trainer), should_stop=should_stop, keeper=keeper)
+        reference=_reference(s), tensorboard=_find_tensorboard(trainer), should_stop=should_stop, keeper=keeper,
+        text_normalization=config.data.text_normalization)
     if keeper is not None:
         keeper.voice_prompt = callback.reference.audio if callback._reference_codes() else None
     # Before early stopping: the scores must be among the metrics when it (and then the
