@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shlex
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -24,6 +23,7 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 
 from autotune.errors import AutotuneError
+from autotune.files import open_regular, special_file_kind  # noqa: F401 - corpora reads through these
 from autotune.llasa import CODES_PER_SECOND, MAX_CODE
 
 
@@ -79,40 +79,6 @@ def _clip(text: str, limit: int = 120) -> str:
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
-
-
-def special_file_kind(mode: int) -> str | None:
-    """What a non-regular file is, for messages; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
-def open_regular(path: Path, what: str = "data") -> IO[bytes]:
-    """Open a file for reading, refusing anything but a regular file. O_NONBLOCK makes
-    opening a FIFO return at once (a plain open waits for a writer forever)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except (FileNotFoundError, NotADirectoryError):
-        raise AutotuneError(f"{what} file `{path}` does not exist: check the path") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise AutotuneError(f"{what} file `{path}` is a symlink loop: point it at a real file") from None
-        raise AutotuneError(f"cannot read `{path}` ({exc.strerror or exc}): check permissions") from None
-    kind = special_file_kind(os.fstat(fd).st_mode)
-    if kind:
-        os.close(fd)
-        raise AutotuneError(f"{what} file `{path}` is {kind}, not a regular file: pass the file itself")
-    return os.fdopen(fd, "rb")
 
 
 _SNIFF_BYTES = 1 << 20   # the encoding is judged on the first MiB: enough lines, never the whole file

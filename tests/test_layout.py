@@ -12,7 +12,7 @@ PACKAGE = ROOT / "autotune"
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
     # facts, errors, printing, files
-    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat", "dotted", "textnorm"},
+    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat", "dotted", "textnorm", "files"},
     # the probe's path (no torch): hardware, profiles, config, the command line
     {"hardware", "config", "profiles", "cli", "request", "probe_report", "diagnosis", "distributed"},
     # reading files and audio
