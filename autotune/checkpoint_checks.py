@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import random
-import struct
 import types
 import typing
 import zipfile
@@ -53,9 +52,6 @@ RNG_KEYS = frozenset({"python", "numpy", "cpu"})
 SCHEDULER_KEYS = frozenset({"base_lrs", "last_epoch", "lr_lambdas", "_last_lr", "_step_count"})
 # Optimizer state entries shaped like their parameter (torch AdamW/SGD, Adafactor, bitsandbytes 8-bit).
 PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "state1", "state2")
-SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                          "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 EMBEDDING_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 
 Shape = tuple[int, ...]
@@ -267,6 +263,11 @@ def trainer_state_problem(state: dict[str, Any]) -> str | None:
             return f"has `{key}` = {json.dumps(value)[:40]}, not of type {_type_name(fields[key])}"
     if state["global_step"] < 0:
         return f"has a negative `global_step` ({state['global_step']})"
+    best = state.get("best_metric")
+    if isinstance(best, float) and not math.isfinite(best):
+        # A non-finite metric is never the best (the trainer refuses it): the file was damaged, and
+        # trusting it would end the run with whatever checkpoint it names.
+        return f"records a best metric of {best} (no evaluation is best at a non-finite value)"
     log = state.get("log_history") or []
     if not all(isinstance(entry, dict) for entry in log):
         return "has a `log_history` entry that is not a record"
@@ -383,48 +384,20 @@ def adapter_tensors(weights: Path) -> tuple[dict[str, tuple[str, Shape]] | None,
     return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in loaded.items()}, None
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """A safetensors file is an 8-byte header size, a JSON header, then the tensor
-    bytes the header promises: check all three without loading any tensor."""
-    return _safetensors_header(path)[1]
-
-
 def _safetensors_header(path: Path) -> tuple[dict | None, str | None]:
+    """name -> {"dtype", "shape"} from a safetensors file's header, read by safetensors itself
+    (`safe_open` refuses a truncated file, a cut-off or damaged header, offsets that do not
+    match the shapes, and bytes after the last tensor), without loading any tensor."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None, "is truncated (no header)"
-            (header_bytes,) = struct.unpack("<Q", head)
-            if header_bytes > size - 8:
-                return None, "is truncated (header cut off)"
-            header = json.loads(f.read(header_bytes))
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        spans = []
-        for name, entry in entries.items():
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = entry["shape"]
-            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                return None, f"has a bad shape for {name}"
-            item = SAFETENSORS_ITEM_BYTES.get(entry["dtype"])
-            if item is None:
-                return None, f"has an unknown dtype {entry['dtype']!r} for {name}"
-            if end - begin != math.prod(shape) * item:
-                return None, f"has {end - begin} bytes for {name}, whose shape needs {math.prod(shape) * item}"
-            spans.append((begin, end))
-    except (OSError, ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
-        return None, f"has an unreadable header ({_short(exc) or type(exc).__name__})"
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
-            return None, "has overlapping or gapped tensor data (a damaged header)"
-        position = end
-    expected = 8 + header_bytes + position
-    if size < expected:
-        return None, f"is truncated ({size} of {expected} bytes)"
-    if size > expected:
-        return None, f"has {size - expected} bytes after its last tensor (a damaged header)"
+        with safe_open(str(path), framework="pt") as handle:
+            entries = {}
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                entries[name] = {"dtype": tensor.get_dtype(), "shape": list(tensor.get_shape())}
+    except (SafetensorError, OSError, ValueError) as exc:
+        return None, f"is damaged ({_short(exc) or type(exc).__name__})"
     return entries, None
 
 

@@ -369,6 +369,12 @@ def fake_checkpoint(path: Path, step: int) -> Path:
     return path
 
 
+def _set_best_metric(path: Path, value: float) -> None:
+    state = json.loads((path / "trainer_state.json").read_text())
+    state.update(best_metric=value, best_global_step=2, best_model_checkpoint=str(path.parent / "checkpoint-2"))
+    (path / "trainer_state.json").write_text(json.dumps(state))
+
+
 def truncate(file: Path, keep: float = 0.5) -> None:
     data = file.read_bytes()
     file.write_bytes(data[: int(len(data) * keep)])
@@ -377,10 +383,14 @@ def truncate(file: Path, keep: float = 0.5) -> None:
 @pytest.mark.parametrize("damage, why", [
     (lambda p: (p / "trainer_state.json").unlink(), "no trainer_state.json"),
     (lambda p: (p / "trainer_state.json").write_text('{"global_st'), "trainer_state.json does not parse"),
-    (lambda p: truncate(p / "adapter_model.safetensors"), "adapter_model.safetensors is truncated"),
-    (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x05"), "adapter_model.safetensors is truncated"),
+    # safetensors' own reader judges the file: a cut file, a cut or damaged header, trailing bytes.
+    (lambda p: truncate(p / "adapter_model.safetensors"), "adapter_model.safetensors is damaged"),
+    (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x05"), "adapter_model.safetensors is damaged"),
     (lambda p: (p / "adapter_model.safetensors").write_bytes(struct.pack("<Q", 2) + b"[]"),
-     "adapter_model.safetensors has an unreadable header"),
+     "adapter_model.safetensors is damaged"),
+    (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes() + b"x"),
+     "adapter_model.safetensors is damaged"),
+    (lambda p: _set_best_metric(p, float("nan")), "records a best metric of nan"),
     (lambda p: (p / "adapter_model.safetensors").unlink(), "no adapter weights"),
     (lambda p: truncate(p / "optimizer.pt"), "optimizer.pt is truncated or corrupt"),
     (lambda p: (p / "optimizer.pt").unlink(), "optimizer.pt is missing"),
