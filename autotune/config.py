@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 import re
-from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -23,8 +21,10 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
                       model_validator)
 
 from autotune.compat import translate_llasa_trainer
-from autotune.dotted import deep_merge, dotted_keys, get_dotted, set_dotted
+from autotune.config_yaml import load_yaml_file, parse_set, short  # noqa: F401 - the config's public API
+from autotune.dotted import deep_merge, dotted_keys, set_dotted
 from autotune.errors import AutotuneError
+from autotune.resume_rules import HARMLESS_ON_RESUME, changed_keys  # noqa: F401 - the config's public API
 from autotune.llasa import DEFAULT_CODEC, DEFAULT_MODEL
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -143,6 +143,17 @@ class TrainingSection(_Section):
         False, description="Liger's Llama kernels (RMSNorm, RoPE, SwiGLU) through HF's `use_liger_kernel`; needs "
                            "liger-kernel and CUDA. The dry run tries it when installed.")
 
+    @field_validator("lr_scheduler_kwargs")
+    @classmethod
+    def _numeric_schedule_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Every schedule offered here takes numbers (`num_cycles`, `power`, `lr_end`): a string
+        # would only fail as a TypeError deep inside the first optimizer step.
+        for key, item in value.items():
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or item != item or item in (
+                    float("inf"), float("-inf")):
+                raise ValueError(f"`{key}` must be a finite number, got {short(item)!r}")
+        return value
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _listify(cls, value: Any) -> Any:
@@ -217,7 +228,7 @@ class SamplesSection(_Section):
     repetition_penalty: float = Field(
         1.0, gt=0, description="Repetition penalty; 1.0 is none, as in the model card (the official LoRA example uses 1.2).")
     max_new_tokens: int | None = Field(
-        None, gt=0, description="Longest generated speech in tokens (50 per second); default about 1.5x the longest "
+        None, gt=0, le=2048, description="Longest generated speech in tokens (50 per second); default about 1.5x the longest "
                                 "validation sample. Prompt plus speech never pass Llasa's 2,048 positions.")
     reference_audio: str | None = Field(None, description="Optional speaker prompt clip (voice cloning).")
     reference_text: str | None = Field(None, description="Transcript of `reference_audio`.")
@@ -321,86 +332,7 @@ def config_rule_problems(config: Config) -> list[str]:
     return problems
 
 
-# ------------------------------------------------------------------ resume ---
-
-# Keys a resumed run may change freely: what it is shown and told, not what it learns.
-# The tuner's own keys (batch split, precision, checkpointing...) are left to the plan.
-HARMLESS_ON_RESUME = ("samples.", "scores.", "autotune.", "training.logging_steps", "training.logging_dir",
-                      "training.report_to", "training.dataloader_num_workers", "training.dataloader_pin_memory",
-                      "training.per_device_eval_batch_size", "data.max_errors_shown")
-
-
-def changed_keys(before: dict[str, Any], after: dict[str, Any], ignore: set[str] | frozenset[str] = frozenset()
-                 ) -> list[tuple[str, Any, Any]]:
-    """(key, before, after) for each dotted key whose value differs, sorted; keys starting
-    with a `HARMLESS_ON_RESUME` prefix and those in `ignore` are left out."""
-    keys = dotted_keys(before) | dotted_keys(after)
-    out = []
-    for key in sorted(keys):
-        if key in ignore or key.startswith(HARMLESS_ON_RESUME):
-            continue
-        a, b = get_dotted(before, key), get_dotted(after, key)
-        if a != b:
-            out.append((key, a, b))
-    return out
-
-
 # ---------------------------------------------------------------- layering ---
-
-def parse_set(item: str) -> tuple[str, Any]:
-    """`lora.r=16` -> ("lora.r", 16). The value parses as a YAML scalar or flow list."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise AutotuneError(f"`--set {item}` must look like `section.key=value`, for example `--set lora.r=16`")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except _YAML_ERRORS as exc:
-        raise AutotuneError(f"`--set {item}`: the value is not valid YAML ({_yaml_problem(exc)})") from None
-    # YAML 1.1 reads `5e-5` as a string; the guide writes rates that way.
-    try:
-        value = _floatify(value)
-    except _BadTree as exc:
-        raise AutotuneError(f"`--set {_short(item)}`: the value {exc}") from None
-    return key, value
-
-
-# `safe_load` raises more than `YAMLError`: a bad `!!timestamp`, `!!int x` or a date such as
-# 2024-13-01 raise ValueError/AttributeError/KeyError, a 5,000-digit integer ValueError, and
-# thousands of nested `[` RecursionError.
-_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError)
-
-
-def _yaml_problem(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    if isinstance(exc, yaml.YAMLError):
-        return _first_line(exc)
-    return f"a value YAML cannot construct ({type(exc).__name__}: {_first_line(exc)[:120]})"
-
-
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    """Read a user config with `yaml.safe_load` (never executes tags)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise AutotuneError(f"config file `{path}` does not exist: check the path given to `--config`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AutotuneError(f"cannot read config file `{path}` ({_first_line(exc)}): pass a readable UTF-8 YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except _YAML_ERRORS as exc:
-        raise AutotuneError(f"`{path}` is not valid YAML: {_yaml_problem(exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise AutotuneError(f"`{path}` must hold a mapping of sections (`training:`, `lora:` ...), got a {type(data).__name__}")
-    try:
-        return _floatify(data)
-    except _BadTree as exc:
-        raise AutotuneError(f"`{path}` {exc}") from None
-
 
 class Resolved(BaseModel):
     """A validated config and which of its keys the user pinned."""
@@ -418,9 +350,19 @@ def resolve_config(profile_values: dict[str, Any] | None = None,
     notes: list[str] = []
     user = _normalise_aliases(copy.deepcopy(user_yaml or {}), notes)
     user, _run_keys = translate_llasa_trainer(user, notes)  # those are the command line's (see `run_keys`)
+    problems = read_guide_shorthand(user, notes)
     for item in sets or []:
         key, value = parse_set(item)
+        if "." not in key and key not in Config.model_fields:
+            shorthand = {key: value}
+            problems += read_guide_shorthand(shorthand, notes, where="--set ")
+            user = deep_merge(user, shorthand)
+            continue
         set_dotted(user, _canonical_key(key, notes), value)
+    problems += read_ranges(user, notes)
+    if problems:
+        raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
+                            details=problems)
     _precision_choice_turns_other_off(user)
     merged = deep_merge(profile_values or {}, user)
     config = validate(merged)
@@ -506,6 +448,80 @@ def _normalise_aliases(tree: dict[str, Any], notes: list[str]) -> dict[str, Any]
 
 
 
+# ----------------------------------------------------------- the guide's shorthand ---
+
+SECTIONS = ("model", "data", "training", "lora", "autotune", "samples", "scores")
+
+
+def _homes(name: str) -> list[str]:
+    """The dotted keys a bare name can mean: each section's field of that name (or old name)."""
+    homes = []
+    for section in SECTIONS:
+        fields = Config.model_fields[section].annotation.model_fields
+        if name in fields:
+            homes.append(f"{section}.{name}")
+        elif ALIASES.get(f"{section}.{name}", "").split(".")[-1] in fields:
+            homes.append(ALIASES[f"{section}.{name}"])
+    return homes
+
+
+def read_guide_shorthand(tree: dict[str, Any], notes: list[str], where: str = "") -> list[str]:
+    """The tuning guide writes `TrainingArguments` keys at the top level of its snippets
+    (`optim: adamw_torch_fused`, `bf16: true`, `per_device_train_batch_size: 1`): a top-level key
+    that names exactly one section's key is read as that key, in place, with one note; the
+    section's own entry wins where a file has both. Returns the problems (an ambiguous name)."""
+    moved, problems = [], []
+    for name in [k for k in list(tree) if isinstance(k, str) and k not in Config.model_fields]:
+        homes = _homes(name)
+        if len(homes) == 1:
+            section, key = homes[0].split(".")
+            node = tree.setdefault(section, {})
+            if not isinstance(node, dict):
+                continue   # the schema says what is wrong with the section
+            value = tree.pop(name)
+            if key not in node:
+                node[key] = value
+            moved.append(f"`{where}{name}` as `{homes[0]}`")
+        elif len(homes) > 1:
+            problems.append(f"`{where}{name}` is a key of several sections: did you mean "
+                            + " or ".join(f"`{h}`" for h in homes) + "?")
+    if moved:
+        notes.append("read the guide's top-level keys in their sections: " + ", ".join(moved))
+    return problems
+
+
+# `20-30` (the guide's `num_train_epochs: 20-30`): a range where one number belongs.
+_RANGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[-~〜～]\s*(\d+(?:\.\d+)?)\s*$")
+
+
+def read_ranges(tree: dict[str, Any], notes: list[str]) -> list[str]:
+    """A range written for a number (`num_train_epochs: 20-30`) is read as its upper end, with a
+    note: the guide pairs such ranges with early stopping, which ends the run sooner when it should."""
+    problems = []
+    for section in SECTIONS:
+        node = tree.get(section)
+        if not isinstance(node, dict):
+            continue
+        fields = Config.model_fields[section].annotation.model_fields
+        for key, value in list(node.items()):
+            field = fields.get(key)
+            match = _RANGE.match(value) if isinstance(value, str) and field is not None else None
+            if match is None:
+                continue
+            kinds = set(get_args(field.annotation)) | {field.annotation}
+            if not kinds & {int, float}:
+                continue
+            low, high = float(match.group(1)), float(match.group(2))
+            if low > high:
+                problems.append(f"`{section}.{key}`: the range `{value}` runs backwards; write one number")
+                continue
+            upper = int(high) if int in kinds and high.is_integer() else high
+            node[key] = upper
+            notes.append(f"`{section}.{key}: {value}` is a range: read as its upper end, {upper:g} "
+                         "(early stopping ends the run sooner when the metric stops improving)")
+    return problems
+
+
 def _precision_choice_turns_other_off(user: dict[str, Any]) -> None:
     # `fp16: true` alone must not collide with a profile's `bf16: true` (or the reverse).
     training = user.get("training")
@@ -526,15 +542,20 @@ def _describe(err: dict[str, Any]) -> str:
         options = _field_names(err["loc"][:-1])
         common = {k: v for k, v in _COMMON_NAMES.get(tuple(loc[:-1]), {}).items() if v in options}
         close = difflib.get_close_matches(str(err["loc"][-1]), options + list(common), n=1, cutoff=0.6)
-        close = [common.get(name, name) for name in close]
-        hint = f" (did you mean `{'.'.join(loc[:-1] + [close[0]])}`?)" if close else (
+        close = [".".join(loc[:-1] + [common.get(name, name)]) for name in close]
+        if not close and len(loc) == 1:
+            # A top-level typo of a section's key (`max_step`): look in every section.
+            every = [f"{s}.{f}" for s in SECTIONS for f in Config.model_fields[s].annotation.model_fields]
+            by_name = {name.split(".")[1]: name for name in every}
+            close = [by_name[n] for n in difflib.get_close_matches(loc[0], list(by_name), n=1, cutoff=0.75)]
+        hint = f" (did you mean `{close[0]}`?)" if close else (
             f" (allowed: {', '.join(options)})" if options else "")
         return f"unknown key `{key}`{hint}"
     value = err.get("input")
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
-    shown = "" if isinstance(value, dict) else f", got `{_short(value)}`"
+    shown = "" if isinstance(value, dict) else f", got `{short(value)}`"
     return f"`{key}`: {message[0].lower() + message[1:]}{shown}"
 
 
@@ -547,67 +568,6 @@ def _field_names(loc: tuple[Any, ...]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
-
-
-def _short(value: Any) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return " ".join(" ".join(text[:3]).split()) if text else type(exc).__name__
-
-
-# YAML 1.1 wants a dot in a float (`5.0e-5`); people write `5e-5`.
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _maybe_float(text: str) -> Any:
-    if not _EXPONENT_FLOAT.match(text.strip()):
-        return text
-    number = float(text)
-    return number if math.isfinite(number) else text
-
-
-MAX_DEPTH = 50
-MAX_VALUES = 100_000
-
-
-class _BadTree(ValueError):
-    """A YAML value no config can hold; the caller names where it came from."""
-
-
-def _floatify(tree: Any, depth: int = 0, count: list[int] | None = None) -> Any:
-    """Exponent floats (`5e-5`) to numbers, walking a fresh tree. Refuses what would
-    hang or crash later: a recursive alias (`&a {x: *a}`), aliases that expand to
-    millions of values ("billion laughs"), and unpaired surrogates (`"\\ud800"`),
-    which no UTF-8 output can print."""
-    count = [0] if count is None else count
-    count[0] += 1
-    if count[0] > MAX_VALUES:
-        raise _BadTree(f"holds more than {MAX_VALUES:,} values (aliases such as `*a` repeat their anchor)")
-    if depth > MAX_DEPTH:
-        raise _BadTree(f"is nested more than {MAX_DEPTH} levels deep (or an alias `*a` sits inside its own anchor `&a`)")
-    if isinstance(tree, dict):
-        return {_valid_text(k): _floatify(v, depth + 1, count) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_floatify(v, depth + 1, count) for v in tree]
-    if isinstance(tree, str):
-        return _maybe_float(_valid_text(tree))
-    return tree
-
-
-def _valid_text(value: Any) -> Any:
-    # U+DC80..U+DCFF are allowed: they are how Python spells the bytes of a path that is
-    # not UTF-8 (`--val`, `--model` arrive here through `cli_sets`), and print back as those bytes.
-    if isinstance(value, str) and not value.isascii():
-        try:
-            value.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError as exc:
-            raise _BadTree(f"holds text that is not valid Unicode (unpaired surrogate {ascii(value[exc.start])} "
-                           f"in {ascii(_short(value))})") from None
-    return value
 
 
 def dump_yaml(config: Config) -> str:

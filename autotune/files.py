@@ -101,3 +101,21 @@ def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> b
     base = os.path.realpath(folder)
     real = os.path.realpath(path)
     return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a folder could not be made or written at `path`, or None, without creating anything:
+    an existing non-folder on the way (a file named like it), or no write access to the nearest
+    existing parent (`/proc/...`, a read-only mount)."""
+    current = os.path.abspath(path)
+    while True:
+        if os.path.lexists(current):
+            if not os.path.isdir(current):
+                return f"`{current}` is not a folder"
+            if not os.access(current, os.W_OK | os.X_OK):
+                return f"`{current}` is not writable"
+            return None
+        parent = os.path.dirname(current)
+        if parent == current:
+            return f"`{path}` has no existing parent folder"
+        current = parent

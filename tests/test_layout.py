@@ -12,9 +12,9 @@ PACKAGE = ROOT / "autotune"
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
     # facts, errors, printing, files
-    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat", "dotted", "textnorm", "files"},
+    {"errors", "console", "signals", "rundir", "llasa", "loading", "compat", "dotted", "textnorm", "files", "resume_rules"},
     # the probe's path (no torch): hardware, profiles, config, the command line
-    {"hardware", "config", "profiles", "cli", "request", "probe_report", "diagnosis", "distributed"},
+    {"hardware", "config_yaml", "config", "profiles", "cli", "request", "probe_report", "diagnosis", "distributed"},
     # reading files and audio
     {"reading", "audio", "replica"},
     # corpora, the codec, the model, the loss, batches
