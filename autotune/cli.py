@@ -52,14 +52,65 @@ def _safe_console_streams() -> None:
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> NoReturn:
-    """Run `main`; an `AutotuneError` becomes one line on stderr and exit code 2."""
+    """Run `main` under the process's one signal policy (`signals.RunSignals`): an `AutotuneError`
+    becomes one line on stderr and exit code 2; SIGINT, SIGTERM and SIGHUP at any moment end in
+    130, 143 or 129 with one line, never a traceback; a closed pipe on stdout (`| head`) ends quietly."""
+    from autotune.signals import process_signals
+
     _safe_console_streams()
+    policy = process_signals()
+    policy.install()
+    policy.start_run()
+    try:
+        code = _run(main, argv, policy)
+    finally:
+        if argv is not None:
+            policy.uninstall()   # called in-process (tests, tools): give the handlers back
+        else:
+            policy.phase = "exiting"   # the process entry: a late signal no longer changes anything
+    sys.exit(code)
+
+
+def _run(main: Callable[[list[str] | None], int], argv: list[str] | None, policy) -> int:
+    from autotune.signals import EXIT_CODES, RunInterrupted
+
     try:
         code = main(argv)
+        if policy.received and code == 0:
+            code = EXIT_CODES.get(policy.received, 130)   # the work completed; the signal still ends it
     except AutotuneError as exc:
         sys.stderr.write("error: " + "\n".join(exc.lines()) + "\n")
         code = exc.exit_code
+    except RunInterrupted as exc:
+        sys.stderr.write(f"{exc.name}: stopped\n")
+        code = EXIT_CODES.get(exc.name, 130)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         code = 130
-    sys.exit(code)
+    except BrokenPipeError:
+        code = _closed_stdout()
+    return _flush_or_closed(code)
+
+
+def _closed_stdout() -> int:
+    """The reader of our stdout went away (`llasa-probe --json | head`): what it read is what it
+    wanted. Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _flush_or_closed(code: int) -> int:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_stdout() or code
+    except (OSError, ValueError):
+        pass
+    return code

@@ -24,7 +24,7 @@ from autotune.config import Config, changed_keys, config_rule_problems, dump_yam
 from autotune.errors import AutotuneError
 from autotune.request import RunRequest
 from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_REQUEST, RUN_SUMMARY, RunFolder,
-                             path_text, write_json, write_text)
+                             nested_problem, path_text, write_json, write_text)
 from autotune.training.scoring import report_info, scoring_on, time_scorers
 from autotune.tuning.plan import Plan
 
@@ -54,7 +54,8 @@ class Context:
     keeper: Any = None               # scoring.ScoreKeeper of the training, when scores are on
 
     def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]! {escape(message)}[/yellow]")
+        # soft_wrap: a path or a command in the message stays whole to copy (the terminal wraps it).
+        self.console.print(f"[yellow]! {escape(message)}[/yellow]", soft_wrap=True)
 
     @property
     def device(self) -> str:
@@ -66,10 +67,31 @@ class Context:
 def make_context(request: RunRequest) -> Context:
     processes, rank, local_rank = distributed.world()
     console = Console(stderr=request.json, quiet=rank != 0)
-    output = (Path(request.output_dir) if request.output_dir
-              else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    output = Path(request.output_dir) if request.output_dir else default_output_dir(request.data)
     return Context(request, console, output, is_main=rank == 0, processes=processes, local_rank=local_rank,
                    codec_cache=Path(request.codec_cache) if request.codec_cache else None)
+
+
+def default_output_dir(data: str | None) -> Path:
+    """`runs/<time>` here, unless here is inside the data folder (`cd dataset; python ../train.py
+    --data .`): then `runs/<time>` beside the data folder, which a run never writes into."""
+    from autotune.files import is_within
+
+    name = datetime.now().strftime("%Y%m%d-%H%M%S")
+    if data:
+        try:
+            folder = Path(data) if Path(data).is_dir() else Path(data).parent
+            if is_within(Path.cwd(), folder):
+                return Path(folder).resolve().parent / "runs" / name
+        except OSError:
+            pass
+    return Path("runs") / name
+
+
+def user_inputs(request: RunRequest) -> dict[str, Path]:
+    """The user's own files a run reads: they may never be inside what the run writes or replaces."""
+    named = {"--data": request.data, "--val": request.val, "--config": request.config}
+    return {flag: Path(value) for flag, value in named.items() if value}
 
 
 # ------------------------------------------------------------- the driver ---
@@ -77,11 +99,12 @@ def make_context(request: RunRequest) -> Context:
 def run(request: RunRequest, *, plan_cache: dict | None = None) -> int:
     """One whole run. `plan_cache` (the sweep's) maps a memory shape to a dry-run result, so
     trials that differ only in e.g. the learning rate share one."""
-    from autotune.signals import RunInterrupted, RunSignals
+    from autotune.signals import RunInterrupted, process_signals
 
     ctx = make_context(request)
-    ctx.signals = RunSignals()
+    ctx.signals = process_signals()
     ctx.signals.install()
+    ctx.signals.start_run()
     try:
         return _run(ctx, plan_cache)
     except RunInterrupted as exc:
@@ -114,7 +137,7 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
     find_layout(Path(request.data))  # a wrong --data path is the commonest mistake: say so first
     distributed.start(ctx.processes)
     folder = RunFolder(ctx.output_dir)
-    action = None if request.check_data else decide_folder(ctx, folder)
+    action = decide_folder(ctx, folder)   # None for --check-data, which writes no run
     rec = probe_and_recommend(ctx)
     tokenizer, builder = load_tokenizer_for_data(ctx, rec.config)
     data = load_data(ctx, rec.config, builder)
@@ -124,9 +147,16 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
         from autotune.training.scoring import check_metric_has_texts
 
         check_metric_has_texts(rec.config, data.val, data.train)
-    claim_folder(ctx, folder, action)
     if action == "resume":
         check_resume_flags(ctx, rec)
+        finished = finished_run(ctx.output_dir)
+        if finished is not None and not extends_the_run(ctx.resume_changes):
+            ctx.console.print(f"`{path_text(ctx.output_dir)}` holds a run that finished (step {finished.get('steps')} "
+                              f"of {finished.get('max_steps')}): nothing to resume, and nothing was changed; its "
+                              "adapter is there. To train longer, add a larger `--set training.max_steps=...` with "
+                              "`--allow-changes`.", markup=False, highlight=False, soft_wrap=True)
+            return 0
+    claim_folder(ctx, folder, action)
     from autotune import tables
 
     tables.first_screen(ctx.console, rec, data.summary(), ctx.notes,
@@ -142,12 +172,22 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
 
 def decide_folder(ctx: Context, folder: RunFolder) -> str:
     """What using `--output-dir` will do, decided before anything is changed, so that a
-    folder we may not use is said before any work."""
+    folder we may not use is said before any work. An old run that a killed `--overwrite` left
+    aside is put back first (or named, when that would lose something)."""
     request = ctx.request
     resume = "checkpoint" if request.resume not in (None, "latest") else bool(request.resume)
-    return distributed.on_main_then_share(
-        ctx.is_main, ctx.processes,
-        lambda: folder.check(resume=resume, overwrite=request.overwrite, dry_run=request.dry_run))
+
+    def decide() -> str:
+        problem = nested_problem(ctx.output_dir, user_inputs(request))
+        if problem:
+            raise AutotuneError(problem)
+        for line in folder.recover_left_aside():
+            ctx.warn(line)
+        if request.check_data:
+            return None
+        return folder.check(resume=resume, overwrite=request.overwrite, dry_run=request.dry_run)
+
+    return distributed.on_main_then_share(ctx.is_main, ctx.processes, decide)
 
 
 def claim_folder(ctx: Context, folder: RunFolder, action: str) -> None:
@@ -202,6 +242,34 @@ def check_resume_flags(ctx: Context, rec) -> None:
     ctx.resume_changes = [{"key": k, "before": a, "after": b} for k, a, b in changes]
 
 
+def finished_run(output_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that ended (not one stopped on a signal), or None."""
+    from autotune.files import read_user_json
+
+    if not (output_dir / RUN_SUMMARY).is_file():
+        return None
+    try:
+        summary = read_user_json(output_dir / RUN_SUMMARY, what="run summary")
+    except AutotuneError:
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted") or not summary.get("finished_at"):
+        return None
+    return summary
+
+
+def extends_the_run(changes: list[dict[str, Any]]) -> bool:
+    """Changes accepted by `--allow-changes` that give a finished run more to train."""
+    def more(change: dict[str, Any]) -> bool:
+        before, after = change.get("before"), change.get("after")
+        if change.get("key") == "training.max_steps":
+            return isinstance(after, int) and (after < 0 or not isinstance(before, int) or 0 <= before < after)
+        if change.get("key") == "training.num_train_epochs":
+            return isinstance(after, (int, float)) and (not isinstance(before, (int, float)) or after > before)
+        return False
+
+    return any(more(c) for c in changes)
+
+
 def _recorded_request(output_dir: Path) -> dict[str, Any]:
     try:
         value = json.loads((output_dir / RUN_REQUEST).read_text(encoding="utf-8"))
@@ -239,13 +307,26 @@ def probe_and_recommend(ctx: Context):
         from autotune.training.samples import check_reference
 
         check_reference(rec.config.samples)  # a bad clip is found now, not after the model loads
-    problems = config_rule_problems(rec.config)
+    problems = config_rule_problems(rec.config) + logging_dir_problems(rec.config)
     if problems:
         raise AutotuneError(f"invalid config ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
                             details=problems)
     if rec.config.autotune.vram_limit_gib is not None and not gpus:
         rec.warnings.append("`--vram-limit` has no effect without a GPU")
     return rec
+
+
+def logging_dir_problems(config: Config) -> list[str]:
+    """TensorBoard's folder is made when training starts: a file in its way, or a place no one may
+    write (`/proc/...`), is said now, before anything loads."""
+    from autotune.files import folder_problem
+
+    t = config.training
+    if not t.logging_dir or "tensorboard" not in t.report_to:
+        return []
+    problem = folder_problem(t.logging_dir)
+    return [f"`training.logging_dir` {t.logging_dir}: {problem}; choose a folder you can write, or leave it "
+            "out for `<output>/logs`"] if problem else []
 
 
 # ------------------------------------------------------------------- data ---

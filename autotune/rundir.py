@@ -18,7 +18,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -154,20 +156,53 @@ def storage_error(exc: BaseException, path: Path) -> AutotuneError:
 
 # ------------------------------------------------------------- the folder ---
 
-def mark_ours(folder: Path) -> None:
-    """Make `folder` ours before a child process writes into it (a sweep's dry-run folder)."""
+RUN, SWEEP = "run", "sweep"           # the two kinds of folder this tool writes
+
+
+def mark_ours(folder: Path, kind: str = RUN) -> None:
+    """Make `folder` ours, of `kind`, before anything else is written there (a sweep's
+    dry-run folder, a trial's console.log)."""
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / MARKER).is_file():
-        write_json(folder / MARKER, {"tool": "llasa-autotune", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(folder / MARKER, {"tool": "llasa-autotune", "kind": kind,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def is_ours(folder: Path) -> bool:
-    """Our marker, or a run or sweep of an earlier version (its run_config.yaml, sweep.json)."""
-    return any((folder / name).is_file() for name in (MARKER, RUN_CONFIG, SWEEP_RECORD))
+    """Only the marker makes a folder ours: a file that merely has a run's name
+    (`run_config.yaml`, `sweep.json`) in someone else's folder does not."""
+    try:
+        return (folder / MARKER).is_file()
+    except OSError:
+        return False
+
+
+def _marker(folder: Path) -> dict[str, Any] | None:
+    from autotune.files import read_user_json
+
+    try:
+        record = read_user_json(folder / MARKER, what="marker", limit_bytes=64 * 1024)
+    except AutotuneError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def has_trained(folder: Path) -> bool:
+    """A run here took its first training step (its marker says so)."""
+    return "trained_from" in (_marker(folder) or {})
+
+
+def kind_of(folder: Path) -> str:
+    """"run" or "sweep", as the marker records it (a marker without a kind, from an earlier
+    version, is a sweep when the folder holds sweep.json)."""
+    kind = (_marker(folder) or {}).get("kind")
+    if kind in (RUN, SWEEP):
+        return kind
+    return SWEEP if (folder / SWEEP_RECORD).is_file() else RUN
 
 
 def has_started(folder: Path) -> bool:
-    """Training started here: there is something to resume."""
+    """Training started here: there is something to resume (a run's run_config.yaml, a sweep's sweep.json)."""
     return (folder / RUN_CONFIG).is_file() or (folder / SWEEP_RECORD).is_file()
 
 
@@ -176,16 +211,27 @@ def listing(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name not in (MARKER, LOCK)]
 
 
+def _open_lock(folder: Path, flags: int) -> int:
+    """The lock file's descriptor, never through a link: a `.lock` that is a symlink would
+    have its target truncated and overwritten with our PID."""
+    try:
+        return os.open(folder / LOCK, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AutotuneError(f"`{path_text(folder / LOCK)}` is a symbolic link, not this tool's lock file: remove "
+                                "it (nothing of yours is in it) or choose another `--output-dir`") from None
+        raise
+
+
 def holder_of(folder: Path) -> int | None:
     """The PID holding `folder`'s lock, or None when it is free (or not ours)."""
-    lock = folder / LOCK
-    if not lock.is_file():
+    if not (folder / LOCK).is_file() or (folder / LOCK).is_symlink():
         return None
     import fcntl
 
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock(folder, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, AutotuneError):
         return None
     try:
         try:
@@ -207,13 +253,70 @@ def busy_error(folder: Path, pid: int) -> AutotuneError:
                          "wait for it to finish or stop it, or choose another `--output-dir`")
 
 
-class RunFolder:
-    """The output folder of one run, held by this process from `claim` until it exits."""
+def _what(kind: str) -> str:
+    return "a sweep" if kind == SWEEP else "a single run"
 
-    def __init__(self, path: Path):
+
+def nested_problem(output: Path, inputs: dict[str, Path]) -> str | None:
+    """Why the output folder and an input may not be where they are, or None: the run writes
+    only into its own folder and reads the user's files only, so neither may hold the other.
+    `inputs` maps a flag (`--data`) to its path; a file's folder is what counts for data."""
+    from autotune.files import is_within
+
+    out = output.resolve() if output.exists() else Path(os.path.abspath(output))
+    for flag, path in inputs.items():
+        try:
+            folder = path if path.is_dir() else path.parent
+        except OSError:
+            continue
+        if is_within(path, out):
+            return (f"`{flag} {path_text(path)}` is inside `--output-dir {path_text(output)}`, which the run writes "
+                    "(and `--overwrite` replaces): keep your files outside the run's folder, e.g. move them and "
+                    "pass the new path")
+        if flag in ("--data", "--val") and is_within(out, folder):
+            return (f"`--output-dir {path_text(output)}` is inside the data folder `{path_text(folder)}`: a run "
+                    "writes checkpoints, samples and WAVs there, and the next run would read them as data; "
+                    "choose an `--output-dir` outside it")
+    return None
+
+
+def left_aside(folder: Path) -> list[Path]:
+    """Old runs an `--overwrite` moved aside (`.replaced-<name>-<pid>-<time>`) whose process is gone:
+    a kill between the move and the new run's first step left them there."""
+    target = folder.resolve() if folder.exists() else Path(os.path.abspath(folder))
+    found = []
+    try:
+        candidates = sorted(target.parent.glob(f"{REPLACED_PREFIX}{target.name}-*"))
+    except OSError:
+        return []
+    for path in candidates:
+        pid = path.name.removeprefix(f"{REPLACED_PREFIX}{target.name}-").split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue   # its --overwrite is still running
+        if path.is_dir() and not path.is_symlink():
+            found.append(path)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class RunFolder:
+    """The output folder of one run or sweep (`kind`), held by this process from `claim` until it exits."""
+
+    def __init__(self, path: Path, kind: str = RUN):
         self.path = Path(path)
+        self.kind = kind
         self._lock_fd: int | None = None
         self.replaced: Path | None = None    # the old run moved aside by --overwrite
+        self.put_back: list[str] = []        # what `recover_left_aside` did, for the console
 
     # -- deciding, without changing anything --------------------------------
 
@@ -235,34 +338,45 @@ class RunFolder:
             pid = holder_of(out)
             if pid is not None and pid != os.getpid():
                 raise busy_error(out, pid)
+            if (out / LOCK).is_symlink():
+                raise AutotuneError(f"`{path_text(out / LOCK)}` is a symbolic link, not this tool's lock file: "
+                                    "remove it (nothing of yours is in it) or choose another `--output-dir`")
+        ours = is_ours(out)
+        kind = kind_of(out) if ours else None
         if resume == "checkpoint":
             # `--resume CHECKPOINT` may start a new folder from another run's checkpoint.
-            resume = is_ours(out) and has_started(out)
-            if not resume and entries and not is_ours(out):
+            resume = ours and kind == self.kind and has_started(out)
+            if not resume and entries and not ours:
                 raise AutotuneError(f"`{path_text(out)}` already holds files that are not a run of this tool: "
                                     "choose an empty or new `--output-dir`")
+            if not resume and ours and kind != self.kind:
+                raise AutotuneError(f"`{path_text(out)}` holds {_what(kind)}, not {_what(self.kind)}: choose "
+                                    "another `--output-dir`")
             if not resume:
                 return "reuse" if entries else "new"
         if resume:
-            if not is_ours(out):
-                raise AutotuneError(f"`--resume`: `{path_text(out)}` holds no run to resume; pass the run's "
-                                    "`--output-dir` or a checkpoint path")
+            if not ours:
+                raise AutotuneError(f"`--resume`: `{path_text(out)}` holds no run of this tool to resume; pass the "
+                                    "run's `--output-dir` or a checkpoint path")
+            if kind != self.kind:
+                how = ("continue it with its `--sweep` flags and `--resume`" if kind == SWEEP else
+                       "continue it without `--sweep`")
+                raise AutotuneError(f"`--resume`: `{path_text(out)}` holds {_what(kind)}, not {_what(self.kind)}: "
+                                    f"{how}, or choose another `--output-dir`")
             return "resume"
         if not entries:
             return "new"
-        if is_ours(out) and not has_started(out):
+        if ours and not has_started(out) and kind == self.kind:
             return "reuse"      # a start that failed or was stopped before training: nothing to lose
-        if dry_run and is_ours(out):
+        if dry_run and ours and kind == self.kind == RUN:
             return "reuse"      # a dry run only rewrites autotune.json
+        if not ours:
+            raise AutotuneError(f"`{'--overwrite` refuses to replace `' if overwrite else ''}{path_text(out)}` "
+                                f"{'' if overwrite else 'already '}holds files that are not a run of this tool "
+                                "(no .llasa-autotune marker): choose an empty or new `--output-dir`")
         if not overwrite:
-            what = "a run" if has_started(out) else "files that are not a run of this tool"
-            raise AutotuneError(f"`{path_text(out)}` already holds {what}: add `--resume` to continue it, "
-                                "`--overwrite` to replace it, or choose another `--output-dir`"
-                                if has_started(out) else
-                                f"`{path_text(out)}` already holds {what}: choose an empty or new `--output-dir`")
-        if not is_ours(out):
-            raise AutotuneError(f"`--overwrite` refuses to replace `{path_text(out)}`: it is not a run of this tool "
-                                "(no .llasa-autotune marker) and not empty; choose an empty or new `--output-dir`")
+            raise AutotuneError(f"`{path_text(out)}` already holds {_what(kind)}: add `--resume` to continue it, "
+                                "`--overwrite` to replace it, or choose another `--output-dir`")
         return "replace"
 
     # -- taking it -------------------------------------------------------------
@@ -285,7 +399,7 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._lock(out)
-            mark_ours(out)
+            mark_ours(out, self.kind)
         except OSError as exc:
             self.restore()
             raise AutotuneError(f"cannot write to `{path_text(out)}` ({exc.strerror or exc}): "
@@ -302,6 +416,35 @@ class RunFolder:
         if action == "reuse":
             self.clear_unstarted()
 
+    def recover_left_aside(self) -> list[str]:
+        """Old runs a killed `--overwrite` left in `.replaced-*` beside the folder: put back when the
+        folder holds no started run (nothing is lost by that), else named with how to restore them.
+        Returns one line per old run, for the console."""
+        lines = []
+        for aside in left_aside(self.path):
+            target = self.path.resolve() if self.path.exists() else self.path
+            if target.exists():
+                # The new run it made way for never trained (only the marker and what preparation
+                # wrote), or the folder is empty: putting the old run back loses nothing.
+                unstarted = is_ours(target) and not has_started(target) and holder_of(target) in (None, os.getpid())
+                free = unstarted or (not is_ours(target) and not listing(target))
+            else:
+                free = True
+            if free:
+                try:
+                    if target.exists():
+                        shutil.rmtree(target)
+                    os.rename(aside, target)
+                    lines.append(f"put back `{path_text(target)}`: an earlier `--overwrite` had moved it aside to "
+                                 f"`{path_text(aside.name)}` and was stopped before its new run trained")
+                    continue
+                except OSError:
+                    pass
+            lines.append(f"`{path_text(aside)}` holds an older run that an interrupted `--overwrite` moved aside; "
+                         f"keep it with `mv {shlex.quote(str(aside))} <new name>`, or delete it with "
+                         f"`rm -r {shlex.quote(str(aside))}`")
+        return lines
+
     def clear_unstarted(self) -> None:
         """A folder whose start failed holds only what the preparation wrote: start clean."""
         for entry in listing(self.path):
@@ -311,10 +454,14 @@ class RunFolder:
                 entry.unlink(missing_ok=True)
 
     def training_started(self) -> None:
-        """The new run trains: the run it replaced can go now."""
+        """The new run trains: the run it replaced can go now, and the marker says it trained (what a
+        sweep that replaced another waits for before letting the old one go)."""
         if self.replaced is not None:
             shutil.rmtree(self.replaced, ignore_errors=True)
             self.replaced = None
+        record = _marker(self.path)
+        if record is not None and "trained_from" not in record:
+            write_json(self.path / MARKER, {**record, "trained_from": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def restore(self) -> None:
         """The new run failed before training: put the old run back where it was."""
@@ -327,7 +474,7 @@ class RunFolder:
             os.rename(self.replaced, target)
             self.replaced = None
         except OSError:
-            pass   # the old run stays in self.replaced, and the message below names it
+            pass   # it stays in `.replaced-*`: the next start in this folder puts it back or names it
 
     def release(self) -> None:
         self._unlock()
@@ -335,7 +482,7 @@ class RunFolder:
     def _lock(self, folder: Path) -> None:
         import fcntl
 
-        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(folder, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -345,6 +492,10 @@ class RunFolder:
                 pid = -1
             os.close(fd)
             raise busy_error(folder, pid) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise AutotuneError(f"`{path_text(folder / LOCK)}` is not a regular file: remove it or choose another "
+                                "`--output-dir`")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._unlock()

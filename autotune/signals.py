@@ -29,13 +29,20 @@ class RunInterrupted(BaseException):
 
 
 class RunSignals:
-    """One owner for SIGINT, SIGTERM and SIGHUP over a whole run, by phase:
+    """The one owner of SIGINT, SIGTERM and SIGHUP for the whole life of a process, by phase:
 
-    - preparing (reading and encoding data, the dry run): stop at once with
-      `RunInterrupted`; the driver says so in one line, with how to go on;
-    - training: ask the `InterruptCallback` to finish the step, save and stop; a
-      second signal stops at once;
-    - saving (the final adapter and summary): wait until the save is whole, then stop.
+    - preparing (start-up, reading and encoding data, the dry run): stop at once with
+      `RunInterrupted`; the driver, or `cli.run_main` before the driver runs, says so in one
+      line, with how to go on, and exits 130/143/129;
+    - training: ask the `InterruptCallback` to finish the step, save and stop; a second signal
+      stops at once;
+    - finishing (once training has run: the last evaluation's aftermath, the adapter, the
+      summary, the report): the signal is remembered and the run completes its files first,
+      then exits with the signal's code; a second signal stops at once (checkpoints are whole);
+    - saving (the final adapter and summary are being written): wait until they are whole.
+
+    `install` is counted: the command line installs it first, a run (or each trial of a sweep
+    run in-process) installs it again, and only the outermost `uninstall` restores the old handlers.
     """
 
     def __init__(self) -> None:
@@ -43,42 +50,64 @@ class RunSignals:
         self.received: str | None = None
         self.callback: Any = None   # reliability.InterruptCallback while training
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread() and not self._previous:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._depth == 0:
             self._previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
+        self._depth += 1
 
     def uninstall(self) -> None:
-        for sig, old in self._previous.items():
-            signal.signal(sig, old)
-        self._previous = {}
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._previous.items():
+                signal.signal(sig, old)
+            self._previous = {}
+
+    def start_run(self) -> None:
+        """A new run (or sweep trial) in this process starts preparing, with no signal pending."""
+        self.phase, self.received, self.callback = "preparing", None, None
 
     @contextmanager
     def training(self, callback: Any) -> Iterator[None]:
         self.phase, self.callback = "training", callback
-        if self.received:       # a signal between the dry run and the first step
+        if self.received:       # a signal between the dry run and the first step, or before a retry
             callback.requested = callback.requested or self.received
         try:
             yield
         finally:
-            self.phase, self.callback = "preparing", None
+            # Training ran: from now on a signal lets the run finish its files, then stops.
+            self.phase, self.callback = "finishing", None
 
     @contextmanager
     def saving(self) -> Iterator[None]:
-        self.phase = "saving"
+        before, self.phase = self.phase, "saving"
         try:
             yield
         finally:
-            self.phase = "preparing"
+            self.phase = before
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         first = self.received is None
         self.received = self.received or name
+        if self.phase == "exiting":
+            return   # the command has ended and its exit code is decided
         if self.phase == "saving":
             _say(f"\n{name}: finishing the final save first (a few seconds), then stopping\n")
+            return
+        if self.phase == "finishing":
+            if not first:
+                _say(f"\n{name} again: stopping now (the checkpoints are whole)\n")
+                raise SystemExit(EXIT_CODES.get(self.received, 128 + signum))
+            _say(f"\n{name}: training is over; writing the adapter and the summary first, then stopping "
+                 "(press Ctrl-C again to stop at once)\n")
             return
         if self.phase == "training" and self.callback is not None:
             if self.callback.requested is not None and not first:
@@ -91,6 +120,17 @@ class RunSignals:
                  "(press Ctrl-C again to stop at once without saving)\n")
             return
         raise RunInterrupted(name, self.phase)
+
+
+_PROCESS: RunSignals | None = None
+
+
+def process_signals() -> RunSignals:
+    """The one signal policy of this process (see `RunSignals`)."""
+    global _PROCESS
+    if _PROCESS is None:
+        _PROCESS = RunSignals()
+    return _PROCESS
 
 
 def _say(text: str) -> None:

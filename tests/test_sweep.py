@@ -219,7 +219,7 @@ def test_an_existing_folder_that_is_no_sweep_is_refused(tmp_path, capsys):
     assert exc.value.code == 2 and "already holds files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_main(lambda a: main(*a), [*FAST, *GRID, "--output-dir", str(out), "--resume"])
-    assert "holds no sweep" in capsys.readouterr().err
+    assert "holds no run of this tool" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
 
 

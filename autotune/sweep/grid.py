@@ -276,22 +276,48 @@ def _why(exc: AutotuneError) -> str:
     return "; ".join(" ".join(d.split()) for d in exc.details) if exc.details else exc.one_line()
 
 
-def base_record(args) -> dict[str, Any]:
-    """What must match for `--resume` to continue a sweep: everything but the grid."""
+def base_record(args, axes: list[Axis] | None = None) -> dict[str, Any]:
+    """What must match for `--resume` to continue a sweep: everything but the grid, including
+    the values a `--config` file holds (an edited file changes what the remaining trials learn)."""
+    from autotune.config import load_yaml_file, resolve_config
+
     settings = dict(parse_set(s) for s in args.config_sets())
+    swept = {a.key for a in axes or []}
+    resolved = resolve_config(user_yaml=load_yaml_file(args.config) if args.config else None,
+                              sets=list(args.config_sets())).config.to_dict()
+    for key in swept:
+        _drop_dotted(resolved, key)
     return {"data": args.data, "config": args.config, "auto": bool(args.auto),
-            "settings": json.loads(json.dumps(settings, default=str))}
+            "settings": json.loads(json.dumps(settings, default=str)),
+            "config_values": json.loads(json.dumps(resolved, default=str))}
+
+
+def _drop_dotted(tree: dict[str, Any], key: str) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    if isinstance(tree, dict):
+        tree.pop(last, None)
 
 
 def check_same_base(previous: dict[str, Any] | None, base: dict[str, Any], out: Path) -> None:
+    from autotune.config import changed_keys
+
     old = (previous or {}).get("base")
     if not old or old == base:
         return
     diffs = [k for k in ("data", "config", "auto") if old.get(k) != base.get(k)]
     old_s, new_s = old.get("settings", {}), base.get("settings", {})
     diffs += [f"--set {k}" for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
-    raise AutotuneError(f"`--resume`: the sweep in `{out}` was started with other flags ({', '.join(diffs)} differ): "
-                        "rerun it with the same `--data`, `--config`, `--auto` and `--set` flags, "
+    if "config_values" in old:   # sweeps recorded before this have no values to compare
+        diffs += [f"`{k}` {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
+                  for k, a, b in changed_keys(old["config_values"], base.get("config_values", {}))
+                  if f"--set {k}" not in diffs]
+    if not diffs:
+        return
+    shown = ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    raise AutotuneError(f"`--resume`: the sweep in `{out}` was started with other settings ({shown} differ): "
+                        "rerun it with the same `--data`, `--config` (as it was), `--auto` and `--set` flags, "
                         "or replace `--resume` with `--overwrite` to start it over")
 
 

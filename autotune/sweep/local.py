@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import AutotuneError
-from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD, RunFolder
+from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP, SWEEP_RECORD, RunFolder, has_trained, nested_problem
 from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, check_flags, check_same_base, mark_failed,
                                  pace, parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
                                  write_report, validate_trials, write_record)
@@ -21,47 +21,52 @@ from autotune.sweep.sharing import card_bytes, share_gib
 from autotune.tuning.ladder import free_memory
 
 
-def _is_trial_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in (RUN_SUMMARY, RUN_CONFIG, "autotune.json"))
-
-
-def is_sweep_dir(out: Path) -> bool:
-    if not out.is_dir() or (out / RUN_CONFIG).exists():
-        return False
-    return (out / SWEEP_RECORD).exists() or any(_is_trial_dir(p) for p in out.iterdir())
-
-
 def prepare_sweep_dir(ctx) -> dict[str, Any] | None:
     """Create or reuse the sweep folder, locked for this process; returns the previous
-    sweep.json (on --resume), if any. `--overwrite` replaces only a sweep or run of this
-    tool, or an empty folder (see `rundir.RunFolder`)."""
+    sweep.json (on --resume), if any. A sweep is a folder of its own kind (its marker says so):
+    `--resume` continues only a sweep, and `--overwrite` replaces only a sweep or run of this
+    tool, or an empty folder, moving it aside until a trial trains (see `rundir.RunFolder`)."""
+    from autotune.files import read_user_json
+    from autotune.pipeline import user_inputs
+
     out, args = ctx.output_dir, ctx.request
-    if out.exists() and not out.is_dir():
-        raise AutotuneError(f"`--output-dir {out}` is a file: pass a folder")
-    sweep = is_sweep_dir(out)
-    previous = None
-    if args.resume:
-        if not sweep:
-            what = "a single run, not a sweep" if (out / RUN_CONFIG).exists() else "no sweep"
-            raise AutotuneError(f"`--resume`: `{out}` holds {what}: pass the sweep's `--output-dir`, "
-                                "or drop `--resume` to start a new sweep")
-        if (out / SWEEP_RECORD).exists():
-            try:
-                previous = json.loads((out / SWEEP_RECORD).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                previous = None
-    folder = RunFolder(out)
+    problem = nested_problem(out, user_inputs(args))
+    if problem:
+        raise AutotuneError(problem)
+    folder = RunFolder(out, SWEEP)
+    if ctx.is_main:
+        for line in folder.recover_left_aside():
+            ctx.warn(line)
     action = folder.check(resume=bool(args.resume), overwrite=args.overwrite)
-    if action == "reuse" and sweep:
-        action = "replace" if args.overwrite else None
-        if action is None:
-            raise AutotuneError(f"`{out}` already holds a sweep: add `--resume` to continue it, `--overwrite` to "
-                                "replace it, or choose another `--output-dir`")
+    previous = None
+    if action == "resume" and (out / SWEEP_RECORD).is_file():
+        try:
+            previous = read_user_json(out / SWEEP_RECORD, what="sweep record")
+        except AutotuneError:
+            previous = None
     if ctx.is_main:
         folder.claim(action)
-        folder.training_started()   # the trials start now: a replaced sweep can go
         ctx.folder = folder
     return previous
+
+
+def settle_replaced(ctx, trials: list[Trial]) -> None:
+    """A sweep that replaced another (`--overwrite`) lets the old one go once a trial trains."""
+    folder = ctx.folder
+    if folder is not None and folder.replaced is not None:
+        if any(has_trained(ctx.output_dir / t.name) for t in trials):
+            folder.training_started()
+
+
+def restore_replaced(ctx) -> bool:
+    """No trial trained: what `--overwrite` moved aside comes back (True), and this sweep's folder goes."""
+    folder = ctx.folder
+    if folder is None or folder.replaced is None:
+        return False
+    folder.restore()
+    if folder.replaced is None:
+        ctx.warn(f"no trial trained: `{ctx.output_dir}` is back as it was before `--overwrite`")
+    return True
 
 
 def run_trial(ctx, trial: Trial, cache: dict) -> None:
@@ -151,7 +156,7 @@ def _sweep(ctx) -> int:
     from autotune.data import find_layout
 
     find_layout(Path(args.data))   # a wrong --data path fails here, not in every trial
-    base = base_record(args)
+    base = base_record(args, axes)
     previous = prepare_sweep_dir(ctx)
     check_same_base(previous, base, ctx.output_dir)
     out, c = ctx.output_dir, ctx.console
@@ -188,6 +193,7 @@ def _sweep(ctx) -> int:
     started = time.time()   # trials/hour counts from here: dry runs and every child's start-up included
 
     def save(complete: bool) -> dict[str, Any]:
+        settle_replaced(ctx, trials)
         record = sweep_record(ctx, axes, trials, base, complete,
                               {**pace(trials, started), **(parallel.record() if parallel else {})})
         if ctx.is_main:
@@ -197,19 +203,19 @@ def _sweep(ctx) -> int:
 
     if gpus:
         parallel = ParallelSweep(ctx, trials, gpus, lambda: save(False))
+    # Finished trials keep their status and times in the very first record: a kill right after it
+    # must not leave a sweep.json that forgot them.
+    for trial in trials:
+        if trial.name in finished:
+            _skip_finished(ctx, trial, len(trials), previous)
     save(False)
     cache: dict = {}
     try:
         if parallel is not None:
-            for trial in trials:
-                if trial.name in finished:
-                    _skip_finished(ctx, trial, len(trials), previous)
-            save(False)
             parallel.run([t for t in trials if t.name not in finished])
         else:
             for number, trial in enumerate(trials, 1):
                 if trial.name in finished:
-                    _skip_finished(ctx, trial, len(trials), previous)
                     continue
                 c.rule(escape(f"trial {number}/{len(trials)}: {trial.name}  ({' '.join(trial.sets)})"))
                 run_trial(ctx, trial, cache)
@@ -218,12 +224,19 @@ def _sweep(ctx) -> int:
                 save(False)
     except (KeyboardInterrupt, SweepTerminated):
         record = save(False)
+        if restore_replaced(ctx):
+            raise
         if ctx.is_main:
             show(ctx, axes, trials, record)
             c.print(f"[yellow]sweep interrupted: rerun the same command with `--resume` "
                     f"(and `--output-dir {escape(str(out))}`) to finish it[/yellow]")
         raise
+    except BaseException:
+        restore_replaced(ctx)
+        raise
     record = save(True)
+    if restore_replaced(ctx):
+        return 1
     if ctx.is_main:
         show(ctx, axes, trials, record)
         if args.json:

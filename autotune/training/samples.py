@@ -10,7 +10,8 @@ token on a signal.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,27 @@ from autotune.tuning.ladder import free_memory
 
 
 # --------------------------------------------------------------- callback ---
+
+@contextmanager
+def own_random_state() -> Iterator[None]:
+    """Speaking and scoring draw random numbers (sampling, a codec or scorer built on first use)
+    that training must never see: every generator training uses (Python's, numpy's, torch's on
+    the CPU and each GPU) is put back as it was. Without this, a run resumed after a stop would
+    load the codec at another step than the uninterrupted run and drift from it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
 
 @dataclass(frozen=True)
 class SamplePrompt:
@@ -82,14 +104,20 @@ class SampleCallback(TrainerCallback):
     # -- when ---------------------------------------------------------------
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.every_n_steps is None:
-            self._sample(args, state, kwargs.get("model"))
-        if self.keeper is not None and metrics is not None:
-            # Every process needs the scores (the best checkpoint and early stopping are decided
-            # on each); only the main one speaks and scores.
-            self.keeper.fill_metrics(int(state.global_step), metrics, main=state.is_world_process_zero, args=args)
+        with own_random_state():
+            if self.every_n_steps is None:
+                self._sample(args, state, kwargs.get("model"))
+            if self.keeper is not None and metrics is not None:
+                # Every process needs the scores (the best checkpoint and early stopping are decided
+                # on each); only the main one speaks and scores.
+                self.keeper.fill_metrics(int(state.global_step), metrics, main=state.is_world_process_zero,
+                                         args=args)
 
     def on_step_end(self, args, state, control, **kwargs):
+        with own_random_state():
+            self._on_step_end(args, state, control, **kwargs)
+
+    def _on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if self.every_n_steps is not None:
             if step > 0 and step % self.every_n_steps == 0:
