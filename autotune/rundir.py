@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -140,6 +141,41 @@ def is_storage_error(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("No space left on device", "Disk quota exceeded", "Read-only file system",
                                    "StorageFull"))
+
+
+# `atomic_path`'s temporary name: `.` + the file's name + mkstemp's 8 random characters + `.tmp`.
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def clear_temporaries(folder: Path) -> list[Path]:
+    """Temporary files a write left when the storage failed under it (a read-only remount can keep
+    even the clean-up from deleting them): gone when the folder is next claimed. Checkpoints are
+    not walked (their own staging is `checkpoints.clean_staging`'s)."""
+    removed = []
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(("checkpoint-", ".tmp-checkpoint-", REPLACED_PREFIX))]
+        for name in files:
+            if _TEMPORARY.match(name):
+                try:
+                    os.unlink(os.path.join(here, name))
+                    removed.append(Path(here) / name)
+                except OSError:
+                    pass
+    return removed
+
+
+def write_failure(exc: BaseException | None) -> str | None:
+    """What made a write fail, in words, when it is the storage's doing (full, over quota,
+    read-only, not writable) anywhere in the exception's chain; None for any other error."""
+    seen = 0
+    while exc is not None and seen < 6:
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+            return "permission denied: the folder is not writable"
+        if is_storage_error(exc):
+            return "the file system is read-only" if ("Read-only" in str(exc) or isinstance(exc, OSError)
+                                                      and exc.errno == errno.EROFS) else "the disk is full"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def storage_error(exc: BaseException, path: Path) -> AutotuneError:
@@ -415,6 +451,8 @@ class RunFolder:
                                 "`--output-dir`")
         if action == "reuse":
             self.clear_unstarted()
+        else:
+            clear_temporaries(out)
 
     def recover_left_aside(self) -> list[str]:
         """Old runs a killed `--overwrite` left in `.replaced-*` beside the folder: put back when the

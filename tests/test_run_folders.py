@@ -264,3 +264,35 @@ def test_a_kill_while_a_sweep_resumes_keeps_its_finished_trials_times(tmp_path, 
     left = json.loads(record.read_text())["trials"][0]
     assert left["name"] == done["name"]
     assert left["started_at"] == done["started_at"] and left["finished_at"] == done["finished_at"]
+
+
+# --------------------------------------------------------- a read-only folder ---
+
+def test_a_folder_that_turns_read_only_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import errno
+
+    import torch
+
+    from autotune import checkpoints as K
+
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):   # the file system is remounted read-only after the first save
+            raise OSError(errno.EROFS, "Read-only file system", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    argv = ["--data", str(DATA), *FAST[:-8], "--set", "training.max_steps=4", "--set", "training.eval_steps=2",
+            "--set", "training.save_steps=2", "--set", "training.report_to=none", "--output-dir", str(out)]
+    assert train(*argv) == 2
+    err = one_line_error(capsys)
+    assert "read-only" in err and "checkpoint-2" in err and "--resume" in err
+    assert K.newest_checkpoint(out) == out / "checkpoint-2"
+    # A temporary file such a failure leaves is gone at the next claim; the resume then finishes.
+    (out / ".report.html.abcd1234.tmp").write_text("half")
+    monkeypatch.undo()
+    assert train(*argv, "--resume") == 0
+    assert not (out / ".report.html.abcd1234.tmp").exists()

@@ -19,7 +19,7 @@ from autotune.batches import ExampleDataset, build_examples, make_collator
 from autotune.config import Config
 from autotune.data import DataReport, drop_too_long, split_record
 from autotune.errors import AutotuneError
-from autotune.rundir import RUN_CONFIG, SPLIT_RECORD, write_json
+from autotune.rundir import RUN_CONFIG, SPLIT_RECORD, path_text, write_failure, write_json
 from autotune.tuning.ladder import free_memory, is_oom, next_rung
 from autotune.tuning.plan import Plan
 
@@ -178,7 +178,14 @@ def fit_once(config: Config, plan: Plan, setting: FitSetting, train_set, val_set
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except Exception as exc:
         if not is_oom(exc):
-            raise
+            unwritable = write_failure(exc)
+            if unwritable is None:
+                raise
+            previous = K.newest_checkpoint(setting.output_dir)
+            kept = (f"the newest whole checkpoint, `{previous.name}`, is kept" if previous is not None
+                    else "no checkpoint was saved yet")
+            raise AutotuneError(f"cannot write in `{path_text(setting.output_dir)}` ({unwritable}); {kept}: make "
+                                "the folder writable (or free space) and continue with `--resume`") from None
         error = " ".join(str(exc).split())[:200]
     finally:
         stop_progress(trainer)
