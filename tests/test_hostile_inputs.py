@@ -79,3 +79,15 @@ def test_a_logging_dir_that_cannot_be_a_folder_is_one_line(tmp_path, where):
         target = Path("/proc/self/no-such-place/logs")
     code, err = in_process(*TINY, "--check-data", "--set", f"training.logging_dir={target}")
     assert code == 2 and "training.logging_dir" in one_line(err)
+
+
+@pytest.mark.parametrize("script", ["probe.py", "train.py"])
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path, script):
+    """`probe.py --json | head`: the reader is gone before the output is written."""
+    err = tmp_path / "stderr"
+    argv = "--json" if script == "probe.py" else f"--data {DATA} --model tiny --codec tiny --check-data --json"
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} {ROOT / script} {argv} 2>{err} | true"],
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    text = err.read_text()
+    assert "Traceback" not in text and "BrokenPipe" not in text, text
+    assert done.returncode == 0

@@ -511,6 +511,7 @@ def _cell(key: str, value: Any) -> str:
 def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     def num(value, spec):
         return "-" if value is None else format(value, spec)
@@ -519,20 +520,34 @@ def show(ctx, axes: list[Axis], trials: list[Trial], record: dict[str, Any]) -> 
     by = record["ranked_by"]
     ranked = rank([t for t in trials if t.done], by)
     scored = any(t.scores for t in ranked)
+    # (header, cells, right-aligned, dropped first when the terminal is narrow: higher goes first)
+    columns: list[tuple[str, list[str], bool, int]] = [("#", [str(i) for i in range(1, len(ranked) + 1)], True, 0)]
+    columns += [(short[a.key], [escape(_cell(a.key, t.settings.get(a.key))) for t in ranked], False, 0) for a in axes]
+    if scored:
+        columns += [("CER/WER", [num(t.score("error_rate"), ".1%") for t in ranked], True, 0),
+                    ("similarity", [num(t.score("similarity"), ".3f") for t in ranked], True, 1)]
+    columns += [("eval loss", [num(t.eval_loss, ".4f") for t in ranked], True, 0),
+                ("train loss", [num(t.train_loss, ".4f") for t in ranked], True, 4),
+                ("tokens/s", [num(t.tokens_per_second, ",.0f") for t in ranked], True, 3),
+                ("peak GiB", ["-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}"
+                              for t in ranked], True, 2),
+                ("status", [("[green]ok[/green]" if t.status == "ok" else "[red]failed[/red]")
+                            + (" (earlier)" if t.earlier else "") for t in ranked], False, 0)]
+
+    def width(column) -> int:
+        header, cells, _, _ = column
+        return max([len(header)] + [len(Text.from_markup(cell).plain) for cell in cells])
+
+    # Every value shown whole (a learning rate cut to `0.0…` says nothing): on a narrow terminal the
+    # least needed columns go instead, and the settings and the ranking stay.
+    while sum(width(col) + 3 for col in columns) + 1 > ctx.console.width and any(col[3] for col in columns):
+        columns.remove(max(columns, key=lambda col: col[3]))
     table = Table(title=f"Sweep: {len(ranked)} of {len(trials)} trials, ranked by {RANKING_LABELS[by]}",
                   title_justify="left")
-    table.add_column("#", justify="right")
-    for a in axes:
-        table.add_column(short[a.key], no_wrap=True)
-    columns = (("CER/WER", "similarity") if scored else ()) + ("eval loss", "train loss", "tokens/s", "peak GiB", "status")
     for column in columns:
-        table.add_column(column, justify="right" if column != "status" else "left", no_wrap=True)
-    for i, t in enumerate(ranked, 1):
-        status = ("[green]ok[/green]" if t.status == "ok" else "[red]failed[/red]") + (" (earlier)" if t.earlier else "")
-        score_cells = ((num(t.score("error_rate"), ".1%"), num(t.score("similarity"), ".3f")) if scored else ())
-        table.add_row(str(i), *(escape(_cell(k, v)) for k, v in t.settings.items()), *score_cells,
-                      num(t.eval_loss, ".4f"), num(t.train_loss, ".4f"), num(t.tokens_per_second, ",.0f"),
-                      "-" if t.peak_gpu_bytes is None else f"{t.peak_gpu_bytes / 2**30:.2f}", status)
+        table.add_column(column[0], justify="right" if column[2] else "left", no_wrap=True, min_width=width(column))
+    for row in zip(*(column[1] for column in columns)):
+        table.add_row(*row)
     c = ctx.console
     c.print(table)
     for t in ranked:
