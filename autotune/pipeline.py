@@ -550,8 +550,8 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
     from autotune.checkpoints import newest_checkpoint
     from autotune.diagnosis import diagnose
     from autotune.model_card import write_model_card
-    from autotune.rundir import LOSS_PLOT, MERGED_DIR
-    from autotune.training.outputs import plot_losses, save_adapter
+    from autotune.rundir import MERGED_DIR
+    from autotune.training.outputs import save_adapter
 
     trainer, config = result.outcome.trainer, result.config
     interrupted = trainer.interrupt.requested if result.outcome.interrupted else None
@@ -567,7 +567,6 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
             saved = not interrupted and save_adapter(trainer.model, out, ctx.console)
             summary["adapter_saved"] = bool(saved)
             write_text(out / RESOLVED_CONFIG, dump_yaml(config))
-            summary["loss_plot"] = LOSS_PLOT if plot_losses(history, out / LOSS_PLOT) else None
             if ctx.request.merge and saved:
                 merged = trainer.model.merge_and_unload()
                 merged.save_pretrained(str(out / MERGED_DIR))

@@ -39,7 +39,6 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 RUN_SUMMARY = "run_summary.json"
 AUTOTUNE_RECORD = "autotune.json"     # the dry run's attempts and plan
 SPLIT_RECORD = "split.json"
-LOSS_PLOT = "loss.png"
 REPORT = "report.html"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
@@ -108,8 +107,8 @@ def _file_mode() -> int:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` for a writer that wants a file name (matplotlib,
-    soundfile, safetensors); it becomes `path` when the block ends without error."""
+    """A temporary name beside `path` for a writer that wants a file name (soundfile,
+    safetensors); it becomes `path` when the block ends without error."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -277,19 +277,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monke
 
 
 @pytest.mark.parametrize("code, said", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only")])
-def test_a_plot_that_cannot_be_written_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, code, said):
-    from matplotlib.figure import Figure
-
-    from autotune.training.outputs import plot_losses
-
-    def savefig(self, fname, **kwargs):
-        Path(fname).write_bytes(b"\x89PNG half")   # some bytes reach the disk, then it fails
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
+def test_a_file_a_writer_cannot_finish_is_one_line_and_leaves_no_file(tmp_path, code, said):
+    """A writer that wants a file name (safetensors, soundfile): half its bytes reach the disk, then it fails."""
     with pytest.raises(AutotuneError, match=said):
-        plot_losses([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}], tmp_path / "loss.png")
-    assert list(tmp_path.iterdir()) == [], "no 0-byte or half loss.png, no .tmp"
+        with rundir.atomic_path(tmp_path / "clip.wav") as tmp:
+            tmp.write_bytes(b"RIFF half")
+            raise OSError(code, os.strerror(code))
+    assert list(tmp_path.iterdir()) == [], "no 0-byte or half file, no .tmp"
 
 
 def test_paths_that_are_not_utf8_are_written_as_escapes(tmp_path):
@@ -328,12 +322,12 @@ def test_files_written_whole_get_the_modes_of_ordinary_files(tmp_path: Path):
     old = os.umask(0o022)
     try:
         rundir.write_text(tmp_path / "report.html", "<html></html>")
-        with rundir.atomic_path(tmp_path / "loss.png") as tmp:
+        with rundir.atomic_path(tmp_path / "clip.wav") as tmp:
             tmp.write_bytes(b"png")
         os.umask(0o077)
         rundir.write_json(tmp_path / "private.json", {})
     finally:
         os.umask(old)
     assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "loss.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "clip.wav").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600

@@ -36,7 +36,7 @@ def finished_run(tmp_path_factory) -> Path:
 def test_outputs_of_a_finished_run(finished_run: Path):
     out = finished_run
     for name in ("adapter_model.safetensors", "adapter_config.json", "resolved_config.yaml", "run_summary.json",
-                 "loss.png", "split.json", "run_config.yaml"):
+                 "report.html", "split.json", "run_config.yaml"):
         assert (out / name).is_file(), name
     assert list((out / "logs").glob("events.out.tfevents.*")), "TensorBoard events"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
