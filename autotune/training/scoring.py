@@ -151,6 +151,14 @@ class ScoreKeeper:
                                  warn=self.warn)
         return self.scorer
 
+    def said(self, text: str) -> str:
+        """`text` as the model was asked to say it: normalised as the run's prompts are
+        (`data.text_normalization`, `auto` decided by the model as the run decides it)."""
+        from autotune.textnorm import normalize, resolve
+
+        data, model = self.config.data, self.config.model
+        return normalize(text, resolve(data.text_normalization, model.name_or_path))
+
     # -- references --------------------------------------------------------------
 
     def references(self, text: str, speaker: str | None, codec: Any) -> list[str]:
@@ -193,14 +201,20 @@ class ScoreKeeper:
             return None    # codes without audio: nothing to hear, nothing to score
         started = time.perf_counter()
         scorer = self._get_scorer()
+        spoken = [r for r in records if "index" in r and not r.get("skipped")]
         items = []
-        for r in records:
-            if "index" not in r or r.get("skipped"):
-                continue
+        for r in spoken:
             wav = folder / r["wav"] if r.get("wav") else None
-            items.append({"text": r["text"], "wav": str(wav) if wav else None,
+            # The model was asked to say the text as the run normalises it: that is what the
+            # transcript is held against, or a dropped character would count as an error.
+            items.append({"text": self.said(r["text"]), "wav": str(wav) if wav else None,
                           "reference_wavs": self.references(r["text"], r.get("speaker"), codec)})
         result = scorer.score(items)
+        for record, sample in zip(spoken, result["samples"]):
+            if record.get("speaker") is not None:
+                sample["speaker"] = record["speaker"]
+            if record["text"] != sample["text"]:
+                sample["written"] = record["text"]      # the text as the data has it
         result["device_reason"] = self.device_reason
         result["step"] = step
         written = write_scores(folder, result)
