@@ -181,6 +181,11 @@ def test_the_plain_offline_run_spends_seconds_on_the_default_scorers(tmp_path: P
         assert f"`hf download {model}`" in scores[part] and f"`--set scores.{setting}=none`" in scores[part]
         lines = [line for line in printed.splitlines() if f"`hf download {model}`" in line]
         assert len(lines) == 1 and line_is_whole(lines[0]), lines
+    # The same run's model card (issue 28) says its batch from the plan it ran, and why it has no scores.
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "- batch: micro-batch 2 x accumulation 2 = 4 samples per optimizer step, fp32" in card
+    assert "- scores: not measured (the ASR model `openai/whisper-large-v3-turbo` is not downloaded" in card
+    assert "None" not in card
 
 
 def line_is_whole(line: str) -> bool:

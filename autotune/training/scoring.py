@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import SCORE_METRICS, Config
+from autotune.describe import scores_in_words
 from autotune.scores import NONE, TINY, Scorer, write_scores
 
 # The Trainer's metric names for each mean of `Scorer.score`.
@@ -232,7 +233,7 @@ class ScoreKeeper:
         if writer is not None:
             writer.flush()
         if self.console is not None:
-            self.console.print(f"scores at step {step}: {_means_line(payload)} ({self.seconds[-1]:.1f} s on "
+            self.console.print(f"scores at step {step}: {scores_in_words(payload)} ({self.seconds[-1]:.1f} s on "
                                f"{scorer.device})", markup=False, highlight=False)
         if state is not None:
             self.write_report(state)
@@ -319,8 +320,8 @@ class ScoreKeeper:
 def write_run_report(output_dir: Path, info: dict[str, Any], state: Any, evaluations: list[dict[str, Any]],
                      metric: str, *, summary: dict[str, Any] | None = None,
                      warn: Callable[[str], None] | None = None) -> Path | None:
-    """report.html: the GPU, the plan and why, the curves, and every evaluation's clips.
-    A full disk warns and leaves the previous page."""
+    """report.html: the best clips and the curves, the GPU and the plan and why, every
+    evaluation. A full disk warns and leaves the previous page."""
     from autotune.errors import AutotuneError
     from autotune.report import write_report
 
@@ -340,16 +341,6 @@ def write_run_report(output_dir: Path, info: dict[str, Any], state: Any, evaluat
         return None
 
 
-def _means_line(payload: dict[str, Any]) -> str:
-    parts = []
-    for key, label in (("mean_cer", "CER"), ("mean_wer", "WER")):
-        if payload.get(key) is not None:
-            parts.append(f"{label} {payload[key]:.1%}")
-    if payload.get("mean_similarity") is not None:
-        parts.append(f"similarity {payload['mean_similarity']:.3f}")
-    return ", ".join(parts) or "not scored"
-
-
 def scoring_on(config: Config) -> bool:
     """Scores are measured when a scorer is set and samples are spoken."""
     return config.scores.enabled and config.samples.num_texts > 0
@@ -367,6 +358,9 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     shown = {key: summary.get(key) for key in (
         "steps", "max_steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "metric_for_best_model",
         "best_metric", "stopped_early_at", "steady_tokens_per_second", "wall_seconds", "interrupted")}
+    dry_run = summary.get("dry_run") or {}
+    if dry_run.get("reason"):
+        shown["plan_reason"] = f"the dry run: {dry_run['reason']}"
     scores = summary.get("scores")
     if scores:
         shown.update({"scored_evaluations": scores.get("evaluations"), "scores_best": scores.get("best"),
