@@ -197,8 +197,8 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, y
     series = [(name, points) for name, points in series if points]
     if not series:
         return (f'<div class="card"><h3>{_e(title)}</h3><p class="muted">nothing recorded yet</p></div>')
-    width, height = 520, 260
-    left, right, top, bottom = 56, 16, 40, 36
+    width, height = 420, 240
+    left, right, top, bottom = 62, 12, 44, 34
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts]
     x_lo, x_hi = min(xs), max(xs)
@@ -231,7 +231,7 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, y
         x = px(marker_x)
         parts.append(f'<line class="best-marker" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{height - bottom}" '
                      'stroke="#059669" stroke-dasharray="4 3"/>')
-    legend_x = left + 8 + len(title) * 7.5
+    legend_x = float(left)    # the legend sits under the title, whatever its length
     for i, (name, points) in enumerate(series):
         color = _PALETTE[i % len(_PALETTE)]
         coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
@@ -240,8 +240,8 @@ def _chart(title: str, series: list[tuple[str, list[tuple[float, float]]]], *, y
         for x, y in points:
             parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}">'
                          f'<title>{_e(name)} at step {x:g}: {y:.4g}</title></circle>')
-        parts.append(f'<rect x="{legend_x:.0f}" y="7" width="12" height="3" fill="{color}"/>'
-                     f'<text x="{legend_x + 16:.0f}" y="12">{_e(name)}</text>')
+        parts.append(f'<rect x="{legend_x:.0f}" y="27" width="12" height="3" fill="{color}"/>'
+                     f'<text x="{legend_x + 16:.0f}" y="32">{_e(name)}</text>')
         legend_x += 28 + len(name) * 6.5
     parts.append("</svg>")
     return f'<div class="card">{"".join(parts)}</div>'
@@ -317,12 +317,12 @@ def _to_listen(evaluations: list[dict[str, Any]], best: dict[str, Any]) -> tuple
     """The evaluation to put first, and why: the best checkpoint's, else the best scores', else the latest."""
     by_step = {e.get("step"): e for e in evaluations}
     if best.get("step") in by_step:
-        return by_step[best["step"]], f"the best checkpoint (by {best.get('metric', '?')})"
+        return by_step[best["step"]], f"the best checkpoint, by {best.get('metric', '?')}"
     for key, lower in (("mean_error_rate", True), ("mean_similarity", False)):
         scored = [e for e in evaluations if finite((e.get("means") or {}).get(key)) is not None]
         if scored:
             chosen = (min if lower else max)(scored, key=lambda e: e["means"][key])
-            return chosen, "the best scores so far" + (" (error rate)" if lower else " (similarity)")
+            return chosen, "the best scores so far, by " + ("error rate" if lower else "similarity")
     return (evaluations[-1], "the latest evaluation") if evaluations else (None, "")
 
 
@@ -414,7 +414,7 @@ def write_report(output_dir: str | os.PathLike[str], run: dict[str, Any]) -> Pat
     # First: listen, and see whether it is getting better.
     if chosen is not None:
         body.append(f'<section class="card best" id="listen"><h3>Listen: step {_e(chosen.get("step"))} '
-                    f'<span class="muted">({_e(why)}) · {_e(scores_in_words(chosen.get("means") or {}))}</span>'
+                    f'<span class="muted">— {_e(why)} · {_e(scores_in_words(chosen.get("means") or {}))}</span>'
                     f' <a href="#step-{_e(chosen.get("step"))}">details</a></h3>{_samples_table(chosen, audio)}'
                     "</section>")
     else:

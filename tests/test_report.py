@@ -141,7 +141,7 @@ def test_report_structure(tmp_path: Path) -> None:
     assert sections == ["listen", "step-50", "step-100"]
     assert "best" in next(a for a in page.all("section") if a["id"] == "step-100")["class"]
     words = " ".join("".join(page.text).split())
-    assert "Listen: step 100 (the best checkpoint (by cer)) · CER 10.0 %, WER 11.0 %, speaker similarity 0.800" in words
+    assert "Listen: step 100 — the best checkpoint, by cer · CER 10.0 %, WER 11.0 %, speaker similarity 0.800" in words
     assert "Hardware: 1 x NVIDIA H200 (150.0 GiB)" in words
     assert ("Plan: batch 4 x 2 (8 samples per step), gradient checkpointing off, bf16, LoRA r 16 (alpha 32) on all 7 "
             "projections, memory-lean loss, optimizer adamw_torch_fused, up to 2,048 tokens per sample") in words
@@ -174,7 +174,7 @@ def test_a_page_written_while_training_says_so_and_picks_the_best_scores(tmp_pat
     del run["best"], run["summary"]
     text = " ".join("".join(Page(write_report(out, run).read_text(encoding="utf-8")).text).split())
     assert "training: step 100 so far" in text
-    assert "Listen: step 100 (the best scores so far (error rate))" in text
+    assert "Listen: step 100 — the best scores so far, by error rate" in text
 
 
 def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
