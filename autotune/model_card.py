@@ -46,7 +46,8 @@ def _results_in_words(scores: dict[str, Any]) -> list[str]:
     if adapter and scores_in_words(adapter) != "not scored":
         lines.append(f"- scores of this adapter (step {adapter.get('step')}): {scores_in_words(adapter)}")
     if best and (not adapter or best.get("step") != adapter.get("step")):
-        lines.append(f"- best scores (step {best.get('step')}): {scores_in_words(best)}")
+        by = {"error_rate": "error rate"}.get(best.get("by"), best.get("by"))
+        lines.append(f"- best scores (step {best.get('step')}{f', by {by}' if by else ''}): {scores_in_words(best)}")
     if lines:
         lines.append(f"- measured by ASR `{scores.get('asr_model')}` (error rate: lower is better) and speaker "
                      f"model `{scores.get('speaker_model')}` (similarity to real clips: higher is better), "

@@ -44,7 +44,7 @@ def test_the_card_says_the_plan_and_the_scores_in_words(tmp_path: Path) -> None:
     assert ("- batch: micro-batch 4 x accumulation 2 = 8 samples per optimizer step, bf16, gradient checkpointing off"
             in card)
     assert "- scores of this adapter (step 400): CER 12.5 %, speaker similarity 0.910" in card
-    assert "- best scores (step 300): CER 100.0 %, speaker similarity 0.500" in card
+    assert "- best scores (step 300, by cer): CER 100.0 %, speaker similarity 0.500" in card
     assert "1.5 hours of audio (ljspeech layout)" in card and "- transcripts: as written" in card
     assert "None" not in card and "{" not in card and "mean_cer" not in card
 
