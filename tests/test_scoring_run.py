@@ -96,12 +96,14 @@ def test_scores_reach_tensorboard(scored_run: Path):
 def test_the_report_plays_every_clip_next_to_a_real_one(scored_run: Path):
     page = (scored_run / "report.html").read_text()
     sources = re.findall(r'<audio controls preload="metadata" src="([^"]+)"', page)
-    assert len(sources) == 2 * 2 * 2                  # 2 evaluations x 2 texts x (generated, real)
+    # 2 evaluations x 2 texts x (generated, real), and the best evaluation's again at the top
+    assert len(sources) == 2 * 2 * 2 + 2 * 2
     for src in sources:
         assert not src.startswith(("/", "http")) and (scored_run / src).is_file()
     assert page.count("<svg") == 3                    # loss, intelligibility, similarity
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
-    assert "Best: step" in page and "the matched profile" in page    # the best checkpoint, the plan and why
+    assert "Best checkpoint:" in page and "the matched profile" in page    # the best checkpoint, the plan and why
+    assert page.index('id="listen"') < page.index("<svg") < page.index('id="what-ran"') < page.index("<details")
 
 
 def test_the_dry_run_times_the_scorers(tmp_path: Path):
