@@ -24,41 +24,100 @@ if TYPE_CHECKING:
     from transformers.models.xcodec2.feature_extraction_xcodec2 import Xcodec2FeatureExtractor
 
 
-def load_audio(path: str | os.PathLike[str]) -> np.ndarray:
+# One sample of Llasa holds at most this much speech (`autotune.reading.MAX_CODES` codes at 50 per
+# second); nothing longer is ever decoded whole.
+MAX_AUDIO_SECONDS = 2_000.0
+BLOCK_FRAMES = 1 << 16   # frames per decoded block: 6 channels of float32 are 1.5 MB
+
+
+class AudioDecodeError(Exception):
+    """The bytes are not audio we can use: libsndfile's reason, or samples that are not finite."""
+
+
+class AudioTooLong(Exception):
+    """The audio decodes to more than the cap; decoding stopped there.
+
+    Attributes:
+        seconds: how much had decoded when it stopped (more than the cap).
+    """
+
+    def __init__(self, seconds: float, max_seconds: float):
+        super().__init__(f"audio is longer than {max_seconds:,.1f} s")
+        self.seconds = seconds
+        self.max_seconds = max_seconds
+
+
+def load_audio(path: str | os.PathLike[str], *, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
     """Read an audio file as float32 mono at 16 kHz.
 
     Any format libsndfile reads works (WAV, FLAC, OGG/Vorbis, and MP3 with
     libsndfile >= 1.1). Channels are averaged to mono and other sampling
-    rates are resampled with `resample`.
+    rates are resampled (`resample`). The file is decoded in blocks and its length is
+    what decodes, whatever its header says: memory stays bounded by `max_seconds`.
 
     Raises:
-        AutotuneError: the file is missing or cannot be decoded.
+        AutotuneError: the file is missing, cannot be decoded, holds non-finite
+            samples, or decodes to more than `max_seconds`.
     """
+    from autotune.files import open_regular
+
     path = Path(path)
     if not path.is_file():
         raise AutotuneError(f"{path}: audio file is missing")
     try:
-        with path.open("rb") as handle:
-            return _decode_audio(handle)
+        with open_regular(path, "audio") as handle:
+            return decode_audio(handle, max_seconds=max_seconds)
     except OSError as exc:
-        raise AutotuneError(f"{path}: cannot read audio ({_reason(exc)})") from exc
-    except _AudioDecodeError as exc:
+        raise AutotuneError(f"{path}: cannot read audio ({first_line(exc)})") from exc
+    except AudioDecodeError as exc:
         raise AutotuneError(f"{path}: cannot read audio ({exc})") from exc
+    except AudioTooLong as exc:
+        raise AutotuneError(f"{path}: {exc}: cut it shorter") from exc
 
 
-class _AudioDecodeError(Exception):
-    """libsndfile could not decode the bytes; the message is libsndfile's reason."""
+def decode_audio(source: BinaryIO, *, max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
+    """The 16 kHz mono float32 waveform of an open audio file, decoded in blocks of
+    `BLOCK_FRAMES`: each block is mixed to mono and resampled as it comes, so memory holds the
+    16 kHz result and one block, never the file. The length is what decodes, not what the
+    header claims.
 
+    Raises:
+        AudioDecodeError: libsndfile cannot read it, or a sample is NaN or infinite.
+        AudioTooLong: more than `max_seconds` decodes (decoding stops there).
+    """
+    import soxr
 
-def _decode_audio(source: BinaryIO) -> np.ndarray:
     try:
-        data, sampling_rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as audio:
+            rate = int(audio.samplerate)
+            if rate <= 0:
+                raise AudioDecodeError(f"sampling rate {rate} Hz")
+            stream = None if rate == SAMPLING_RATE else soxr.ResampleStream(rate, SAMPLING_RATE, 1, dtype="float32")
+            max_frames = math.floor(max_seconds * rate)
+            parts: list[np.ndarray] = []
+            frames = 0
+            while True:
+                block = audio.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                if not len(block):
+                    break
+                finite = np.isfinite(block)
+                if not finite.all():
+                    at = frames + int(np.argmin(finite.all(axis=1)))
+                    raise AudioDecodeError(f"a sample is NaN or infinite at {at / rate:.3f} s: export the clip again")
+                frames += len(block)
+                if frames > max_frames:
+                    raise AudioTooLong(frames / rate, max_seconds)
+                # A product with equal weights averages the channels several times faster than `mean`.
+                mono = block @ np.full(block.shape[1], 1 / block.shape[1], np.float32) if block.shape[1] > 1 \
+                    else block[:, 0]
+                parts.append(mono if stream is None else stream.resample_chunk(mono))
+            if stream is not None:
+                parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
         # soundfile reports unknown formats as LibsndfileError (a RuntimeError)
         # and some malformed headers as TypeError/ValueError.
-        raise _AudioDecodeError(_reason(exc)) from exc
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return resample(mono, int(sampling_rate), SAMPLING_RATE)
+        raise AudioDecodeError(first_line(exc)) from exc
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def write_wav(path: str | os.PathLike[str], wave: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> None:
@@ -75,61 +134,21 @@ def write_wav(path: str | os.PathLike[str], wave: np.ndarray, sampling_rate: int
         sf.write(str(tmp), samples, int(sampling_rate), subtype="PCM_16", format="WAV")
 
 
-def resample(
-    wave: np.ndarray,
-    orig_sr: int,
-    target_sr: int = SAMPLING_RATE,
-    *,
-    zero_crossings: int = 24,
-    rolloff: float = 0.94,
-    kaiser_beta: float = 8.6,
-) -> np.ndarray:
-    """Band-limited resampling of a mono signal with a Kaiser-windowed sinc.
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int = SAMPLING_RATE) -> np.ndarray:
+    """Band-limited resampling of a mono signal (libsoxr, high quality).
 
-    The output has `round(len(wave) * target_sr / orig_sr)` samples (halves
-    rounded up) and output sample `n` sits at input time
-    `n * orig_sr / target_sr`. The low-pass cutoff is `rolloff` times the
-    lower of the two Nyquist frequencies, so downsampling removes what the new
-    rate cannot hold instead of folding it back as aliases. The signal is
-    taken as zero outside its ends.
+    The output has `round(len(wave) * target_sr / orig_sr)` samples and output
+    sample `n` sits at input time `n * orig_sr / target_sr`. Downsampling removes
+    what the new rate cannot hold instead of folding it back as aliases.
     """
+    import soxr
+
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if orig_sr <= 0 or target_sr <= 0:
         raise ValueError(f"sampling rates must be positive, got {orig_sr} and {target_sr}")
     if orig_sr == target_sr or wave.size == 0:
         return wave.copy()
-
-    # The rate ratio up/down is exact, so output times repeat every `up` outputs:
-    # one filter per phase, computed once.
-    g = math.gcd(orig_sr, target_sr)
-    up, down = target_sr // g, orig_sr // g
-    n_in = wave.size
-    n_out = (n_in * up + down // 2) // down
-    if n_out == 0:
-        return np.zeros(0, dtype=np.float32)
-
-    # Cutoff in cycles per input sample.
-    cutoff = 0.5 * rolloff * min(1.0, up / down)
-    half_width = int(math.ceil(zero_crossings / (2.0 * cutoff)))
-    offsets = np.arange(-half_width + 1, half_width + 1)  # taps relative to floor(t)
-    phases = np.arange(up) / up  # fractional part of t for each phase
-    tau = phases[:, None] - offsets[None, :]  # t - k, shape (up, taps)
-    window = np.i0(kaiser_beta * np.sqrt(np.clip(1.0 - (tau / half_width) ** 2, 0.0, None))) / np.i0(kaiser_beta)
-    taps = 2.0 * cutoff * np.sinc(2.0 * cutoff * tau) * window
-    # Unit gain at DC for every phase, so a constant stays exactly constant.
-    taps /= taps.sum(axis=1, keepdims=True)
-    taps = taps.astype(np.float32)
-
-    padded = np.concatenate([np.zeros(half_width, np.float32), wave, np.zeros(half_width + 1, np.float32)])
-    out = np.empty(n_out, dtype=np.float32)
-    chunk = max(1, (1 << 22) // taps.shape[1])  # bounds the gather matrix to ~16 MB
-    for start in range(0, n_out, chunk):
-        n = np.arange(start, min(n_out, start + chunk), dtype=np.int64)
-        base = (n * down) // up
-        phase = (n * down) % up
-        idx = base[:, None] + offsets[None, :] + half_width
-        out[start : start + n.size] = np.einsum("ij,ij->i", padded[idx], taps[phase])
-    return out
+    return soxr.resample(wave, orig_sr, target_sr).astype(np.float32, copy=False)
 
 
 @lru_cache(maxsize=4)
@@ -197,8 +216,11 @@ def featurize(wave: np.ndarray, fe: Xcodec2FeatureExtractor, device: torch.devic
     }
 
 
-def _reason(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line error messages."""
     text = str(exc).strip() or type(exc).__name__
     first = text.splitlines()[0].strip()
     return first if len(first) <= 300 else first[:297] + "..."
+
+
+_reason = first_line   # codec.py's old name for it, until it imports `first_line`

@@ -13,7 +13,8 @@ inside the functions that need them, so importing this module stays cheap.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,11 +38,20 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- the codec
 
 
+#: The dtype XCodec2 runs in, on the CPU and on a GPU alike: float32, as X-Codec-2.0's and
+#: Llasa's own inference code run it. Its codes come from rounding (FSQ) the output of a
+#: w2v-BERT and a deep convolutional encoder, and half precision moves frames to other codes;
+#: the codes cache is keyed by the weights, not the device, so a GPU and a CPU must agree.
+CODEC_DTYPE_NAME = "float32"
+
+
 class Codec:
-    """An XCodec2 model and its feature extractor, on one device.
+    """An XCodec2 model and its feature extractor, on one device, in `CODEC_DTYPE_NAME`.
 
     `encode` and `decode` run under `torch.inference_mode()` and take and give
-    numpy arrays, so callers never handle tensors.
+    numpy arrays, so callers never handle tensors. The model is cast to the
+    codec's dtype here, whatever it was loaded or saved in: its inputs are made
+    in that dtype, and a half-precision model would meet them as "mixed dtype".
     """
 
     def __init__(
@@ -50,12 +60,17 @@ class Codec:
         feature_extractor: Xcodec2FeatureExtractor,
         codec_id: str,
         device: str | torch.device = "cpu",
+        *,
+        cpu_threads: int | None = None,
     ) -> None:
         import torch
 
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.dtype = getattr(torch, CODEC_DTYPE_NAME)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.feature_extractor = feature_extractor
+        #: Intra-op threads while this codec works on the CPU (None: torch's own setting).
+        self.cpu_threads = cpu_threads
         #: Identifies the weights for cache keys: codes from different codecs never mix.
         self.codec_id = codec_id
         self.sampling_rate: int = int(model.config.sampling_rate)
@@ -65,6 +80,21 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"Codec({self.codec_id!r}, device={str(self.device)!r})"
+
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's intra-op thread count set to `cpu_threads` for the duration, then put back."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.cpu_threads is None or self.device.type != "cpu" or self.cpu_threads == before:
+            yield
+            return
+        torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def num_codes(self, num_samples: int) -> int:
         """How many codes `encode` returns for `num_samples` samples: `(num_samples + 1) // 320`.
@@ -95,8 +125,9 @@ class Codec:
                 f"audio is too short to encode ({wave.size} samples; at least {self.hop_length - 1} "
                 f"samples, {1000 // self.codes_per_second} ms at {self.sampling_rate} Hz, are needed)"
             )
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads():
             inputs = featurize(wave, self.feature_extractor, self.device)
+            inputs = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
             output = self.model.encode(**inputs, return_dict=True)
         codes = output.audio_codes[0, 0]
         if output.audio_codes_mask is not None:
@@ -117,7 +148,7 @@ class Codec:
             raise ValueError(f"codes must be integers, got dtype {array.dtype}")
         if array.min() < 0 or array.max() >= self.codebook_size:
             raise ValueError(f"codes must lie in 0..{self.codebook_size - 1}, got {array.min()}..{array.max()}")
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads():
             tensor = torch.as_tensor(array, dtype=torch.long, device=self.device).view(1, 1, -1)
             audio = self.model.decode(audio_codes=tensor, return_dict=True).audio_values
         return audio[0, 0].float().cpu().numpy().astype(np.float32, copy=False)
@@ -144,7 +175,11 @@ def _tiny_config() -> Any:
         encoder_hidden_size=2,
         semantic_model_config=semantic,
         quantization_dim=32 + 32,  # fc_encoder's output: hidden_size + semantic hidden_size
-        downsampling_ratios=[2, 2, 4, 4, 5],  # hop 320: 50 codes per second at 16 kHz
+        # Hop 320 (50 codes per second at 16 kHz) in three encoder blocks, not the real five
+        # ([2, 2, 4, 4, 5]): every block runs seven anti-aliased activations (each a 2x
+        # upsampling, a SnakeBeta and a downsampling) at its input's rate, so the blocks at 8
+        # and 4 kHz cost as much as the one at 16 kHz; three blocks halve the encoding time.
+        downsampling_ratios=[8, 8, 5],
         quantization_levels=[4] * 8,  # 4**8 = 65,536 codes, as in the real codec
         sampling_rate=SAMPLING_RATE,
     )
@@ -154,10 +189,18 @@ def build_tiny_codec(device: str | torch.device = "cpu") -> Codec:
     """A tiny XCodec2 with random weights, for tests and offline dry runs.
 
     It has the real codec's interface, rate and codebook (16 kHz, 320-sample
-    hop so 50 codes per second, 65,536 codes) but ~190k parameters, so it
-    builds in well under a second and encodes faster than real time on one
-    CPU core. Its codes mean nothing and its decoded audio is noise: use it
-    to exercise the pipeline, never to judge quality.
+    hop so 50 codes per second, 65,536 codes) and runs the real `Xcodec2Model`
+    code, with ~130k parameters and three acoustic encoder blocks instead of
+    five, so it builds in well under a second and encodes a 4 s clip in about a
+    tenth of a second on one CPU core (`bench/data.py --codec-clips`). Its codes
+    mean nothing and its decoded audio is noise: use it to exercise the
+    pipeline, never to judge quality.
+
+    It works on one intra-op thread: its tensors (2 to 64 channels) are too
+    small for torch to gain from splitting each of its ~700 operations across
+    threads, and every split is a barrier where a thread descheduled on a busy
+    machine keeps the others spinning (24 clips took minutes on a loaded
+    two-core box, against seconds on one thread).
 
     The weights come from seed 0 inside `torch.random.fork_rng()`, so every
     build is identical and the caller's random state is untouched. Its
@@ -178,7 +221,7 @@ def build_tiny_codec(device: str | torch.device = "cpu") -> Codec:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return Codec(model, feature_extractor, f"{TINY}-{digest.hexdigest()[:16]}", device)
+    return Codec(model, feature_extractor, f"{TINY}-{digest.hexdigest()[:16]}", device, cpu_threads=1)
 
 
 def _reinit_tiny_weights(model: Xcodec2Model) -> None:
@@ -226,6 +269,7 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
     from autotune.xcodec2_convert import FOLDER_HINT, converted_folder, locate, original_weights_file
 
     folder, key = locate(codec_id, weights=True)
+    import torch
     from transformers import Xcodec2Model
     from transformers.models.xcodec2.feature_extraction_xcodec2 import Xcodec2FeatureExtractor
 
@@ -233,7 +277,10 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
 
     source = converted_folder(folder, key, label=codec_id) if original_weights_file(folder) else folder
     try:
-        model = strict_from_pretrained(Xcodec2Model, str(source), label=codec_id, fix=_STRICT_FIX)
+        # In the dtype the codec runs in, whatever the file holds (a float16 checkpoint would
+        # otherwise load as float16 and fail at the first clip with "mixed dtype").
+        model = strict_from_pretrained(Xcodec2Model, str(source), label=codec_id, fix=_STRICT_FIX,
+                                       dtype=getattr(torch, CODEC_DTYPE_NAME))
     except AutotuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as the user's to fix

@@ -4,25 +4,42 @@ A file's entry is keyed by the sha256 of its bytes and the codec's identity, so 
 run encodes nothing, an edited file is encoded again, and codes of different codecs never
 mix. Entries are checked when read (a bad one is encoded again) and written atomically; a
 cache that cannot be written is bypassed with one warning.
+
+Before the codec sees a file it is hashed and decoded in bounded blocks: its length is what
+decodes (a header may lie), a file longer than the cap stops decoding there and is set
+aside (`EncodedFiles.too_long`), and NaN or infinite samples are a problem of the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from autotune.audio import _AudioDecodeError, _decode_audio, _reason
+from autotune.audio import MAX_AUDIO_SECONDS, AudioDecodeError, AudioTooLong, decode_audio, first_line
 from autotune.codec import Codec, CodecLoadError
 from autotune.errors import AutotuneError
+from autotune.files import open_regular
 from autotune.llasa import HOP_LENGTH, NUM_SPEECH_TOKENS
+
+
+@dataclass(frozen=True)
+class Clip:
+    """What a file is, known before (or without) the codec."""
+    sha256: str          # of the file's bytes
+    num_samples: int     # 16 kHz samples it decodes to
+
+    @property
+    def num_codes(self) -> int:
+        """Codes it encodes to (`Codec.num_codes`)."""
+        return (self.num_samples + 1) // HOP_LENGTH
 
 
 class EncodedFiles(dict[Path, list[int]]):
@@ -33,6 +50,10 @@ class EncodedFiles(dict[Path, list[int]]):
         from_cache: files whose codes were read from the cache.
         warnings: one line per cache problem met (invalid entries, a cache that
             cannot be written); encoding went on regardless.
+        clips: each file that decoded within the cap (or was cached): its hash and length.
+        too_long: files that decode to more than the cap: seconds decoded when it stopped.
+        problems: "path: what is wrong" per file (raised unless `collect_problems`).
+        failed: the same, by path.
     """
 
     def __init__(self) -> None:
@@ -40,13 +61,19 @@ class EncodedFiles(dict[Path, list[int]]):
         self.encoded = 0
         self.from_cache = 0
         self.warnings: list[str] = []
+        self.clips: dict[Path, Clip] = {}
+        self.too_long: dict[Path, float] = {}
+        self.problems: list[str] = []
+        self.failed: dict[Path, str] = {}
 
 
 class _CacheUse:
-    """What went wrong with the cache during one `encode_files` call, for its warnings."""
+    """The cache one `encode_files` call reads (none without a folder or the codec's id) and
+    what went wrong with it, for its warnings."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path | None, codec: Any | None) -> None:
+        self.folder = folder if codec is not None else None
+        self.codec = codec
         self.invalid: list[str] = []  # "entry: why", re-encoded
         self.unwritten = 0
         self.write_error: str | None = None
@@ -69,11 +96,21 @@ class _CacheUse:
 
 def encode_files(
     paths: Sequence[str | os.PathLike[str]],
-    codec: Codec,
-    cache_dir: str | os.PathLike[str],
+    codec: Codec | Any | None,
+    cache_dir: str | os.PathLike[str] | None,
     progress: bool = True,
+    *,
+    max_seconds: float = MAX_AUDIO_SECONDS,
+    encode: bool = True,
+    collect_problems: bool = False,
 ) -> EncodedFiles:
     """Encode audio files to codes, caching each file's codes as JSON in `cache_dir`.
+
+    Each file is hashed and decoded in blocks first (`autotune.audio.decode_audio`); one
+    that decodes to more than `max_seconds` is never given to the codec: it goes to
+    `too_long`. With `encode=False` (or no codec) files are only checked: hashed, looked
+    up in the cache when the codec's id is known, and decoded, so `clips` says what each
+    will encode to and `problems` what is wrong, without the codec's weights.
 
     A file's cache key is the sha256 of its bytes together with
     `codec.codec_id`, so a second run encodes nothing, an edited file is
@@ -100,30 +137,40 @@ def encode_files(
     """
     from rich.progress import Progress
 
-    cache = _CacheUse(Path(cache_dir))
-    try:
-        cache.folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        cache.writable, cache.write_error = False, exc.strerror or _reason(exc)
+    encode = encode and codec is not None
+    cache = _CacheUse(Path(cache_dir) if cache_dir is not None else None, codec)
+    if cache.folder is not None and encode:
+        try:
+            cache.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            cache.writable, cache.write_error = False, exc.strerror or first_line(exc)
+    else:
+        cache.writable = False   # checking only: nothing is written
     result = EncodedFiles()
-    problems: list[str] = []
+    problems = result.problems
     unique = list(dict.fromkeys(Path(p) for p in paths))
 
     with Progress(*_progress_columns(), disable=not progress, transient=False) as bar:
-        task = bar.add_task("encoding audio", total=len(unique), encoded=0, encode_seconds=0.0)
+        task = bar.add_task("encoding audio" if encode else "reading audio", total=len(unique), encoded=0,
+                            encode_seconds=0.0)
         for path in unique:
             started = time.monotonic()
             try:
-                codes, was_cached = _encode_one(path, codec, cache)
+                clip, codes, was_cached = _encode_one(path, codec if encode else None, cache, max_seconds)
             except CodecLoadError:
                 raise
+            except AudioTooLong as exc:
+                result.too_long[path] = exc.seconds
             except AutotuneError as exc:
                 problems.append(str(exc))  # already "path: what is wrong"
+                result.failed[path] = str(exc)
             else:
-                result[path] = codes
+                result.clips[path] = clip
+                if codes is not None:
+                    result[path] = codes
                 if was_cached:
                     result.from_cache += 1
-                else:
+                elif codes is not None:
                     result.encoded += 1
                     fields = bar.tasks[task].fields
                     bar.update(task, encoded=fields["encoded"] + 1,
@@ -133,7 +180,7 @@ def encode_files(
     result.warnings = cache.warnings()
     for line in result.warnings:
         sys.stderr.write(f"warning: {line}\n")
-    if problems:
+    if problems and not collect_problems:
         noun = "file" if len(problems) == 1 else "files"
         raise AutotuneError(
             f"{len(problems)} of {len(unique)} audio {noun} could not be encoded; "
@@ -172,67 +219,115 @@ def _progress_columns() -> tuple[Any, ...]:
     )
 
 
-def _encode_one(path: Path, codec: Codec, cache: _CacheUse) -> tuple[list[int], bool]:
-    """Codes of one file and whether they came from the cache."""
+def _encode_one(path: Path, codec: Codec | None, cache: _CacheUse,
+                max_seconds: float) -> tuple[Clip, list[int] | None, bool]:
+    """(what the file is, its codes or None when not encoding, whether they came from the
+    cache). The file is read through one handle, hashed in chunks, then decoded in blocks:
+    never whole in memory. Raises `AudioTooLong` past `max_seconds`."""
     if not path.is_file():
         raise AutotuneError(f"{path}: audio file is missing")
     try:
-        # One read serves both the hash and the decoding, so they see the same bytes.
-        data = path.read_bytes()
+        with open_regular(path, "audio") as handle:
+            before = os.fstat(handle.fileno())
+            if _header_seconds(handle) > max_seconds:
+                # Decoding (which stops at the cap) settles it before a long file is hashed whole;
+                # should the header lie and the audio be short, it goes on as any other file.
+                decode_audio(handle, max_seconds=max_seconds)
+                handle.seek(0)
+            audio_hash = _sha256(handle)
+            if cache.folder is not None:
+                entry = _entry(cache.folder, cache.codec.codec_id, audio_hash)
+                cached, num_samples, problem = _read_cache(entry, cache.codec.codec_id, audio_hash)
+                if cached is not None:
+                    _check_length(num_samples, max_seconds)
+                    return Clip(audio_hash, num_samples), (cached if codec is not None else None), True
+                if problem:
+                    cache.invalid.append(f"`{entry.name}` for {path}: {problem}")
+            handle.seek(0)
+            wave = decode_audio(handle, max_seconds=max_seconds)
+            after = os.fstat(handle.fileno())
     except OSError as exc:
-        raise AutotuneError(f"{path}: cannot read audio ({_reason(exc)})") from exc
-
-    audio_hash = hashlib.sha256(data).hexdigest()
-    key = hashlib.sha256(f"{codec.codec_id}\0{audio_hash}".encode()).hexdigest()
-    entry = cache.folder / f"{key}.json"
-    cached, problem = _read_cache(entry, codec.codec_id, audio_hash)
-    if cached is not None:
-        return cached, True
-    if problem:
-        cache.invalid.append(f"`{entry.name}` for {path}: {problem}")
-
-    try:
-        wave = _decode_audio(io.BytesIO(data))
-    except _AudioDecodeError as exc:
+        raise AutotuneError(f"{path}: cannot read audio ({first_line(exc)})") from exc
+    except AudioDecodeError as exc:
         raise AutotuneError(f"{path}: cannot read audio ({exc})") from exc
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+        raise AutotuneError(f"{path}: the file changed while it was read: run again once it is written")
+    clip = Clip(audio_hash, int(wave.size))
+    if codec is None:
+        return clip, None, False
     try:
         codes = codec.encode(wave)
     except CodecLoadError:
         raise
     except AutotuneError as exc:
         raise AutotuneError(f"{path}: {exc}") from exc
-    if cache.writable:
+    if cache.writable and cache.folder is not None:
+        # Under the id of the weights the codes came from (a deferred codec learns it on loading).
         payload = {"codec_id": codec.codec_id, "audio_sha256": audio_hash, "num_samples": int(wave.size),
                    "codes": codes}
         try:
-            _write_json_atomic(entry, payload)
+            _write_json_atomic(_entry(cache.folder, codec.codec_id, audio_hash), payload)
         except OSError as exc:
             cache.unwritten += 1
-            cache.write_error = cache.write_error or exc.strerror or _reason(exc)
+            cache.write_error = cache.write_error or exc.strerror or first_line(exc)
             # A folder squatting on one entry's name spoils that entry only; anything
             # else (read-only, disk full) would fail the same way for every file.
             cache.writable = isinstance(exc, IsADirectoryError)
     else:
         cache.unwritten += 1
-    return codes, False
+    return clip, codes, False
 
 
-def _read_cache(entry: Path, codec_id: str, audio_hash: str) -> tuple[list[int] | None, str | None]:
-    """The cached codes, else None and why the entry is unusable (None when there is no entry)."""
+def _entry(folder: Path, codec_id: str, audio_hash: str) -> Path:
+    key = hashlib.sha256(f"{codec_id}\0{audio_hash}".encode()).hexdigest()
+    return folder / f"{key}.json"
+
+
+def _header_seconds(handle: IO[bytes]) -> float:
+    """What the file's header says its length is (0 when it says nothing usable); at the start."""
+    import soundfile
+
+    try:
+        info = soundfile.info(handle)
+        return info.frames / info.samplerate if info.samplerate > 0 else 0.0
+    except Exception:   # noqa: BLE001 - unreadable headers are decode_audio's to report
+        return 0.0
+    finally:
+        handle.seek(0)
+
+
+def _sha256(handle: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := handle.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_length(num_samples: int, max_seconds: float) -> None:
+    """A cached file is held to the same cap as a decoded one."""
+    from autotune.llasa import SAMPLING_RATE
+
+    if num_samples > max_seconds * SAMPLING_RATE:
+        raise AudioTooLong(num_samples / SAMPLING_RATE, max_seconds)
+
+
+def _read_cache(entry: Path, codec_id: str, audio_hash: str) -> tuple[list[int] | None, int, str | None]:
+    """(the cached codes, the samples they encode), else None and why the entry is unusable
+    (None when there is no entry)."""
     try:
         text = entry.read_text(encoding="utf-8")
     except (FileNotFoundError, NotADirectoryError):  # no entry (or no cache folder) yet
-        return None, None
+        return None, 0, None
     except IsADirectoryError:
-        return None, "a folder, not a file"
+        return None, 0, "a folder, not a file"
     except (OSError, UnicodeDecodeError) as exc:
-        return None, f"unreadable ({getattr(exc, 'strerror', None) or _reason(exc)})"
+        return None, 0, f"unreadable ({getattr(exc, 'strerror', None) or first_line(exc)})"
     try:
         payload = json.loads(text)
     except ValueError:
-        return None, "not valid JSON"
+        return None, 0, "not valid JSON"
     problem = _cache_problem(payload, codec_id, audio_hash)
-    return (None, problem) if problem else (payload["codes"], None)
+    return (None, 0, problem) if problem else (payload["codes"], payload["num_samples"], None)
 
 
 def _cache_problem(payload: Any, codec_id: str, audio_hash: str) -> str | None:

@@ -35,8 +35,9 @@ _SPEAKER_MARK = "\u2063SPEAKER\u2063"
 # Llasa was trained on sequences of at most 2,048 positions: prompt plus speech.
 MAX_POSITIONS = 2048
 
-# Llama-3's chat template without the system-date preamble; HF trims after the
-# final message when `continue_final_message=True`.
+# The tiny stand-in tokenizer's template (`build_tiny_tokenizer`): Llama 3's turns without the
+# system block of Llama 3.2's. Only the tiny random model, trained on nothing, uses it: a real
+# tokenizer without a template of its own is refused (`PromptBuilder`), never given this one.
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
@@ -125,7 +126,9 @@ def speaker_opening(speaker: str | None) -> str:
 class PromptBuilder:
     """Prompt ids for a transcript, from the tokenizer's chat template.
 
-    The template is rendered once around a marker; the transcript is tokenized on
+    A tokenizer without a chat template is refused (`AutotuneError`): the prompt must be
+    the one the model was trained with, and no template is a safe guess. The
+    template is rendered once around a marker; the transcript is tokenized on
     its own between two special tokens, so `prefix + tokens(text) + suffix` equals
     the full template's tokenization (a test checks this) at a fraction of the cost.
     A speaker changes only the suffix (the assistant turn's opening), which is
@@ -142,8 +145,15 @@ class PromptBuilder:
         normalize("", text_normalization)   # an unknown choice fails here, not at the first text
         self._normalize = lambda text: normalize(text, text_normalization)
         self.tokens = LlasaTokens.from_tokenizer(tokenizer)
-        if getattr(tokenizer, "chat_template", None) is None:
-            tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+        if not getattr(tokenizer, "chat_template", None):
+            # Guessing one would train on a prompt the model never saw: Llasa-1B and -3B were
+            # trained with Llama 3.2's template (46 prompt tokens with its system block), a
+            # template without that block gives 21, and Llasa-8B descends from Llama 3.1.
+            name = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise AutotuneError(f"the tokenizer of `{name}` has no chat template, and Llasa's prompt is the chat "
+                                "template the model was trained with: put the model's own `chat_template.jinja` "
+                                "(or a `tokenizer_config.json` holding `chat_template`) back into its folder from "
+                                "the original download (`hf download <its hub id>`)")
         messages = chat_messages(_MARK)
         messages[1]["content"] = _SPEAKER_MARK + messages[1]["content"]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)

@@ -2,8 +2,11 @@
 
 - `strict_from_pretrained` refuses a checkpoint whose weights do not all fit the model:
   transformers would fill the gaps with random values, print a table and carry on.
-- `hub_offline` and `hub_unreachable` decide, within seconds, whether a hub id that is not
-  on disk can be downloaded; the hub client itself retries for about half a minute per file.
+- `settle_hub` decides once per process, within seconds, whether the hub answers, and when it
+  does not, switches the hub client to its own offline mode: the client would otherwise retry
+  every lookup of an uncached file for about half a minute, printing a line per attempt.
+- `quiet_hub_retries` keeps those retry lines off the console on every path (installed when
+  this module is imported, which any code that loads a checkpoint does first).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from autotune.errors import AutotuneError
@@ -96,6 +101,8 @@ def strict_from_pretrained(model_class: Any, source: str, *, label: str, fix: st
     names `label` (the checkpoint as the user gave it), how many weights differ with
     examples, and `fix`. Loading errors themselves propagate unchanged.
     """
+    if not Path(str(source)).expanduser().exists():
+        settle_hub()    # a hub id: decide once whether the hub answers, before transformers asks it
     with _quiet_load_report():
         # Mismatched shapes are reported, not raised, so that they join the one error below.
         model, info = model_class.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True,
@@ -118,6 +125,10 @@ def strict_from_pretrained(model_class: Any, source: str, *, label: str, fix: st
 #: itself retries a refused connection with back-off for about half a minute per file.
 HUB_PROBE_TIMEOUT_S = 3.0
 
+#: Set beside `HF_HUB_OFFLINE` when `settle_hub` switched the hub client off, so that the
+#: processes this one starts (sweep trials) give the real reason, not "HF_HUB_OFFLINE is set".
+UNREACHABLE_ENV = "LLASA_AUTOTUNE_HUB_UNREACHABLE"
+
 
 def hub_unreachable(endpoint: str) -> str | None:
     """Why `endpoint` cannot be reached, or None when it answers (any HTTP status counts).
@@ -136,7 +147,7 @@ def hub_unreachable(endpoint: str) -> str | None:
             httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
             outcome.append(None)
         except Exception as exc:  # noqa: BLE001 - any failure means: not reachable now
-            outcome.append(_first_line(exc) or type(exc).__name__)
+            outcome.append(clip_words(str(exc), 120) or type(exc).__name__)
 
     thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
     thread.start()
@@ -144,22 +155,100 @@ def hub_unreachable(endpoint: str) -> str | None:
     return outcome[0] if outcome else f"no answer within {HUB_PROBE_TIMEOUT_S:g} s"
 
 
+_settled: list[str | None] = []      # the process's one decision, once made
+_settle_lock = threading.Lock()
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+def settle_hub() -> str | None:
+    """Why this process does not use the hub (None: it answers), decided once per process.
+
+    Already offline (`HF_HUB_OFFLINE`): that is the reason, nothing is asked. Otherwise the
+    endpoint gets one request of at most `HUB_PROBE_TIMEOUT_S`; when it does not answer, the
+    hub client goes offline through its own switches (`huggingface_hub.constants.HF_HUB_OFFLINE`,
+    which `is_offline_mode()` and so transformers read, and the `HF_HUB_OFFLINE` variable,
+    which PEFT reads). Every later lookup in the process, by transformers, PEFT or us, then
+    takes the local cache at once instead of retrying a dead connection for half a minute
+    per file; a cached checkpoint still loads, an uncached one could not be had anyway.
+    """
+    quiet_hub_retries()
+    with _settle_lock:
+        if _settled:
+            return _settled[0]
+        from huggingface_hub import constants, is_offline_mode
+
+        if is_offline_mode():
+            reason = os.environ.get(UNREACHABLE_ENV) or "HF_HUB_OFFLINE is set"
+        else:
+            unreachable = hub_unreachable(constants.ENDPOINT)
+            reason = None if unreachable is None else f"the hub at {constants.ENDPOINT} cannot be reached ({unreachable})"
+            if reason is not None:
+                constants.HF_HUB_OFFLINE = True
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                os.environ[UNREACHABLE_ENV] = reason
+        _settled.append(reason)
+        return reason
 
 
-def hub_offline() -> bool:
-    if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
-        return True
+def is_cached(repo_id: str, filename: str = "config.json") -> bool:
+    """Whether the local hub cache holds `filename` of `repo_id` (a checkpoint has its config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - transformers depends on it
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id: certainly not cached
         return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
+#: What huggingface_hub's back-off loop logs at each attempt: `Retrying in 8s [Retry 5/5].`,
+#: `'[Errno 111] Connection refused' thrown while requesting HEAD https://...`, `Rate limited.
+#: Waiting ...`. Raw, repeated, and about a lookup whose outcome we report in one line ourselves.
+_RETRY_LINE = re.compile(r"^Retrying in |\[Retry \d+/\d+\]|thrown while requesting |^Rate limited\. Waiting ")
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
+
+class _DropHubRetries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("huggingface_hub") and _RETRY_LINE.search(str(record.msg)))
+
+
+_DROP_HUB_RETRIES = _DropHubRetries()
+
+
+def quiet_hub_retries() -> None:
+    """Keep huggingface_hub's retry lines off the console, on every path (idempotent).
+
+    The lines are logged by the library's module loggers and printed by the handler on its
+    root logger `huggingface_hub` (and by the root logger's, when an application set one):
+    the filter sits on those handlers, which every propagated record passes, and on the
+    library's loggers that exist now, for records that do not propagate.
+    """
+    # Importing the library's logging module gives its root logger the handler that prints.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.get_logger()
+
+    loggers = [logging.getLogger("huggingface_hub"), logging.getLogger()]
+    loggers += [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+                if name.startswith("huggingface_hub.")]
+    for logger in loggers:
+        for target in [logger, *logger.handlers]:
+            if _DROP_HUB_RETRIES not in target.filters:
+                target.addFilter(_DROP_HUB_RETRIES)
+
+
+def clip_words(text: str, limit: int = 200) -> str:
+    """`text` on one line, at most about `limit` characters, cut between words (never inside a
+    URL or a path) and marked with `…` where cut."""
+    words = str(text).split()
+    kept: list[str] = []
+    for word in words:
+        if kept and len(" ".join([*kept, word])) > limit:
+            return " ".join(kept) + " …"
+        if not kept and len(word) > limit:
+            return "…"
+        kept.append(word)
+    return " ".join(kept)
+
+
+# Any process that loads a checkpoint imports this module first: from here on no retry line
+# of the hub client reaches the console, whichever library makes the lookup.
+quiet_hub_retries()

@@ -3,19 +3,22 @@
 The seed-tts-eval protocol, on the samples `SampleCallback` writes at each evaluation:
 
 - intelligibility: an ASR model (Whisper through transformers' ASR pipeline)
-  transcribes each generated clip, and the transcript is compared with the text
-  that was spoken, both normalised (`normalise`). Texts in a script written
-  without spaces between words (kana, kanji, hanzi, hangul, Thai...) are scored
-  by character error rate, all others by word error rate (`uses_cer`).
+  transcribes each generated clip, and the transcript is compared with the text the
+  model was asked to say (`metrics.error_rate`, both sides normalised). Texts in a
+  script written without spaces between words (kana, kanji, hanzi, hangul, Thai...)
+  are scored by character error rate, all others by word error rate (`metrics.uses_cer`).
 - speaker similarity: the cosine between the x-vectors of the generated clip and
   of real clips of the same speaker, from a speaker-verification model.
 
 `Scorer` loads both models lazily and never makes training fail: a model that
-cannot be loaded is reported once through the `warn` callable and its part of
-the scores is None; an error on one sample is written into that sample.
+cannot be loaded is reported once, in one line, through the `warn` callable and its
+part of the scores is None; an error on one sample is written into that sample. A hub
+id goes through `loading.settle_hub` first: offline, an uncached model is refused in
+seconds, without asking the hub client (which would retry for half a minute).
 
-Only numpy (and the codec module's audio reader) are imported at module level;
-torch and transformers load with the models.
+The text metrics live in `metrics`, the tiny random stand-ins (`tiny`) in
+`scorers_tiny`. At module level only numpy and the project's light modules are
+imported; torch and transformers load with the models.
 """
 
 from __future__ import annotations
@@ -34,20 +37,20 @@ from autotune.audio import load_audio
 from autotune.config import DEFAULT_ASR_MODEL, DEFAULT_SPEAKER_MODEL
 from autotune.errors import AutotuneError
 from autotune.llasa import SAMPLING_RATE
+from autotune.loading import clip_words, is_cached, settle_hub
 from autotune.metrics import asr_language, cosine, error_rate, uses_cer
 from autotune.rundir import write_json
-from autotune.loading import hub_offline, hub_unreachable
 
 __all__ = ["DEFAULT_ASR_MODEL", "DEFAULT_SPEAKER_MODEL", "NONE", "SCORES_FILE", "TINY", "Scorer", "SpeakerEncoder",
            "Transcriber", "build_tiny_asr", "build_tiny_speaker", "load_asr", "load_speaker", "write_scores"]
 
-#: Multilingual Whisper with large-v3's encoder and a 4-layer decoder: about as
-#: accurate as large-v3 (seed-tts-eval's English ASR) on Japanese and English,
-#: and several times faster to decode, which matters when it runs at every evaluation.
-#: WavLM fine-tuned for speaker verification, the transformers-format relative of
-#: seed-tts-eval's WavLM-large checkpoint (which ships only as a raw .pth file).
-#: Both are the `scores` section's defaults (config.py).
-#: A model id meaning "the tiny random offline model" (tests, offline runs).
+# DEFAULT_ASR_MODEL and DEFAULT_SPEAKER_MODEL are the `scores` section's defaults (config.py):
+# Whisper large-v3-turbo, large-v3's encoder with a 4-layer decoder, about as accurate as
+# large-v3 (seed-tts-eval's English ASR) on Japanese and English and several times faster to
+# decode, which matters at every evaluation; and WavLM base plus fine-tuned for speaker
+# verification, the transformers-format relative of seed-tts-eval's WavLM-large (a raw .pth).
+
+#: A model id meaning "the tiny random stand-in" (`scorers_tiny`): tests and offline demos.
 TINY = "tiny"
 #: A model id meaning "skip this part of the scores".
 NONE = "none"
@@ -55,9 +58,6 @@ SCORES_FILE = "scores.json"
 
 #: Whisper reads 30 s windows; longer clips need its long-form (timestamped) decoding.
 _WHISPER_WINDOW_SAMPLES = 30 * SAMPLING_RATE
-
-
-# --------------------------------------------------------------------------- text metrics
 
 
 # --------------------------------------------------------------------------- models
@@ -124,114 +124,20 @@ class SpeakerEncoder:
         return embedding.float().cpu().numpy()
 
 
-_SPACE = "\u0120"  # how byte-level BPE writes a space ("Ġ")
-
-
-def _tiny_whisper_tokenizer(text_tokens: int = 0) -> tuple[Any, list[str]]:
-    """A byte-level Whisper tokenizer with no merges and Whisper's special tokens in
-    Whisper's order (end of text, start of transcript, languages, tasks, ...,
-    no-timestamps, then the 1,501 timestamps), built offline; and its language tokens.
-    `text_tokens` (e.g. Whisper's real 50,257) pads the text vocabulary with filler
-    two-symbol tokens, never produced by encoding but decodable, so that the special
-    ids are the real model's."""
-    from tokenizers import pre_tokenizers
-    from transformers import WhisperTokenizer
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    fillers = (a + b for a in alphabet for b in alphabet)
-    while len(vocab) < text_tokens:
-        vocab.setdefault(next(fillers), len(vocab))
-    vocab["<|endoftext|>"] = len(vocab)
-    languages = [f"<|{code}|>" for code in LANGUAGES]
-    specials = ["<|startoftranscript|>", *languages, "<|translate|>", "<|transcribe|>", "<|startoflm|>",
-                "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
-    for token in specials:
-        vocab[token] = len(vocab)
-    for i in range(1501):
-        vocab[f"<|{i * 0.02:.2f}|>"] = len(vocab)
-    # The tokenizer takes the first timestamp to be the id after its last special token.
-    return WhisperTokenizer(vocab=vocab, merges=[], extra_special_tokens=specials), languages
-
-
 def build_tiny_asr(device: str = "cpu") -> Transcriber:
-    """A tiny random Whisper behind the real ASR pipeline, for tests and offline runs.
+    """`scorers_tiny`'s random Whisper, wrapped as a real ASR model is: its transcripts are
+    meaningless lowercase letters."""
+    from autotune.scorers_tiny import tiny_whisper_pipeline
 
-    Real tokenizer class (byte-level, Whisper's special tokens), real feature
-    extractor (128 mel bins, 30 s windows, as large-v3), and a 1-layer model
-    from a fixed seed with its generation config set up as multilingual Whisper's,
-    so language forcing, greedy decoding and long-form decoding run for real.
-    Its transcripts are meaningless lowercase letters.
-    """
-    import torch
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              pipeline)
-
-    tokenizer, languages = _tiny_whisper_tokenizer()
-    vocab = tokenizer.get_vocab()
-    eos = vocab["<|endoftext|>"]
-    config = WhisperConfig(
-        vocab_size=len(vocab), num_mel_bins=128, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=1500, max_target_positions=16, tie_word_embeddings=False, pad_token_id=eos, bos_token_id=eos, eos_token_id=eos,
-        decoder_start_token_id=vocab["<|startoftranscript|>"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = WhisperForConditionalGeneration(config)
-    # The untied output layer can only say a-z, space and end-of-text, loudly: the
-    # transcripts are plain lowercase letters rather than stray bytes, and the
-    # timestamps' probability mass never beats them, so long-form decoding takes
-    # whole 30 s windows instead of creeping on through near-empty segments.
-    spoken = [vocab[ch] for ch in _SPACE + "abcdefghijklmnopqrstuvwxyz"] + [eos]
-    with torch.no_grad():
-        weight = model.get_output_embeddings().weight
-        kept = weight[spoken] * 300.0
-        weight.zero_()
-        weight[spoken] = kept
-    # A generation config of its own (not derived from the model config), so the
-    # multilingual settings survive save_pretrained/from_pretrained as a hub checkpoint's do.
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-        max_length=config.max_target_positions, begin_suppress_tokens=[vocab[_SPACE], eos],
-        lang_to_id={token: vocab[token] for token in languages}, is_multilingual=True,
-        task_to_id={"translate": vocab["<|translate|>"], "transcribe": vocab["<|transcribe|>"]},
-        no_timestamps_token_id=vocab["<|notimestamps|>"], prev_sot_token_id=vocab["<|startofprev|>"],
-        max_initial_timestamp_index=50)
-    feature_extractor = WhisperFeatureExtractor(feature_size=128)
-    pipe = pipeline("automatic-speech-recognition", model=model.eval().to(device), tokenizer=tokenizer,
-                    feature_extractor=feature_extractor, device=torch.device(device))
-    return Transcriber(pipe, TINY)
+    return Transcriber(tiny_whisper_pipeline(device), TINY)
 
 
 def build_tiny_speaker(device: str = "cpu") -> SpeakerEncoder:
-    """A tiny random WavLM x-vector model (about 60k parameters) with the real
-    feature extractor settings of `microsoft/wavlm-base-plus-sv`, for tests and
-    offline runs. Its embeddings tell signals apart but not speakers.
+    """`scorers_tiny`'s random WavLM x-vector model: its embeddings tell signals apart, not voices."""
+    from autotune.scorers_tiny import tiny_wavlm_xvector
 
-    Fan-in initialisation with zero biases: transformers' small-std init lets the
-    biases dominate the pooled statistics, so every clip gets nearly the same
-    embedding and a test of "different clips differ" would barely be one.
-    """
-    import torch
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
-
-    config = WavLMConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        tdnn_dim=(32, 32, 32, 32, 64), xvector_output_dim=16, num_buckets=32, max_bucket_distance=100)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = WavLMForXVector(config)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-                    module.reset_parameters()
-                    if module.bias is not None:
-                        module.bias.zero_()
-    feature_extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0,
-                                                 do_normalize=True, return_attention_mask=True)
-    return SpeakerEncoder(model.to(device), feature_extractor, TINY)
+    model, feature_extractor = tiny_wavlm_xvector(device)
+    return SpeakerEncoder(model, feature_extractor, TINY)
 
 
 # --------------------------------------------------------------------------- loading
@@ -241,7 +147,9 @@ def _source(model_id: str, role: str, setting: str) -> tuple[str, bool]:
     """Where to load `model_id` from, and whether only the local cache may be used.
 
     Raises:
-        AutotuneError: it names a folder that does not exist.
+        AutotuneError: it names a folder that does not exist, or a hub id that is neither
+            in the local cache nor downloadable now (decided in seconds, before transformers
+            is asked: its hub client would retry for half a minute).
     """
     local = Path(model_id).expanduser()
     looks_local = model_id.startswith(("/", "./", "../", "~", ".\\", "..\\")) or local.exists()
@@ -250,20 +158,19 @@ def _source(model_id: str, role: str, setting: str) -> tuple[str, bool]:
             raise AutotuneError(f"could not load the {role} `{model_id}`: no such folder; pass a folder holding "
                                 f"the checkpoint, a hub id, or `--set {setting}={NONE}` to skip it")
         return str(local), True
-    if hub_offline():
-        return model_id, True
-    from huggingface_hub import constants
+    offline = settle_hub()
+    if offline is not None and not is_cached(model_id):
+        raise AutotuneError(f"the {role} `{model_id}` is not downloaded, and {offline}: `hf download {model_id}` "
+                            f"once, or `--set {setting}={NONE}`")
+    return model_id, offline is not None
 
-    # Without this, `from_pretrained` of an id that is not cached retries for about 50 s offline.
-    return model_id, hub_unreachable(constants.ENDPOINT) is not None
 
-
-def _load_error(model_id: str, role: str, setting: str, exc: BaseException, local_only: bool) -> AutotuneError:
-    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-    where = "offline and not in the local cache: " if local_only and not Path(model_id).expanduser().exists() else ""
-    return AutotuneError(f"could not load the {role} `{model_id}` ({where}{reason}): download it once "
-                         f"(`huggingface-cli download {model_id}`) or pass a local folder with "
-                         f"`--set {setting}=PATH`; `--set {setting}={NONE}` skips it")
+def _load_error(model_id: str, role: str, setting: str, exc: BaseException) -> AutotuneError:
+    local = Path(model_id).expanduser().exists()
+    fix = ("check that the folder holds the checkpoint" if local
+           else f"check the id, or download it again (`hf download {model_id}`)")
+    return AutotuneError(f"could not load the {role} `{model_id}` ({clip_words(str(exc), 160) or type(exc).__name__}): "
+                         f"{fix}; `--set {setting}=PATH` takes a local folder, `--set {setting}={NONE}` skips it")
 
 
 #: Weights that turn a base model into the one we need; a checkpoint without them
@@ -305,7 +212,7 @@ def load_asr(model_id: str, device: str = "cpu") -> Transcriber:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, broken folder: the user's to fix
-        raise _load_error(model_id, role, setting, exc, local_only) from exc
+        raise _load_error(model_id, role, setting, exc) from exc
     _check_head(model_id, info, _ASR_HEAD, "a speech-recognition checkpoint", setting, DEFAULT_ASR_MODEL)
     pipe = pipeline("automatic-speech-recognition", model=model.eval().to(device), tokenizer=tokenizer,
                     feature_extractor=feature_extractor, device=torch.device(device), dtype=dtype)
@@ -330,7 +237,7 @@ def load_speaker(model_id: str, device: str = "cpu") -> SpeakerEncoder:
                                                                output_loading_info=True)
         feature_extractor = AutoFeatureExtractor.from_pretrained(source, local_files_only=local_only)
     except Exception as exc:  # noqa: BLE001
-        raise _load_error(model_id, role, setting, exc, local_only) from exc
+        raise _load_error(model_id, role, setting, exc) from exc
     _check_head(model_id, info, _SPEAKER_HEAD, "a speaker-verification (x-vector) checkpoint", setting,
                 DEFAULT_SPEAKER_MODEL)
     return SpeakerEncoder(model.to(device), feature_extractor, model_id)

@@ -9,9 +9,15 @@ becomes a prompt, in training and in speech alike.
   letters and digits to half-width; half-width katakana to full-width; wave dashes
   (`～〜`) to `ー`; a run of three or more `…` to `……`; `●◯〇` to `○`, `♥` to `♡`; a few symbols
   and dashes removed; then every character outside kana, kanji, Latin letters, digits and
-  `。、!?…♪♡○` dropped. One deliberate difference: the reference maps half-width katakana
-  by a shifted table (`ｱ` becomes `ケ`, `｡` becomes `ァ`); here they become what they
-  are (`ｱ` -> `ア`, `ｶﾞ` -> `ガ`, `｡` -> `。`), as its own comment intends.
+  `。、!?…♪♡○` dropped. Two deliberate differences, each tested against the reference:
+  1. the reference maps half-width katakana by a shifted table (`ｱ` becomes `ケ`, `｡`
+     becomes `ァ`, `ｶﾞ` becomes `ザマ`); here they become what they are (`ｱ` -> `ア`,
+     `ｶﾞ` -> `ガ`, `｡` -> `。`), as its own comment intends;
+  2. runs of `…` are shortened after the dropping, not before it, so that a run the
+     dropping joins (`……」……` -> `…………` in the reference) is shortened too (`……`):
+     normalising twice gives what normalising once does. llasa-trainer's own server
+     normalises a request and then its prompt again, so where the two orders differ it
+     speaks the shortened run anyway.
 - `nfkc`: Unicode NFKC (full-width letters and digits to half-width, half-width kana to
   full-width, compatibility characters such as `①` to `1`), nothing removed.
 - `auto` (the default) resolves by model: `llasa-trainer` for NandemoGHS's Anime-Llasa
@@ -54,14 +60,14 @@ _NOT_KEPT = re.compile(r"[^\u3040-\u309F\u30A0-\u30FF\u4E00-\u9FFF\u3400-\u4DBF\
 
 
 def llasa_trainer(text: str) -> str:
-    """llasa-trainer's `normalize_text` (see the module's docstring for the one difference)."""
+    """llasa-trainer's `normalize_text` (see the module's docstring for the two differences)."""
     for pattern, replacement in _REPLACEMENTS:
         text = pattern.sub(replacement, text)
     text = text.translate(_FULLWIDTH_LETTERS_AND_DIGITS)
     # NFKC on half-width katakana alone: `ｶﾞ` composes to `ガ`, `｡` becomes `。`.
     text = _HALFWIDTH_KANA.sub(lambda m: unicodedata.normalize("NFKC", m.group()), text)
-    text = _ELLIPSES.sub("……", text)
-    return _NOT_KEPT.sub("", text)
+    text = _NOT_KEPT.sub("", text)
+    return _ELLIPSES.sub("……", text)   # after the dropping: see the module docstring
 
 
 def normalize(text: str, mode: str) -> str:

@@ -24,18 +24,28 @@ module names of the installed transformers 5 modeling (`acoustic_decoder`,
 mapping uses in the sibling `models/neucodec/convert_neucodec_checkpoint.py`,
 which states that it mirrors the XCodec2 one). What the port does:
 
+* first reads the other spellings community checkpoints use for the same
+  weights (see `_SPELLINGS`): `parametrizations.weight.original0/1` (torch's
+  newer `parametrizations.weight_norm`) for `weight_g`/`weight_v`, and
+  `act.bias` for the SnakeBeta activations' `act.beta`. NandemoGHS/Anime-XCodec2
+  ships both; llasa-trainer has its users rename them by hand
+  (`script/convert_weight_norm_key.py`) before transformers' converter runs;
 * renames (see `_RULES`), with the encoder's `conv_blocks.0` becoming
   `conv1` and `conv_blocks.N` becoming `block.N-1`;
-* folds weight norm (`weight_g`/`weight_v`, or torch's parametrisation
-  `parametrizations.weight.original0/1`) into a plain `weight`
+* folds weight norm (`weight_g`/`weight_v`) into a plain `weight`
   (transformers' script applies and then removes weight norm on the model,
-  which computes the same `g * v / |v|`);
+  which computes the same `g * v / |v|`), in float32;
 * splits the fused `att.c_attn` into `q_proj`, `k_proj`, `v_proj` and permutes
   the query and key rows from interleaved to half-split rotary order;
 * drops buffers transformers recomputes (anti-aliasing filters, the ISTFT
   window, FSQ levels/basis/codebook), the semantic model's layers past the
   ones XCodec2 reads (it uses w2v-BERT 2.0's hidden state after layer 16), and
   training-only heads (`fc_post_s`, `SemanticDecoder_module`, discriminators).
+
+Every weight is written in float32, the dtype the codec runs in
+(`autotune.codec.CODEC_DTYPE_NAME`): a checkpoint saved in float16 or bfloat16
+converts as its float32 upcast would, its weight norm folded from the float32
+values, as X-Codec-2.0's float32 modules compute it when they load such a file.
 
 Anything left over, missing or of the wrong shape is an `AutotuneError`: a
 checkpoint converts completely or not at all.
@@ -78,6 +88,7 @@ __all__ = [
     "converted_folder",
     "converted_root",
     "locate",
+    "original_spelling",
     "original_to_transformers",
     "original_weights_file",
     "rename",
@@ -85,7 +96,8 @@ __all__ = [
 ]
 
 #: Part of the converted folder's key: raise it when the conversion's output changes.
-CONVERTER_VERSION = 1
+#: 2: float32 output whatever the source's dtype; Anime-XCodec2's spellings.
+CONVERTER_VERSION = 2
 
 
 # --------------------------------------------------------------------------- finding a checkpoint
@@ -294,22 +306,55 @@ def target_config(original: dict[str, Any]) -> Xcodec2Config:
     return config
 
 
+#: Other spellings of X-Codec-2.0's own weight names, each renamed to the original one before
+#: any rule runs. torch's `nn.utils.parametrizations.weight_norm` stores g and v as
+#: `parametrizations.weight.original0`/`original1` where the older `weight_norm` saved
+#: `weight_g`/`weight_v`; NandemoGHS/Anime-XCodec2's SnakeBeta names its `beta` `bias`.
+#: A renamed weight still has to fit the model exactly, so a wrong guess cannot pass.
+_SPELLINGS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\.parametrizations\.weight\.original0$"), ".weight_g"),
+    (re.compile(r"\.parametrizations\.weight\.original1$"), ".weight_v"),
+    (re.compile(r"(^|\.)act\.bias$"), r"\1act.beta"),
+)
+
+
+def original_spelling(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """`state` with every other spelling (`_SPELLINGS`) renamed to X-Codec-2.0's own, and how
+    many names each spelling rule renamed.
+
+    A name whose original spelling is also in the checkpoint keeps its own name: two values
+    for one weight is no checkpoint to guess about, and the conversion reports it as unexpected.
+    """
+    out: dict[str, torch.Tensor] = {}
+    renamed: dict[str, int] = {}
+    for name, tensor in state.items():
+        for pattern, original in _SPELLINGS:
+            new = pattern.sub(original, name)
+            if new != name and new not in state:
+                renamed[pattern.pattern] = renamed.get(pattern.pattern, 0) + 1
+                name = new
+                break
+        out[name] = tensor
+    return out, renamed
+
+
 def _fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace each weight-normalised pair (g, v) by its weight `g * v / |v|` (norm over all but dim 0)."""
+    """Replace each weight-normalised pair (g, v) by its weight `g * v / |v|` (norm over all but dim 0).
+
+    Computed in float32: a float16 `|v|` loses digits, and its sum of squares overflows past 65,504."""
+    import torch
+
     out = dict(state)
     for name in list(state):
-        for g_suffix, v_suffix in ((".weight_g", ".weight_v"),
-                                   (".parametrizations.weight.original0", ".parametrizations.weight.original1")):
-            if not name.endswith(g_suffix):
-                continue
-            base = name[: -len(g_suffix)]
-            v_name = base + v_suffix
-            if v_name not in state:
-                continue
-            g, v = state[name], state[v_name]
-            norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
-            out[base + ".weight"] = v * (g / norm)  # replaces a stale cached `.weight` if one was saved
-            del out[name], out[v_name]
+        if not name.endswith(".weight_g"):
+            continue
+        base = name[: -len(".weight_g")]
+        if base + ".weight_v" not in state:
+            continue
+        g, v = state[name].to(torch.float32), state[base + ".weight_v"].to(torch.float32)
+        norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+        out[base + ".weight"] = v * (g / norm)  # replaces a stale cached `.weight` if one was saved
+        del out[name], out[base + ".weight_v"]
     return out
 
 
@@ -326,10 +371,11 @@ def _rope_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def original_to_transformers(state: dict[str, torch.Tensor], config: Xcodec2Config
                              ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Original weights renamed and reshaped for `Xcodec2Model(config)`.
+    """Original weights renamed and reshaped for `Xcodec2Model(config)`, in float32.
 
     Returns the converted weights and the original names no rule covers.
-    Derived buffers and unused semantic layers are dropped here; whether the
+    Other spellings of the original names are read first (`original_spelling`);
+    derived buffers and unused semantic layers are dropped here; whether the
     result matches the model is for the caller to check.
     """
     import torch
@@ -337,7 +383,11 @@ def original_to_transformers(state: dict[str, torch.Tensor], config: Xcodec2Conf
     kept_semantic_layers = int(config.semantic_model_config.num_hidden_layers)
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    for name, tensor in _fold_weight_norm({k: v for k, v in state.items() if not _TRAINING_ONLY.search(k)}).items():
+    state = original_spelling({k: v for k, v in state.items() if not _TRAINING_ONLY.search(k)})[0]
+    # The codec runs in float32 (autotune.codec.CODEC_DTYPE_NAME): a half-precision file is upcast here,
+    # once, and never meets float32 activations at encoding time.
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    for name, tensor in _fold_weight_norm(state).items():
         fused = _FUSED_QKV.fullmatch(name)
         if fused:
             query, key, value = torch.chunk(tensor, 3, dim=0)
@@ -407,7 +457,8 @@ def convert_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike
         original_config = {}  # the release's sizes are Xcodec2Config's defaults
     config = target_config(original_config if isinstance(original_config, dict) else {})
 
-    converted, unknown = original_to_transformers(_read_original(weights), config)
+    state = _read_original(weights)
+    converted, unknown = original_to_transformers(state, config)
     with torch.device("meta"):  # names and shapes only: no memory, no random init
         expected = {k: tuple(v.shape) for k, v in Xcodec2Model(config).state_dict().items()}
     missing = set(expected) - set(converted)
@@ -425,7 +476,9 @@ def convert_checkpoint(source: str | os.PathLike[str], target: str | os.PathLike
     config.save_pretrained(target)
     Xcodec2FeatureExtractor(sampling_rate=config.sampling_rate, hop_length=config.hop_length).save_pretrained(target)
     (target / "converted_from.json").write_text(
-        json.dumps({"source": label, "weights": str(weights), "converter_version": CONVERTER_VERSION}) + "\n",
+        json.dumps({"source": label, "weights": str(weights), "converter_version": CONVERTER_VERSION,
+                    "source_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()}),
+                    "other_spellings_read": original_spelling(state)[1]}) + "\n",
         encoding="utf-8")
 
 

@@ -16,6 +16,11 @@ into a temporary folder, then times `autotune.data.load_dataset` on it:
 Both include reading, JSON parsing, every validation, measuring, skipping
 and the split. The requirement is reading + validating 100,000 lines in
 under 10 s on 2 cores. Timings are the best of `--repeat` runs.
+
+- `tiny_codec`: the `--codec tiny` test codec encoding `--codec-clips` clips of
+  3-5 s (what `--check-data`, the demo and the tests pay for audio): its build,
+  then clips per second and seconds of audio per second. The requirement is 24
+  such clips in under 10 s on an idle 2-core box.
 """
 
 from __future__ import annotations
@@ -76,12 +81,53 @@ def best_of(repeat: int, fn) -> tuple[float, float, object]:
     return best, best_cpu, result
 
 
+def tiny_codec_rate(clips: int, repeat: int, seed: int = 0) -> dict:
+    """The tiny codec's build time and encoding rate on `clips` clips of 3-5 s of a noisy
+    chirp (speech-like in level), the first clip encoded once beforehand as a warm-up."""
+    import numpy as np
+
+    from autotune.codec import build_tiny_codec
+
+    rng = np.random.default_rng(seed)
+    waves = []
+    for _ in range(clips):
+        seconds = rng.uniform(3.0, 5.0)
+        t = np.arange(int(seconds * 16_000)) / 16_000
+        waves.append((0.4 * np.sin(2 * np.pi * (150 + 200 * rng.random() + 100 * t) * t)
+                       + 0.05 * rng.standard_normal(t.size)).astype(np.float32))
+    audio_seconds = sum(w.size for w in waves) / 16_000
+    start = time.perf_counter()
+    import transformers.models.xcodec2.modeling_xcodec2  # noqa: F401 - every command pays the import, not the codec
+    import_seconds = time.perf_counter() - start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    codec = build_tiny_codec()
+    build_seconds, build_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    codec.encode(waves[0])
+    seconds, cpu, codes = best_of(repeat, lambda: [codec.encode(w) for w in waves])
+    return {
+        "clips": clips,
+        "audio_seconds": round(audio_seconds, 1),
+        "codes": sum(len(c) for c in codes),
+        "seconds_import": round(import_seconds, 2),
+        "seconds_build": round(build_seconds, 2),
+        "cpu_seconds_build": round(build_cpu, 2),
+        "seconds_encode": round(seconds, 2),
+        "cpu_seconds_encode": round(cpu, 2),
+        "clips_per_second": round(clips / seconds, 2),
+        "audio_seconds_per_second": round(audio_seconds / seconds, 1),
+        "target_seconds_for_24_clips": 10.0,
+        "within_target": seconds * 24 / clips < 10.0,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=100_000, help="JSONL lines to generate (default 100000)")
     parser.add_argument("--repeat", type=int, default=1, help="time each mode this many times, keep the best")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--no-tokenizer-run", action="store_true", help="skip the exact-count (tokenizer) run")
+    parser.add_argument("--codec-clips", type=int, default=24,
+                        help="clips of 3-5 s the tiny codec encodes (default 24; 0 skips it)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -123,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             result["lines_per_second_with_tokenizer"] = round(args.lines / seconds_tok)
             result["max_tokens_exact"] = report_tok.summary()["max_tokens"]
             result["max_tokens_estimated"] = report.summary()["max_tokens"]
+        if args.codec_clips > 0:
+            result["tiny_codec"] = tiny_codec_rate(args.codec_clips, args.repeat)
         result["target_seconds"] = 10.0
         result["within_target"] = result["seconds_read_validate"] < 10.0 and result.get("seconds_with_tokenizer", 0) < 10.0
         result["cpu_count"] = os.cpu_count()

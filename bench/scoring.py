@@ -12,7 +12,8 @@ architecture configs (`WHISPER_TURBO`, `WAVLM_BASE_PLUS_SV` below, with where
 each value was checked) and wraps them exactly as `autotune.scores` does: the
 transformers ASR pipeline inside `Transcriber`, the x-vector model inside
 `SpeakerEncoder`, fp32 on CPU, Whisper in fp16 on CUDA (as `load_asr`). The
-tokenizer is `build_tiny_asr`'s offline byte-level Whisper tokenizer, padded
+tokenizer is the tiny scorer's offline byte-level Whisper tokenizer
+(`autotune.scorers_tiny.tiny_whisper_tokenizer`), padded
 with filler tokens to Whisper's real vocabulary layout (50,257 text tokens,
 then end-of-text, start-of-transcript, the 100 languages, ..., the 1,501
 timestamps: 51,866 ids), so the special-token ids and the output layer are
@@ -114,12 +115,12 @@ def _sync(device: str) -> None:
 
 
 def _whisper_tokenizer() -> tuple[Any, list[str]]:
-    """`build_tiny_asr`'s offline Whisper tokenizer (byte-level, no merges, Whisper's
+    """The tiny scorer's offline Whisper tokenizer (byte-level, no merges, Whisper's
     special tokens in Whisper's order), with filler text tokens so that the ids are
     Whisper's real ones: end-of-text at 50257, 51,866 tokens in all."""
-    from autotune.scores import _tiny_whisper_tokenizer
+    from autotune.scorers_tiny import tiny_whisper_tokenizer
 
-    tokenizer, languages = _tiny_whisper_tokenizer(text_tokens=50257)
+    tokenizer, languages = tiny_whisper_tokenizer(text_tokens=50257)
     vocab = tokenizer.get_vocab()
     assert len(vocab) == WHISPER_TURBO["vocab_size"], len(vocab)
     assert vocab["<|endoftext|>"] == 50257 and vocab["<|notimestamps|>"] == 50364
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "asr": {"stands_for": DEFAULT_ASR_MODEL, "class": "WhisperForConditionalGeneration (random init)",
                     "parameters": params["asr"], "config": WHISPER_TURBO,
                     "feature_extractor": "WhisperFeatureExtractor(feature_size=128)",
-                    "tokenizer": "build_tiny_asr's byte-level WhisperTokenizer padded to the real 51,866-id layout",
+                    "tokenizer": "scorers_tiny's byte-level WhisperTokenizer padded to the real 51,866-id layout",
                     "decode": f"greedy (num_beams=1), min_new_tokens = max_new_tokens = {args.tokens}"},
             "speaker": {"stands_for": DEFAULT_SPEAKER_MODEL, "class": "WavLMForXVector (random init)",
                         "parameters": params["speaker"],

@@ -506,3 +506,56 @@ def test_check_data_on_audio_without_codec_or_hub_is_one_line(tmp_path: Path) ->
     (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert line.startswith(f"error: could not load the codec `{DEFAULT_CODEC}` (not in the local hub cache")
     assert "hf download" in line and "--codec tiny" in line
+
+
+# --------------------------------------------------------------------------- the tiny codec's cost
+
+
+def test_the_tiny_codec_works_on_one_thread_and_gives_the_callers_back(codec: Codec) -> None:
+    """Split over threads, its small operations spun for minutes on a busy two-core box."""
+    import torch
+
+    seen: list[int] = []
+    hook = codec.model.acoustic_encoder.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        codes = codec.encode(tone(0.5))
+        assert torch.get_num_threads() == 2
+        assert codec.decode(codes).shape == (len(codes) * 320,)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    assert seen == [1]
+    # Still the real XCodec2 code path, with fewer, wider-strided encoder blocks.
+    assert type(codec.model).__name__ == "Xcodec2Model"
+    assert codec.model.config.downsampling_ratios == [8, 8, 5] and codec.hop_length == 320
+
+
+def test_check_data_encodes_each_clip_once_and_decodes_nothing(tmp_path: Path, monkeypatch) -> None:
+    """`--check-data --codec tiny` on an LJSpeech folder: one encode per clip, no decode
+    (the conv_transpose1d in a profile of it is the encoder's anti-aliased activations'
+    upsampling, not a decoder)."""
+    from transformers import Xcodec2Model
+
+    from train import main
+
+    data = tmp_path / "lj"
+    for i in range(3):
+        write_wav(data / "wavs" / f"c{i}.wav", tone(1.0 + 0.25 * i, seed=20 + i))
+    (data / "metadata.csv").write_text("".join(f"c{i}|clip {i}\n" for i in range(3)), encoding="utf-8")
+    encodes = []
+    real_encode = Xcodec2Model.encode
+    monkeypatch.setattr(Xcodec2Model, "encode", lambda self, *a, **k: encodes.append(1) or real_encode(self, *a, **k))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("a decode during --check-data")
+
+    monkeypatch.setattr(Xcodec2Model, "decode", no_decode)
+    monkeypatch.setattr(Xcodec2Model, "forward", no_decode)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["--check-data", "--data", str(data), "--model", "tiny", "--codec", "tiny",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert len(encodes) == 3

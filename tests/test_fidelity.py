@@ -225,3 +225,66 @@ def test_prompts_name_speakers_only_for_a_set_a_user_picks_from(tmp_path):
                           codec_loader=build_tiny_codec, cache_dir=tmp_path / "cache", progress=False)
     assert list(report.speakers()) == ["demo"] and not report.speaker_conditioning
     assert all(s.speaker == "demo" and s.prompt_speaker is None for s in report.train + report.val)
+
+
+# ------------------------------------------------------------------ the prompt's template ---
+
+NO_TEMPLATE = "has no chat template, and Llasa's prompt is the chat template the model was trained with"
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_not_given_a_guess():
+    """Before, such a tokenizer silently got a template without Llama 3.2's system block:
+    21 prompt tokens where Llasa was trained on 46."""
+    import copy
+
+    from autotune.llasa import PromptBuilder, build_tiny_tokenizer
+
+    bare = copy.copy(build_tiny_tokenizer())   # the cached original is shared: never changed
+    for missing in (None, ""):
+        bare.chat_template = missing
+        with pytest.raises(AutotuneError) as info:
+            PromptBuilder(bare)
+        message = info.value.one_line()
+        assert "\n" not in message and NO_TEMPLATE in message
+        assert "`chat_template.jinja`" in message and "hf download" in message
+    assert build_tiny_tokenizer().chat_template   # the tiny model keeps its own template
+    assert PromptBuilder(build_tiny_tokenizer()).prompt_ids("今日は")
+
+
+def test_the_replicas_llama32_template_gives_the_system_block_and_without_it_nothing():
+    import copy
+
+    from autotune import replica
+    from autotune.llasa import PromptBuilder
+
+    if not replica.replica_available():
+        pytest.skip("the offline Llasa tokenizer needs `llama-models` and `tiktoken`")
+    tokenizer = replica.build_llasa_tokenizer()
+    builder = PromptBuilder(tokenizer)
+    prefix = tokenizer.decode(builder.prefix_ids)
+    assert prefix.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
+                             "Date: December 2023\nToday Date: ")
+    text_ids = builder.text_ids(["今日は"])[0]
+    assert len(builder.prompt_ids("今日は")) - len(text_ids) == builder.overhead == 44
+    bare = copy.copy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(AutotuneError, match=NO_TEMPLATE):
+        PromptBuilder(bare)
+
+
+def test_a_model_folder_that_lost_its_template_stops_check_data_in_one_line(tmp_path, capsys):
+    from autotune.cli import run_main
+    from autotune.llasa import build_tiny_model, build_tiny_tokenizer
+    from train import main
+
+    folder = tmp_path / "llasa-copy"
+    build_tiny_model().save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink()   # copied without it, as a hand-picked copy may be
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ["--check-data", "--data", str(DATA), "--model", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if l.startswith("error:")]
+    assert f"the tokenizer of `{folder}` {NO_TEMPLATE}" in line

@@ -69,18 +69,35 @@ def make_run(root: Path) -> tuple[Path, dict, dict]:
                             "similarity": 0.7 + 0.1 * k})
         evaluations.append({"step": step, "samples": samples,
                             "means": {"mean_cer": 0.2 - 0.1 * k, "mean_wer": 0.21 - 0.1 * k,
-                                      "mean_similarity": 0.7 + 0.1 * k}})
+                                      "mean_error_rate": 0.205 - 0.1 * k, "mean_similarity": 0.7 + 0.1 * k}})
     evaluations[0]["samples"][2]["wav"] = None                          # the codec was not there
     (out / evaluations[1]["samples"][2]["wav"]).unlink()                # deleted since
     history = [{"step": s, "loss": 5 * math.exp(-s / 40) + 1, "learning_rate": 1e-4} for s in range(10, 110, 10)]
     history += [{"step": 50, "eval_loss": 2.5}, {"step": 100, "eval_loss": 2.0}, {"train_runtime": 12.0, "step": 100}]
+    evaluations[1]["samples"][0]["speaker"] = "話者A"
+    evaluations[1]["samples"][1]["speaker"] = "bob"
     run = {"title": f"Run {HOSTILE}", "gpus": [{"index": 0, "name": "NVIDIA H200", "total_bytes": 150 * 1024**3}],
-           "plan": {"per_device_train_batch_size": 8, "lora": {"r": 64}}, "reasons": [f"because {HOSTILE}"],
+           "plan": PLAN, "reasons": [f"because {HOSTILE}"],
            "history": history, "evaluations": evaluations,
-           "best": {"step": 100, "metric": "mean_cer", "value": 0.1, "checkpoint": "checkpoint-100"},
-           "summary": {"steps": 100, "tokens_per_second": 39512.3}}
-    counts = {"audio": 2 * 3 * 2 - 2, "loss": 10, "eval_loss": 2, "evaluations": 2}
+           "best": {"step": 100, "metric": "cer", "value": 0.1, "checkpoint": "checkpoint-100"},
+           "summary": {"steps": 100, "max_steps": 100, "steady_tokens_per_second": 39512.3,
+                       "scores_best": {"step": 100, "mean_cer": 1.0, "mean_similarity": 0.8},
+                       "plan_reason": "the dry run: fastest that fits"}}
+    # Every clip of both evaluations (one without audio, one deleted), and the best one's again on top.
+    counts = {"audio": 2 * 3 * 2 - 2 + (3 * 2 - 1), "loss": 10, "eval_loss": 2, "evaluations": 2}
     return out, run, counts
+
+
+#: A plan as run_summary.json records it (`Plan.to_dict`).
+PLAN = {"settings": {"training.per_device_train_batch_size": 4, "training.gradient_accumulation_steps": 2,
+                     "training.bf16": True, "training.fp16": False, "training.gradient_checkpointing": False,
+                     "training.lean_loss": True, "training.optim": "adamw_torch_fused", "lora.r": 16,
+                     "lora.lora_alpha": 32, "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"],
+                     "model.load_in_4bit": False, "data.max_length": 2048, "training.torch_compile": False,
+                     "training.use_liger_kernel": False},
+        "processes": 1, "effective_batch_size": 8, "precision": "bf16",
+        "label": "batch 4x2, no-ckpt, lean-loss, adamw_torch_fused, r16, len 2048"}
 
 
 def check_audio_sources(page: Page, folder: Path) -> list[Path]:
@@ -121,10 +138,43 @@ def test_report_structure(tmp_path: Path) -> None:
     assert len([a for a in page.all("line") if a.get("class") == "best-marker"]) == 3
 
     sections = [a["id"] for a in page.all("section")]
-    assert sections == ["step-50", "step-100"]
+    assert sections == ["listen", "step-50", "step-100"]
     assert "best" in next(a for a in page.all("section") if a["id"] == "step-100")["class"]
-    assert "NVIDIA H200" in text and "<td>150</td>" in text  # bytes shown as GiB
-    assert "lora.r" in text and "39,512.3" in text
+    words = " ".join("".join(page.text).split())
+    assert "Listen: step 100 — the best checkpoint, by cer · CER 10.0 %, WER 11.0 %, speaker similarity 0.800" in words
+    assert "Hardware: 1 x NVIDIA H200 (150.0 GiB)" in words
+    assert ("Plan: batch 4 x 2 (8 samples per step), gradient checkpointing off, bf16, LoRA r 16 (alpha 32) on all 7 "
+            "projections, memory-lean loss, optimizer adamw_torch_fused, up to 2,048 tokens per sample") in words
+    assert "because:the dry run: fastest that fits" in words and "Result: 39,512 tokens/s" in words
+    # The raw values, collapsed, at the end; rates as percentages there too.
+    assert page.all("details") and text.index("<details") > text.index('id="step-100"')
+    assert "plan.settings.lora.r" in text and "39,512.3" in text and "150.0 GiB" in text
+    assert "summary.scores_best.mean_cer</th><td>100.0 %</td>" in text
+
+
+def test_the_page_leads_with_the_voice_then_the_plan_then_the_details(tmp_path: Path) -> None:
+    out, run, _ = make_run(tmp_path)
+    text = write_report(out, run).read_text(encoding="utf-8")
+    order = [text.index(marker) for marker in ('id="listen"', "<audio", 'id="curves"', "<svg", 'id="what-ran"',
+                                               'id="evaluations"', 'id="step-50"', "<details")]
+    assert order == sorted(order)
+
+
+def test_every_sample_row_names_its_speaker(tmp_path: Path) -> None:
+    out, run, _ = make_run(tmp_path)
+    page = Page(write_report(out, run).read_text(encoding="utf-8"))
+    speakers = [i for i, (tag, attrs) in enumerate(page.tags) if attrs.get("class") == "speaker"]
+    assert len(speakers) == 2 * 2              # two named samples, in the listen card and in step 100
+    assert "話者A" in page.text and "bob" in page.text
+
+
+def test_a_page_written_while_training_says_so_and_picks_the_best_scores(tmp_path: Path) -> None:
+    """Before the first checkpoint there is no best checkpoint: the best scores so far lead."""
+    out, run, _ = make_run(tmp_path)
+    del run["best"], run["summary"]
+    text = " ".join("".join(Page(write_report(out, run).read_text(encoding="utf-8")).text).split())
+    assert "training: step 100 so far" in text
+    assert "Listen: step 100 — the best scores so far, by error rate" in text
 
 
 def test_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
@@ -152,6 +202,7 @@ def test_an_empty_run_still_makes_a_page(tmp_path: Path) -> None:
     assert not page.all("polyline") and not page.all("audio")
     text = "".join(page.text)
     assert "nothing recorded yet" in text and "no GPU" in text and "no samples were generated" in text
+    assert "Plan: not recorded" in text
 
 
 def test_one_evaluation_is_one_point(tmp_path: Path) -> None:
@@ -241,6 +292,17 @@ def _near(pixels: np.ndarray, hex_color: str, tolerance: float = 0.08) -> int:
     return int((np.abs(pixels[..., :3] - rgb).max(axis=-1) < tolerance).sum())
 
 
+def _run_chromium(browser: str, tmp_path: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", *extra, "--dump-dom", url]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "HOME": str(tmp_path)})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"Chromium could not run here: {exc}")
+
+
 def test_chromium_renders_the_players_and_the_curves(tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:
@@ -250,15 +312,7 @@ def test_chromium_renders_the_players_and_the_curves(tmp_path: Path) -> None:
     out, run, counts = make_run(tmp_path)
     report = write_report(out, run)
     screenshot = tmp_path / "shot.png"
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1200,2000",
-               "--dump-dom", report.as_uri()]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "HOME": str(tmp_path)})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"Chromium could not run here: {exc}")
+    done = _run_chromium(browser, tmp_path, report.as_uri(), f"--screenshot={screenshot}", "--window-size=1200,2000")
     if done.returncode != 0 or not screenshot.is_file():
         pytest.skip(f"Chromium could not start here (exit {done.returncode}): {done.stderr.strip()[-300:]}")
 
@@ -275,4 +329,44 @@ def test_chromium_renders_the_players_and_the_curves(tmp_path: Path) -> None:
     assert len(colours) > 100                       # text, players, charts: not a blank page
     # Links are blue too (about 200 pixels); the curves add well over a thousand.
     assert _near(pixels, "#2563eb") > 1000          # the blue curves (train loss, CER, similarity) were drawn
-    assert _near(pixels, "#dc2626") > 300           # and the red ones (eval loss, WER)
+    assert _near(pixels, "#dc2626") > 150           # and the red ones (eval loss, WER); nothing else is that red
+
+
+#: Lays the report out in a 1280 x 800 frame, as a laptop's browser window shows it, and
+#: writes where its parts are. The report itself has no script; this page beside it has.
+_MEASURE = """<!DOCTYPE html><html><body style="margin:0">
+<iframe id="report" src="report.html" style="width:1280px;height:800px;border:0"></iframe><pre id="where"></pre>
+<script>
+window.addEventListener("load", () => {
+  const page = document.getElementById("report").contentDocument;
+  const box = (selector) => { const el = page.querySelector(selector); if (!el) return null;
+                              const r = el.getBoundingClientRect(); return [r.top, r.bottom, r.left, r.right]; };
+  document.getElementById("where").textContent = JSON.stringify({
+    audio: box("#listen audio"), chart: box("svg.chart"), what_ran: box("#what-ran"),
+    evaluations: box("#evaluations"), details: box("details")});
+});
+</script></body></html>"""
+
+
+def test_chromium_shows_a_player_and_the_curves_on_the_first_screen(tmp_path: Path) -> None:
+    """At 1280 x 800, before any scrolling: a player of the best clips, whole, and the curves
+    starting; the plan and then the details further down, in that order."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed (`apt-get install -y chromium`)")
+    import json
+
+    out, run, _ = make_run(tmp_path)
+    write_report(out, run)
+    (out / "measure.html").write_text(_MEASURE, encoding="utf-8")
+    done = _run_chromium(browser, tmp_path, (out / "measure.html").as_uri(), "--allow-file-access-from-files",
+                         "--window-size=1300,900")
+    found = [a for a in Page(done.stdout).text if a.strip().startswith("{")]
+    if done.returncode != 0 or not found:
+        pytest.skip(f"Chromium could not lay the page out here (exit {done.returncode}): {done.stderr.strip()[-300:]}")
+    where = json.loads(found[0])
+    top, bottom, left, right = where["audio"]
+    assert 0 <= top and bottom <= 800 and 0 <= left and right <= 1280, where     # a whole player, unscrolled
+    assert where["chart"][0] < 800, where                                          # the curves begin on screen
+    tops = [where[key][0] for key in ("audio", "chart", "what_ran", "evaluations", "details")]
+    assert tops == sorted(tops), where

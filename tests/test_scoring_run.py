@@ -96,12 +96,14 @@ def test_scores_reach_tensorboard(scored_run: Path):
 def test_the_report_plays_every_clip_next_to_a_real_one(scored_run: Path):
     page = (scored_run / "report.html").read_text()
     sources = re.findall(r'<audio controls preload="metadata" src="([^"]+)"', page)
-    assert len(sources) == 2 * 2 * 2                  # 2 evaluations x 2 texts x (generated, real)
+    # 2 evaluations x 2 texts x (generated, real), and the best evaluation's again at the top
+    assert len(sources) == 2 * 2 * 2 + 2 * 2
     for src in sources:
         assert not src.startswith(("/", "http")) and (scored_run / src).is_file()
     assert page.count("<svg") == 3                    # loss, intelligibility, similarity
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
-    assert "Best: step" in page and "the matched profile" in page    # the best checkpoint, the plan and why
+    assert "Best checkpoint:" in page and "the matched profile" in page    # the best checkpoint, the plan and why
+    assert page.index('id="listen"') < page.index("<svg") < page.index('id="what-ran"') < page.index("<details")
 
 
 def test_the_dry_run_times_the_scorers(tmp_path: Path):
@@ -331,3 +333,43 @@ def test_a_scorer_says_which_part_could_not_load(tmp_path: Path):
     scorer.load()
     assert "no such folder" in scorer.unavailable("asr")
     assert scorer.unavailable("speaker") is None          # off on purpose
+
+
+# ------------------------------------------------- what the transcript is held against ---
+
+def test_the_transcript_is_held_against_the_text_as_the_run_normalises_it(tmp_path: Path):
+    """Issue 25: under `llasa-trainer` normalisation the model is asked to say the normalised
+    text, so the error rate compares the transcript with that; the written text is kept beside
+    it, and each sample names its speaker (issue 28)."""
+    import numpy as np
+
+    from autotune.audio import write_wav
+    from autotune.metrics import error_rate
+    from autotune.textnorm import normalize
+    from autotune.training.scoring import ScoreKeeper
+
+    config = validate({"data": {"text_normalization": "llasa-trainer"},
+                       "scores": {"asr_model": "tiny", "speaker_model": "none"}})
+    written = ["今日は　いい天気ですね～！", "ＡＢＣの歌を歌おう（笑）"]
+    folder = tmp_path / "samples" / "step-2"
+    t = np.arange(32_000) / 16_000
+    for i in range(2):
+        write_wav(folder / f"{i}.wav", (0.3 * np.sin(2 * np.pi * (220 + 40 * i) * t)).astype(np.float32))
+    records = [{"index": i, "text": text, "speaker": speaker, "wav": f"{i}.wav"}
+               for i, (text, speaker) in enumerate(zip(written, ("alice", None)))]
+    keeper = ScoreKeeper(config, tmp_path)
+    # No reference clip is asked for (no speaker model), so the codec is never called: any
+    # object stands for "the samples have audio".
+    payload = keeper.after_sampling(2, folder, records, codec=object(), writer=None)
+
+    said = [normalize(text, "llasa-trainer") for text in written]
+    assert said == ["今日はいい天気ですねー!", "ABCの歌を歌おう笑"]
+    for sample, text, spoken in zip(payload["samples"], written, said):
+        assert sample["text"] == spoken and sample["written"] == text
+        assert sample["cer"] == error_rate(spoken, sample["transcript"])[0]
+    assert payload["samples"][0]["speaker"] == "alice" and "speaker" not in payload["samples"][1]
+    # With no normalisation the text is the one written, and nothing is added.
+    plain = ScoreKeeper(validate({"data": {"text_normalization": "none"},
+                                  "scores": {"asr_model": "tiny", "speaker_model": "none"}}), tmp_path)
+    again = plain.after_sampling(4, folder, records, codec=object(), writer=None)
+    assert [s["text"] for s in again["samples"]] == written and not any("written" in s for s in again["samples"])

@@ -360,3 +360,110 @@ def test_the_conversion_covers_every_weight_of_the_released_architecture() -> No
     converted, unknown = original_to_transformers(original, config)
     assert unknown == []
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+
+# --------------------------------------------------------------------------- Anime-XCodec2's spellings
+
+
+def anime_spelling(state: dict[str, torch.Tensor]) -> None:
+    """Rename a plain original checkpoint's weights as NandemoGHS/Anime-XCodec2 names them:
+    torch's parametrised weight norm (`parametrizations.weight.original0/1`) and SnakeBeta's
+    `act.bias` for `act.beta` (the names llasa-trainer's convert_weight_norm_key.py renames back)."""
+    for name in list(state):
+        for plain, theirs in ((".weight_g", ".parametrizations.weight.original0"),
+                              (".weight_v", ".parametrizations.weight.original1"), (".act.beta", ".act.bias")):
+            if name.endswith(plain):
+                state[name[: -len(plain)] + theirs] = state.pop(name)
+
+
+def test_anime_xcodec2_spellings_convert_to_the_same_codec(codec: Codec, tmp_path: Path, hub: Path) -> None:
+    """Before, such a folder was refused ("36 weights missing ...; 36 unexpected ...")."""
+    plain = save_original_codec(codec, tmp_path / "xcodec2")
+    anime = save_original_codec(codec, tmp_path / "anime-xcodec2", anime_spelling)
+    names = list(load_file(anime / "model.safetensors"))
+    # The acoustic encoder's 36 activations and all its weight-normalised convolutions.
+    normed = sum(n.endswith((".weight_g", ".original0")) for n in load_file(plain / "model.safetensors"))
+    assert sum(n.endswith(".act.bias") for n in names) == 36
+    assert sum(n.endswith(".parametrizations.weight.original0") for n in names) == normed > 30
+    assert not [n for n in names if n.endswith((".act.beta", ".weight_g", ".weight_v"))]
+
+    converted = load_codec(str(anime))
+    reference = codec.model.state_dict()
+    assert set(converted.model.state_dict()) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(converted.model.state_dict()[name], tensor), name
+    test_wave = wave(1.3, seed=7)
+    codes = converted.encode(test_wave)
+    assert codes == load_codec(str(plain)).encode(test_wave) == codec.encode(test_wave)
+
+    (record,) = [json.loads((d / "converted_from.json").read_text()) for d in (hub / "llasa-autotune" /
+                 "xcodec2-converted").iterdir() if str(anime) in (d / "converted_from.json").read_text()]
+    assert sorted(record["other_spellings_read"].values()) == [36, normed, normed]
+
+
+def test_two_spellings_of_one_weight_are_refused(codec: Codec, tmp_path: Path, hub: Path) -> None:
+    beta = "CodecEnc.conv_blocks.1.block.3.act.beta"
+    folder = save_original_codec(codec, tmp_path / "both",
+                                 lambda s: s.update({beta.replace(".beta", ".bias"): s[beta] + 1.0}))
+    with pytest.raises(AutotuneError) as info:
+        load_codec(str(folder))
+    assert "(1 unexpected (`acoustic_encoder.block.0.snake1.act.bias`))" in info.value.one_line()
+
+
+# --------------------------------------------------------------------------- half-precision checkpoints
+
+
+def cast_floats(dtype: torch.dtype):
+    def edit(state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                state[name] = tensor.to(dtype)
+    return edit
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_half_precision_original_checkpoint_runs_as_its_float32_upcast(codec: Codec, tmp_path: Path, hub: Path,
+                                                                         dtype: torch.dtype) -> None:
+    """Before, a float16 checkpoint converted, loaded as float16 and failed at the first clip
+    with a traceback: "mixed dtype (CPU): expect parameter to have scalar type of Float"."""
+    half = save_original_codec(codec, tmp_path / "half", cast_floats(dtype))
+    assert {v.dtype for v in load_file(half / "model.safetensors").values() if v.is_floating_point()} == {dtype}
+    upcast = save_original_codec(codec, tmp_path / "upcast", lambda s: (cast_floats(dtype)(s),
+                                                                         cast_floats(torch.float32)(s)))
+
+    loaded = load_codec(str(half))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    test_wave = wave(1.1, seed=8)
+    codes = loaded.encode(test_wave)
+    assert len(codes) == loaded.num_codes(test_wave.size)
+    assert codes == load_codec(str(upcast)).encode(test_wave)
+    assert loaded.decode(codes).dtype == np.float32
+    for folder in (hub / "llasa-autotune" / "xcodec2-converted").iterdir():
+        assert {v.dtype for v in load_file(folder / "model.safetensors").values()} == {torch.float32}
+
+
+def test_a_float16_transformers_format_codec_runs_in_float32(codec: Codec, tmp_path: Path, hub: Path) -> None:
+    import copy
+
+    folder = tmp_path / "xcodec2-hf-fp16"
+    copy.deepcopy(codec.model).to(torch.float16).save_pretrained(folder)
+    codec.feature_extractor.save_pretrained(folder)
+    assert {v.dtype for v in load_file(folder / "model.safetensors").values()} == {torch.float16}
+
+    loaded = load_codec(str(folder))
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    rounded = Codec(copy.deepcopy(codec.model).to(torch.float16), codec.feature_extractor, "rounded")
+    test_wave = wave(0.9, seed=9)
+    assert loaded.encode(test_wave) == rounded.encode(test_wave)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_float16_checkpoint_encodes_on_the_gpu_in_float32(codec: Codec, tmp_path: Path, hub: Path) -> None:
+    folder = save_original_codec(codec, tmp_path / "half", cast_floats(torch.float16))
+    loaded = load_codec(str(folder), device="cuda")
+    assert {(p.device.type, p.dtype) for p in loaded.model.parameters()} == {("cuda", torch.float32)}
+    test_wave = wave(1.0, seed=10)
+    codes = loaded.encode(test_wave)
+    assert len(codes) == 50 and all(0 <= c < 65_536 for c in codes)
+    assert loaded.decode(codes).shape == (50 * 320,)

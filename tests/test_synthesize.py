@@ -124,7 +124,7 @@ def bad_inputs(run_dir, tmp_path) -> dict[str, list[str]]:
         "missing text file": (["--adapter", run, "--text-file", str(tmp_path / "none.txt"), "-o", out],
                               "does not exist"),
         "missing reference": (["--adapter", run, "--text", "x", "-o", out, "--reference", str(tmp_path / "r.wav"),
-                               "--reference-text", "hi"], "missing"),
+                               "--reference-text", "hi"], "does not exist"),
         "reference without text": (["--adapter", run, "--text", "x", "-o", out, "--reference", str(clip)],
                                    "--reference-text"),
         "text without reference": (["--adapter", run, "--text", "x", "-o", out, "--reference-text", "hi"],

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.config import SCORE_METRICS, Config
+from autotune.describe import scores_in_words
 from autotune.scores import NONE, TINY, Scorer, write_scores
 
 # The Trainer's metric names for each mean of `Scorer.score`.
@@ -151,6 +152,14 @@ class ScoreKeeper:
                                  warn=self.warn)
         return self.scorer
 
+    def said(self, text: str) -> str:
+        """`text` as the model was asked to say it: normalised as the run's prompts are
+        (`data.text_normalization`, `auto` decided by the model as the run decides it)."""
+        from autotune.textnorm import normalize, resolve
+
+        data, model = self.config.data, self.config.model
+        return normalize(text, resolve(data.text_normalization, model.name_or_path))
+
     # -- references --------------------------------------------------------------
 
     def references(self, text: str, speaker: str | None, codec: Any) -> list[str]:
@@ -193,14 +202,20 @@ class ScoreKeeper:
             return None    # codes without audio: nothing to hear, nothing to score
         started = time.perf_counter()
         scorer = self._get_scorer()
+        spoken = [r for r in records if "index" in r and not r.get("skipped")]
         items = []
-        for r in records:
-            if "index" not in r or r.get("skipped"):
-                continue
+        for r in spoken:
             wav = folder / r["wav"] if r.get("wav") else None
-            items.append({"text": r["text"], "wav": str(wav) if wav else None,
+            # The model was asked to say the text as the run normalises it: that is what the
+            # transcript is held against, or a dropped character would count as an error.
+            items.append({"text": self.said(r["text"]), "wav": str(wav) if wav else None,
                           "reference_wavs": self.references(r["text"], r.get("speaker"), codec)})
         result = scorer.score(items)
+        for record, sample in zip(spoken, result["samples"]):
+            if record.get("speaker") is not None:
+                sample["speaker"] = record["speaker"]
+            if record["text"] != sample["text"]:
+                sample["written"] = record["text"]      # the text as the data has it
         result["device_reason"] = self.device_reason
         result["step"] = step
         written = write_scores(folder, result)
@@ -218,7 +233,7 @@ class ScoreKeeper:
         if writer is not None:
             writer.flush()
         if self.console is not None:
-            self.console.print(f"scores at step {step}: {_means_line(payload)} ({self.seconds[-1]:.1f} s on "
+            self.console.print(f"scores at step {step}: {scores_in_words(payload)} ({self.seconds[-1]:.1f} s on "
                                f"{scorer.device})", markup=False, highlight=False)
         if state is not None:
             self.write_report(state)
@@ -305,8 +320,8 @@ class ScoreKeeper:
 def write_run_report(output_dir: Path, info: dict[str, Any], state: Any, evaluations: list[dict[str, Any]],
                      metric: str, *, summary: dict[str, Any] | None = None,
                      warn: Callable[[str], None] | None = None) -> Path | None:
-    """report.html: the GPU, the plan and why, the curves, and every evaluation's clips.
-    A full disk warns and leaves the previous page."""
+    """report.html: the best clips and the curves, the GPU and the plan and why, every
+    evaluation. A full disk warns and leaves the previous page."""
     from autotune.errors import AutotuneError
     from autotune.report import write_report
 
@@ -326,16 +341,6 @@ def write_run_report(output_dir: Path, info: dict[str, Any], state: Any, evaluat
         return None
 
 
-def _means_line(payload: dict[str, Any]) -> str:
-    parts = []
-    for key, label in (("mean_cer", "CER"), ("mean_wer", "WER")):
-        if payload.get(key) is not None:
-            parts.append(f"{label} {payload[key]:.1%}")
-    if payload.get("mean_similarity") is not None:
-        parts.append(f"similarity {payload['mean_similarity']:.3f}")
-    return ", ".join(parts) or "not scored"
-
-
 def scoring_on(config: Config) -> bool:
     """Scores are measured when a scorer is set and samples are spoken."""
     return config.scores.enabled and config.samples.num_texts > 0
@@ -353,6 +358,9 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     shown = {key: summary.get(key) for key in (
         "steps", "max_steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "metric_for_best_model",
         "best_metric", "stopped_early_at", "steady_tokens_per_second", "wall_seconds", "interrupted")}
+    dry_run = summary.get("dry_run") or {}
+    if dry_run.get("reason"):
+        shown["plan_reason"] = f"the dry run: {dry_run['reason']}"
     scores = summary.get("scores")
     if scores:
         shown.update({"scored_evaluations": scores.get("evaluations"), "scores_best": scores.get("best"),
