@@ -22,7 +22,9 @@ from autotune.llasa import TINY, build_tiny_model, build_tiny_tokenizer
 
 
 def _missing_model(name: str, exc: BaseException) -> AutotuneError:
-    reason = " ".join(str(exc).split())[:160]
+    from autotune.loading import clip_words
+
+    reason = clip_words(str(exc), 160)
     local = Path(name).expanduser()
     if name.startswith(("/", "./", "../", "~")) and not local.exists():
         return AutotuneError(f"cannot load the model `{name}`: no such folder; pass a folder holding a Llasa "
@@ -45,6 +47,10 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False, local_only: bo
         return replica.build_llasa_tokenizer()
     from transformers import AutoTokenizer
 
+    from autotune.loading import settle_hub
+
+    if not Path(name).expanduser().exists():
+        settle_hub()   # an unreachable hub is decided in seconds, once, not after a minute of retries
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except Exception as exc:  # transformers raises OSError, ValueError or hub errors here

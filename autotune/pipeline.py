@@ -24,7 +24,7 @@ from autotune.config import Config, changed_keys, config_rule_problems, dump_yam
 from autotune.errors import AutotuneError
 from autotune.request import RunRequest
 from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_REQUEST, RUN_SUMMARY, RunFolder,
-                             nested_problem, path_text, write_json, write_text)
+                             finished_run, nested_problem, path_text, write_json, write_text)
 from autotune.training.scoring import report_info, scoring_on, time_scorers
 from autotune.tuning.plan import Plan
 
@@ -149,7 +149,7 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
         check_metric_has_texts(rec.config, data.val, data.train)
     if action == "resume":
         check_resume_flags(ctx, rec)
-        finished = finished_run(ctx.output_dir)
+        finished = finished_run(ctx.output_dir)   # its summary, when it ended
         if finished is not None and not extends_the_run(ctx.resume_changes):
             ctx.console.print(f"`{path_text(ctx.output_dir)}` holds a run that finished (step {finished.get('steps')} "
                               f"of {finished.get('max_steps')}): nothing to resume, and nothing was changed; its "
@@ -240,21 +240,6 @@ def check_resume_flags(ctx: Context, rec) -> None:
                             "with the new ones (recorded in run_summary.json), or start a new `--output-dir`")
     ctx.notes.append(f"resumed with changed settings: {shown}")
     ctx.resume_changes = [{"key": k, "before": a, "after": b} for k, a, b in changes]
-
-
-def finished_run(output_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that ended (not one stopped on a signal), or None."""
-    from autotune.files import read_user_json
-
-    if not (output_dir / RUN_SUMMARY).is_file():
-        return None
-    try:
-        summary = read_user_json(output_dir / RUN_SUMMARY, what="run summary")
-    except AutotuneError:
-        return None
-    if not isinstance(summary, dict) or summary.get("interrupted") or not summary.get("finished_at"):
-        return None
-    return summary
 
 
 def extends_the_run(changes: list[dict[str, Any]]) -> bool:

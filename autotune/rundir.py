@@ -241,6 +241,22 @@ def has_started(folder: Path) -> bool:
     return (folder / RUN_CONFIG).is_file() or (folder / SWEEP_RECORD).is_file()
 
 
+def finished_run(folder: Path) -> dict[str, Any] | None:
+    """The summary of the run in `folder` when it ended (its run_summary.json, written at the end,
+    says it was not stopped on a signal), else None."""
+    from autotune.files import read_user_json
+
+    if not (folder / RUN_SUMMARY).is_file():
+        return None
+    try:
+        summary = read_user_json(folder / RUN_SUMMARY, what="run summary")
+    except AutotuneError:
+        return None
+    if not isinstance(summary, dict) or summary.get("interrupted"):
+        return None
+    return summary
+
+
 def listing(folder: Path) -> list[Path]:
     """What is in `folder`, our own bookkeeping files left out."""
     return [p for p in folder.iterdir() if p.name not in (MARKER, LOCK)]

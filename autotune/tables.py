@@ -118,9 +118,8 @@ def final_table(console, output_dir: Path, summary: dict[str, Any], findings) ->
 
 
 def _scores_line(scores: dict[str, Any]) -> str:
-    """`step 40: CER 12.5%, similarity 0.812` from a summary's best or latest scores."""
-    parts = [f"{label} {scores[key]:.1%}" for key, label in (("mean_cer", "CER"), ("mean_wer", "WER"))
-             if scores.get(key) is not None]
-    if scores.get("mean_similarity") is not None:
-        parts.append(f"similarity {scores['mean_similarity']:.3f}")
-    return f"step {scores.get('step')}: " + (", ".join(parts) or "not scored")
+    """`step 40: CER 12.5 %, speaker similarity 0.812` from a summary's best or latest scores,
+    worded as the report and the model card word them."""
+    from autotune.describe import scores_in_words
+
+    return f"step {scores.get('step')}: {scores_in_words(scores)}"

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"corpora", "codec", "xcodec2_convert", "codec_cache", "model", "loss", "batches"},
     # the data set, speech, checkpoints, the plan and its ladder, what a run reports
     {"data", "generation", "checkpoint_checks", "checkpoints", "tuning.plan", "tuning.ladder", "model_card",
-     "report", "scores", "metrics", "tables"},
+     "report", "scores", "scorers_tiny", "describe", "metrics", "tables"},
     # training
     {"training.callbacks", "training.trainer", "training.samples", "training.scoring", "training.outputs",
      "training.recovery"},

@@ -333,16 +333,6 @@ def record_summary(trial: Trial, folder: Path) -> None:
         trial.status, trial.error = "failed", f"cannot read {RUN_SUMMARY} ({exc})"
 
 
-def _finished(summary: Path) -> bool:
-    """A summary written by a run that ended, not by one stopped on a signal."""
-    if not summary.is_file():
-        return False
-    try:
-        return not json.loads(summary.read_text(encoding="utf-8")).get("interrupted")
-    except (OSError, ValueError):
-        return False
-
-
 def trial_args(request, trial: Trial, out: Path):
     """The request of one trial: the sweep's, with the trial's values appended to `--set`,
     in `<sweep dir>/<trial name>`."""
@@ -369,7 +359,7 @@ def resume_plan(folder: Path) -> str | None:
 
     try:
         summary = json.loads((folder / RUN_SUMMARY).read_text(encoding="utf-8"))
-        if _readable_plan(summary.get("plan")):
+        if readable_plan(summary.get("plan")):
             return str(folder / RUN_SUMMARY)
     except (OSError, ValueError, AttributeError):
         pass
@@ -604,7 +594,7 @@ def write_report(out: Path, trials: list[Trial], record: dict[str, Any], warn) -
         warn(f"report.html not written: {exc.one_line()}")
 
 
-def _readable_plan(plan: Any) -> bool:
+def readable_plan(plan: Any) -> bool:
     from autotune.tuning.plan import Plan
 
     try:

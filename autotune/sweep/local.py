@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import AutotuneError
-from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP, SWEEP_RECORD, RunFolder, has_trained, nested_problem
-from autotune.sweep.grid import (Trial, _finished, base_record, build_grid, check_flags, check_same_base, mark_failed,
+from autotune.rundir import FAILED_RECORD, RUN_CONFIG, SWEEP, SWEEP_RECORD, RunFolder, finished_run, has_trained, nested_problem
+from autotune.sweep.grid import (Trial, base_record, build_grid, check_flags, check_same_base, mark_failed,
                                  pace, parse_sweeps, record_summary, resume_plan, show, sweep_record, trial_args,
                                  write_report, validate_trials, write_record)
 from autotune.sweep.children import gpu_label
@@ -163,7 +163,7 @@ def _sweep(ctx) -> int:
 
     gpus, left_out = gpus_for_trials(ctx)
     # Decided up front, so every process of a DDP sweep skips the same trials.
-    finished = {t.name for t in trials if args.resume and _finished(out / t.name / RUN_SUMMARY)}
+    finished = {t.name for t in trials if args.resume and finished_run(out / t.name) is not None}
     # A trial that began training and was stopped continues from its checkpoint; one that
     # failed (failed.json) starts over, or it would fail the same way from its checkpoint.
     for t in trials:

@@ -28,7 +28,7 @@ from autotune.config import load_yaml_file
 from autotune.rundir import mark_ours
 from autotune.sweep.children import (child_env, child_error, child_flags, cuda_visible, die_with_parent, gpu_label,
                                      plan_label)
-from autotune.sweep.grid import Trial, _readable_plan, mark_failed, record_summary, trial_args, write_record
+from autotune.sweep.grid import Trial, readable_plan, mark_failed, record_summary, trial_args, write_record
 from autotune.sweep.sharing import (card_bytes, chosen_peak, recorded_cap, share_gib, sharing_for_cap,
                                     trials_that_fit)
 
@@ -246,7 +246,7 @@ class ParallelSweep:
         if not isinstance(saved, dict) or saved.get("shape") != shape.key or saved.get("gpu") != self.kind_record():
             return None, None
         plan, peak = saved.get("plan"), saved.get("peak_bytes")
-        if not _readable_plan(plan):
+        if not readable_plan(plan):
             return None, None
         return plan, peak if isinstance(peak, int) and peak > 0 else None
 
@@ -477,7 +477,7 @@ class ParallelSweep:
             return
         try:
             plan = json.loads((folder / "autotune.json").read_text(encoding="utf-8"))["plan"]
-            if not _readable_plan(plan):
+            if not readable_plan(plan):
                 raise ValueError("its plan is incomplete")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.dry_run_failed(child.gpu, shape, f"the dry run left no readable plan in {folder / 'autotune.json'} "
