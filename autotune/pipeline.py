@@ -19,12 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from autotune import distributed
-from autotune.config import Config, changed_keys, config_rule_problems, dump_yaml, load_yaml_file, validate
+from autotune import distributed, resuming
+from autotune.config import Config, config_rule_problems, dump_yaml
+from autotune.config_yaml import load_yaml_file
 from autotune.errors import AutotuneError
 from autotune.request import RunRequest
-from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_REQUEST, RUN_SUMMARY, RunFolder,
-                             finished_run, nested_problem, path_text, write_json, write_text)
+from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_SUMMARY, RunFolder, finished_run,
+                             nested_problem, path_text, write_json, write_text)
 from autotune.training.scoring import report_info, scoring_on, time_scorers
 from autotune.tuning.plan import Plan
 
@@ -148,13 +149,14 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
 
         check_metric_has_texts(rec.config, data.val, data.train)
     if action == "resume":
-        check_resume_flags(ctx, rec)
+        ctx.resume_changes = resuming.resume_changes(ctx.output_dir, rec.config, request.data,
+                                                     allow_changes=request.allow_changes, pinned=rec.resolved.pinned)
+        if ctx.resume_changes:
+            ctx.notes.append(f"resumed with changed settings: {resuming.describe_changes(ctx.resume_changes)}")
         finished = finished_run(ctx.output_dir)   # its summary, when it ended
-        if finished is not None and not extends_the_run(ctx.resume_changes):
-            ctx.console.print(f"`{path_text(ctx.output_dir)}` holds a run that finished (step {finished.get('steps')} "
-                              f"of {finished.get('max_steps')}): nothing to resume, and nothing was changed; its "
-                              "adapter is there. To train longer, add a larger `--set training.max_steps=...` with "
-                              "`--allow-changes`.", markup=False, highlight=False, soft_wrap=True)
+        if finished is not None and not resuming.extends_the_run(ctx.resume_changes):
+            ctx.console.print(resuming.nothing_to_resume(ctx.output_dir, finished), markup=False, highlight=False,
+                              soft_wrap=True)
             return 0
     claim_folder(ctx, folder, action)
     from autotune import tables
@@ -213,62 +215,12 @@ def stopped_before_training(ctx: Context, exc) -> int:
     return signals.EXIT_CODES.get(exc.name, 130)
 
 
-def check_resume_flags(ctx: Context, rec) -> None:
-    """`--resume` continues the run in the folder: flags that change what it learns (the data, the
-    learning rate, the steps...) are refused unless `--allow-changes`, which records them."""
-    from autotune.tuning.plan import PLAN_KEYS
-
-    path = ctx.output_dir / RUN_CONFIG
-    if not path.is_file():
-        return   # nothing trained yet: this "resume" starts the run
-    try:
-        before = validate(load_yaml_file(path)).to_dict()
-    except AutotuneError:
-        return   # unreadable: the checkpoint checks say what is wrong with the run
-    changes = changed_keys(before, rec.config.to_dict(), set(PLAN_KEYS))
-    recorded = _recorded_request(ctx.output_dir)
-    data_now = path_text(Path(ctx.request.data).resolve())
-    if recorded.get("data") and recorded["data"] != data_now:
-        changes.insert(0, ("--data", recorded["data"], data_now))
-    if not changes:
-        return
-    shown = ", ".join(f"`{k}` {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
-                      for k, a, b in changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
-    if not ctx.request.allow_changes:
-        raise AutotuneError(f"`--resume` with other settings than the run in `{path_text(ctx.output_dir)}` was "
-                            f"started with: {shown}; resume with the same flags, add `--allow-changes` to continue "
-                            "with the new ones (recorded in run_summary.json), or start a new `--output-dir`")
-    ctx.notes.append(f"resumed with changed settings: {shown}")
-    ctx.resume_changes = [{"key": k, "before": a, "after": b} for k, a, b in changes]
-
-
-def extends_the_run(changes: list[dict[str, Any]]) -> bool:
-    """Changes accepted by `--allow-changes` that give a finished run more to train."""
-    def more(change: dict[str, Any]) -> bool:
-        before, after = change.get("before"), change.get("after")
-        if change.get("key") == "training.max_steps":
-            return isinstance(after, int) and (after < 0 or not isinstance(before, int) or 0 <= before < after)
-        if change.get("key") == "training.num_train_epochs":
-            return isinstance(after, (int, float)) and (not isinstance(before, (int, float)) or after > before)
-        return False
-
-    return any(more(c) for c in changes)
-
-
-def _recorded_request(output_dir: Path) -> dict[str, Any]:
-    try:
-        value = json.loads((output_dir / RUN_REQUEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def write_run_config(ctx: Context, config: Config) -> None:
     """run_config.yaml: marks the folder as a run and holds the config it trains with now
     (rewritten after an out-of-memory step-down or a NaN rollback), written whole or not at all."""
     if ctx.is_main:
-        if not (ctx.output_dir / RUN_REQUEST).is_file() or ctx.resume_changes:
-            write_json(ctx.output_dir / RUN_REQUEST, {"data": path_text(Path(ctx.request.data).resolve())})
+        if not resuming.recorded_request(ctx.output_dir) or ctx.resume_changes:
+            resuming.record_request(ctx.output_dir, ctx.request.data)
         write_text(ctx.output_dir / RUN_CONFIG, dump_yaml(config))
 
 

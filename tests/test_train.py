@@ -87,7 +87,7 @@ def test_resume_continues_the_step_count(tmp_path: Path, capsys):
     common = ["--output-dir", str(out), "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
               "--set", "training.use_early_stopping=false"]
     assert train(*common, "--set", "training.max_steps=4") == 0
-    with pytest.raises(AutotuneError, match="already holds a run"):
+    with pytest.raises(AutotuneError, match="already holds a single run"):
         train(*common, "--set", "training.max_steps=8")
     # Training longer changes the run (its schedule): refused unless asked for, then recorded.
     with pytest.raises(AutotuneError, match=r"`training.max_steps` 4 -> 8.*--allow-changes"):
@@ -332,7 +332,7 @@ def test_resume_with_a_different_lora_shape_is_one_clear_error(tmp_path: Path):
     common = ["--output-dir", str(out), "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
               "--set", "training.max_steps=2"]
     assert train(*common) == 0
-    with pytest.raises(AutotuneError, match=r"cannot resume .* different `lora.r` 8 -> 4"):
+    with pytest.raises(AutotuneError, match=r"`lora.r` 8 -> 4"):
         train(*common, "--set", "lora.r=4", "--resume")
 
 
