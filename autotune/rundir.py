@@ -479,7 +479,7 @@ class RunFolder:
             if target.exists():
                 # The new run it made way for never trained (only the marker and what preparation
                 # wrote), or the folder is empty: putting the old run back loses nothing.
-                unstarted = is_ours(target) and not has_started(target) and holder_of(target) in (None, os.getpid())
+                unstarted = is_ours(target) and not has_trained(target) and holder_of(target) in (None, os.getpid())
                 free = unstarted or (not is_ours(target) and not listing(target))
             else:
                 free = True

@@ -24,6 +24,15 @@ that never completes) is "lost".
   identical; a second run that is not refused counts as lost.
 - disk_full: the run folder on a small tmpfs is filled while training runs;
   after space is freed, `--resume` must end identical (needs root for `mount`).
+- signal: SIGINT, SIGTERM or SIGHUP at a random moment of a run (start-up, data,
+  training, a save, the last evaluation, the final files): it must exit 130, 143 or 129
+  (0 only if it had finished), never be killed by the signal, never trace back; then
+  `--resume` must end identical.
+- overwrite_kill: `--overwrite` of a finished run, killed -9 at a random moment; the next
+  start must put the old run back whole or name where it is, and a run started again
+  must end identical: the old run's adapter is never lost unless the new run trained.
+- lookalike: `--overwrite` and `--resume` into a user's folder that holds a file named
+  like a run's (`run_config.yaml`, `sweep.json`) but no marker: exit 2, every file kept.
 
 Prints one JSON object (`--json`) or a short table: tried, survived, lost, per
 kind, and what each loss was. At most `--jobs` (default 2) trials run at once.
@@ -114,7 +123,7 @@ class Runner:
                 trial.detail.setdefault("tracebacks", []).append(last_lines(text))
             if code == 0:
                 return True
-            if code == 2 and "holds no run to resume" in text:
+            if code == 2 and "holds no run of this tool to resume" in text:
                 # Killed before the run claimed the folder: nothing to resume, so start it (as a user would).
                 code, text = self.run(out)
                 trial.detail["restarted"] = True
@@ -456,6 +465,97 @@ def make_data(work: Path) -> Path:
     return data
 
 
+# ------------------------------------------------------ hostile moments ---
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def trial_signal(runner: Runner, index: int, kind: str, rng: random.Random) -> Trial:
+    trial = Trial(kind)
+    out = runner.work / f"{kind}-{index}"
+    sig = rng.choice(list(EXIT_CODES))
+    at = rng.uniform(0, runner.reference_seconds * 1.1)
+    proc, log = runner.start(out)
+    try:
+        proc.wait(timeout=at)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            trial.why = f"{sig.name} at {at:.1f} s: still running {RUN_TIMEOUT_S} s later"
+            return trial
+    text = log.read_text(errors="replace")
+    trial.detail.update(signal=sig.name, at_s=round(at, 2), code=proc.returncode)
+    if "Traceback (most recent call last)" in text:
+        trial.detail.setdefault("tracebacks", []).append(last_lines(text))
+        trial.why = f"{sig.name} at {at:.1f} s: a traceback"
+        return trial
+    if proc.returncode not in (0, EXIT_CODES[sig]):
+        trial.why = f"{sig.name} at {at:.1f} s: exit {proc.returncode}, not {EXIT_CODES[sig]}"
+        return trial
+    if proc.returncode != 0 and not runner.resume_to_end(out, trial):
+        return trial
+    runner.compare(out, trial)
+    return trial
+
+
+def trial_overwrite_kill(runner: Runner, index: int, kind: str, rng: random.Random) -> Trial:
+    from safetensors.torch import load_file
+
+    trial = Trial(kind)
+    out = runner.work / f"{kind}-{index}"
+    shutil.copytree(runner.work / "reference", out, ignore=shutil.ignore_patterns(".lock"))
+    old = load_file(str(out / "adapter_model.safetensors"))
+    at = rng.uniform(0, runner.reference_seconds * 0.6)
+    proc, _log = runner.start(out, "--overwrite")
+    trial.detail["killed_at_s"] = round(at, 2)
+    trial.detail["killed"] = wait_or_kill(proc, at)
+    aside = sorted(p.name for p in out.parent.glob(f".replaced-{out.name}-*"))
+    trial.detail["aside_after_kill"] = aside
+    # The next start (a dry look at the data) puts the old run back or names it.
+    code, text = runner.run(out, "--check-data")
+    still_aside = sorted(out.parent.glob(f".replaced-{out.name}-*"))
+    trained = (out / "run_config.yaml").is_file() and any(out.glob("checkpoint-*"))
+    if still_aside and not any(str(p) in " ".join(text.split()) for p in still_aside):
+        trial.why = f"an old run stays in {still_aside[0].name} and the next start did not name it"
+        return trial
+    if not trained and not still_aside:
+        adapter = out / "adapter_model.safetensors"
+        back = adapter.is_file() and load_file(str(adapter)).keys() == old.keys()
+        if not back:
+            trial.why = "the new run never trained and the old run is not back"
+            return trial
+        trial.detail["put_back"] = True
+        trial.survived = True
+        return trial
+    if runner.resume_to_end(out, trial):
+        runner.compare(out, trial)
+    for path in still_aside:
+        shutil.rmtree(path, ignore_errors=True)
+    return trial
+
+
+def trial_lookalike(runner: Runner, index: int, kind: str, rng: random.Random) -> Trial:
+    trial = Trial(kind)
+    out = runner.work / f"{kind}-{index}"
+    out.mkdir(parents=True)
+    (out / rng.choice(["run_config.yaml", "sweep.json"])).write_text("mine\n")
+    (out / "thesis.txt").write_text("years of work")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in (["--overwrite"], ["--resume"], []):
+        code, text = runner.run(out, *extra)
+        if code != 2 or "Traceback" in text:
+            trial.why = f"`{' '.join(extra) or 'plain'}` into a lookalike folder exited {code}"
+            return trial
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    trial.survived = after == before
+    trial.why = "" if trial.survived else "the user's files changed"
+    return trial
+
+
 def plan_trials(args, rng: random.Random) -> list[tuple]:
     kills = ["kill_random", "kill_in_save", "kill_during_resume"]
     trials = [(trial_kill, i, kills[i % len(kills)]) for i in range(args.kills)]
@@ -464,6 +564,9 @@ def plan_trials(args, rng: random.Random) -> list[tuple]:
     concurrent = ["concurrent_plain", "concurrent_resume", "concurrent_overwrite"]
     trials += [(trial_concurrent, i, concurrent[i % len(concurrent)]) for i in range(args.concurrent)]
     trials += [(trial_disk_full, i, "disk_full") for i in range(args.disk_full)]
+    trials += [(trial_signal, i, "signal") for i in range(args.signals)]
+    trials += [(trial_overwrite_kill, i, "overwrite_kill") for i in range(args.overwrite_kills)]
+    trials += [(trial_lookalike, i, "lookalike") for i in range(args.lookalikes)]
     rng.shuffle(trials)
     return [t for t in trials if not args.only or any(word in t[2] for word in args.only)]
 
@@ -474,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corruptions", type=int, default=50, help="damaged-checkpoint trials (default 50)")
     p.add_argument("--concurrent", type=int, default=9, help="second-run-into-the-same-folder trials (default 9)")
     p.add_argument("--disk-full", type=int, default=6, help="full-disk trials on a tmpfs, root only (default 6)")
+    p.add_argument("--signals", type=int, default=20, help="a stop signal at a random moment (default 20)")
+    p.add_argument("--overwrite-kills", type=int, default=10,
+                   help="--overwrite killed -9 at a random moment (default 10)")
+    p.add_argument("--lookalikes", type=int, default=4, help="a user's folder that looks like a run (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="trials at once (default 2)")
     p.add_argument("--work", metavar="DIR", help="keep every run here (default: a temporary folder, removed)")
@@ -556,6 +663,10 @@ def summarize(results: list[Trial], args, runner: Runner, seconds: float, skippe
         "concurrent_overlapping": sum(bool(t.detail.get("overlapped")) for t in concurrent),
         "concurrent_refused_with_pid": sum(bool(t.detail.get("refused_with_pid")) for t in concurrent),
         "tracebacks": tracebacks[:10],
+        "traceback_count": len(tracebacks),
+        "signal_exit_codes": sorted({(t.detail.get("signal"), t.detail.get("code")) for t in results
+                                     if t.kind == "signal" and t.detail.get("signal")}),
+        "overwrite_kills_put_back": sum(bool(t.detail.get("put_back")) for t in results),
         "skipped": skipped,
         "losses": [{"kind": t.kind, "why": t.why, **t.detail} for t in results if not t.survived],
     }

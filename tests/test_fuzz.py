@@ -400,6 +400,48 @@ def test_set_values(items, marker):
     assert not marker.exists()
 
 
+# ------------------------------------------------ the guide's bare keys ---
+
+def _every_field() -> list[str]:
+    return [name for section in Config.model_fields.values()
+            if isinstance(section.annotation, type) and issubclass(section.annotation, BaseModel)
+            for name in section.annotation.model_fields]
+
+
+bare_key = st.one_of(st.sampled_from(_every_field()),
+                     st.sampled_from(_every_field()).map(lambda k: k[:-1] or k),       # a typo
+                     st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True))
+bare_value = st.one_of(st.integers(-5, 10**6), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                       st.sampled_from(["adamw_torch_fused", "20-30", "30-20", "5e-5", "none", "steps", "[q_proj]",
+                                        "{a: 1}", ""]))
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_bare_keys_as_the_guide_writes_them(data, work, marker):
+    """A top-level key in a file or a bare `--set key=value` (the guide's snippets): read in its
+    section, or one line saying what is wrong; never a traceback."""
+    key, value = data.draw(bare_key, label="key"), data.draw(bare_value, label="value")
+    if data.draw(st.booleans(), label="as --set"):
+        argv = ["--json", "--set", f"{key}={value}"]
+    else:
+        path = work / "bare.yaml"
+        path.write_text(yaml.safe_dump({key: value}), encoding="utf-8")
+        argv = ["--json", "--config", str(path)]
+    outcome = run_cli(probe.main, argv)
+    assert "Traceback" not in outcome.stderr
+    if outcome.code == 0:
+        TALLY["inputs"] += 1
+        TALLY["accepted"] += 1
+        CATEGORY["the guide's bare keys"] += 1
+        config = json.loads(outcome.stdout)["config"]
+        # Accepted: the value landed in exactly the section that has the key.
+        homes = [section for section, fields in config.items() if isinstance(fields, dict) and key in fields]
+        assert key in config or len(homes) == 1, (key, value, homes)
+    else:
+        assert_one_line_error(outcome, "the guide's bare keys", (key, value))
+
+
 # --------------------------------------------------------------- YAML files ---
 
 def yaml_docs(marker: Path):
@@ -753,13 +795,14 @@ def test_summary(capsys):
     """Runs last (file order): the tally of every test above."""
     if not TALLY["inputs"]:
         pytest.skip("run the whole file to get the tally")
-    line = (f"fuzz: {TALLY['inputs']} bad inputs, {TALLY['one_line']} exit 2 with one line, "
-            f"{TALLY['tracebacks']} tracebacks; {TALLY['skipped_ok']} over-long cases skipped and listed (exit 0)")
+    line = (f"fuzz: {TALLY['inputs']} inputs, {TALLY['one_line']} exit 2 with one line, "
+            f"{TALLY['tracebacks']} tracebacks; {TALLY['skipped_ok']} over-long cases skipped and listed (exit 0); "
+            f"{TALLY['accepted']} of the guide's bare keys read in their section (exit 0)")
     per = ", ".join(f"{name} {count}" for name, count in CATEGORY.items())
     with capsys.disabled():
         print(f"\n{line}\n  by category: {per}")
     assert TALLY["tracebacks"] == 0
-    assert TALLY["one_line"] == TALLY["inputs"]
+    assert TALLY["one_line"] + TALLY["accepted"] == TALLY["inputs"]
     if len(CATEGORY) >= 6:  # the whole file ran
         assert TALLY["inputs"] >= 200
         assert TALLY["subprocess"] >= 12
