@@ -279,10 +279,6 @@ class Config(_Section):
         """"bf16", "fp16" or "fp32": the one name for the two `TrainingArguments` flags."""
         return precision_of(self.training.bf16, self.training.fp16)
 
-    @property
-    def effective_batch_size_per_process(self) -> int:
-        return self.training.per_device_train_batch_size * self.training.gradient_accumulation_steps
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from autotune.errors import AutotuneError
 
-# Every file name a run writes, defined once.
+# The names of what a run folder holds: every module that reads or writes one imports it from here.
 MARKER = ".llasa-autotune"            # this folder belongs to llasa-autotune
 LOCK = ".lock"                        # held (fcntl) by the process using the folder
 RUN_CONFIG = "run_config.yaml"        # the config training started with: the folder is "a run"
@@ -41,11 +41,9 @@ AUTOTUNE_RECORD = "autotune.json"     # the dry run's attempts and plan
 SPLIT_RECORD = "split.json"
 REPORT = "report.html"
 SAMPLES_DIR = "samples"
-LOGS_DIR = "logs"
 MERGED_DIR = "merged"
 FAILED_RECORD = "failed.json"         # a sweep trial that failed
 SWEEP_RECORD = "sweep.json"           # a sweep's trials and ranking: the folder is a sweep
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
 REPLACED_PREFIX = ".replaced-"        # an old run moved aside by --overwrite
 
 CHECKPOINT_HEADROOM_BYTES = 512 * 1024 ** 2

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.llasa import TINY
+from autotune.rundir import REPORT
 
 
 def data_table(console, summary: dict[str, Any], notes: list[str]) -> None:
@@ -109,7 +110,7 @@ def final_table(console, output_dir: Path, summary: dict[str, Any], findings) ->
     console.print(table)
     for f in findings:
         console.print(f"[yellow]{f.kind}[/yellow]: {escape(f.message)}\n  try: {escape(' '.join(f.remedies))}")
-    if (output_dir / "report.html").is_file():
+    if (output_dir / REPORT).is_file():
         console.print(f"report: {output_dir}/report.html  (curves, and every evaluation's clips to listen to)",
                       markup=False, highlight=False)
     if summary.get("adapter_saved"):

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from autotune.config import EIGHT_BIT_OPTIMIZERS, Resolved, dump_yaml, precision_of, resolve_config, validate
+from autotune.config import EIGHT_BIT_OPTIMIZERS, Resolved, precision_of, resolve_config, validate
 from autotune.errors import AutotuneError
 from autotune.hardware import GpuInfo
 
@@ -201,9 +201,6 @@ class Recommendation:
             "reasons": self.reasons,
             "warnings": self.warnings,
         }
-
-    def config_yaml(self) -> str:
-        return dump_yaml(self.config)
 
 
 def capped_gpus(gpus: list[GpuInfo], limit_gib: float | None) -> list[GpuInfo]:

@@ -15,15 +15,19 @@ one command:
   (DDP), as a single run would. On several GPUs see the last point.
 - One dry run per distinct memory shape: the trials share `plan_cache`, so
   trials that differ only in e.g. the learning rate reuse one measured plan.
-- `--resume` continues an interrupted sweep: a trial whose folder holds
-  `run_summary.json` is not run again (its figures are read back); an
-  unfinished trial starts over in its folder.
+- A sweep folder is a folder of its own kind (its marker says `sweep`): a plain
+  `--resume` never takes it over, `--overwrite` moves it aside until a trial trains.
+- `--resume` continues an interrupted sweep with the settings it started with (its
+  `--config` file's values included): a trial whose run finished is not run again (its
+  figures and times are read back); a stopped one continues from its newest checkpoint
+  with its own plan; a failed one starts over.
 - A failing trial (a one-line `AutotuneError` such as "no plan fits", any other
   exception, or a non-finite final loss) is recorded with its reason, ranked
   last, and the sweep goes on. Ctrl-C stops the sweep after writing
   `sweep.json` with what is done.
-- Ranking: by validation loss (the best eval loss, else the final one); trials
-  without a validation loss come after, by train loss; failed trials last.
+- Ranking: by the scores of the trials' saved adapters when every trial that
+  succeeded has them (error rate, else speaker similarity), else by validation loss,
+  else by train loss; failed trials last. The table and `ranked_by` say which.
 - Exit code: 0 when at least one trial finished, 1 when every trial failed,
   2 for a usage error (nothing is trained).
 - Output: a ranked table, the winner's `--set` flags ready to paste, and
@@ -31,12 +35,12 @@ one command:
   prints that object on stdout (everything else goes to stderr).
 - Several GPUs: when the sweep is one process (not under `torchrun`) and the
   probe sees several GPUs of the first GPU's kind, trials run that many at a
-  time, one per GPU: each is `python train.py <its flags>` in a child process
+  time, one per GPU: each is `python -m autotune.commands.train <its flags>` in a child process
   with `CUDA_VISIBLE_DEVICES=<that GPU's uuid>`, its output in
   `<trial folder>/console.log` (in `<sweep dir>/.logs/<trial>.log` while it
   runs); the sweep's console shows one line per start and finish. With
   `--auto`, each memory shape is dry-run once, in `<sweep dir>/.dry-runs/<n>/`
-  (`train.py --dry-run`, on a free GPU), and the trials of that shape train
+  (`--dry-run`, on a free GPU), and the trials of that shape train
   with its plan (`train.py --plan <dry run>/shape.json`, without `--auto`), so
   an out-of-memory error mid-trial can still step down the ladder. `sweep.json` records each
   trial's `gpu`, `started_at`, `finished_at` and `dry_run`, and the dry runs.
@@ -55,6 +59,7 @@ one command:
   `peak_bytes` and `trials_per_gpu`, and the sweep's `trials_per_hour` and `wall_seconds`.
 
 The package: `grid.py` (the grid, the trials' records, ranking and the table),
-`local.py` (the sweep folder, trials in this process, the driver `run_sweep`) and
-`pool.py` (trials as `train.py` child processes, one or more per GPU).
+`local.py` (the sweep folder, trials in this process, the driver `run_sweep`),
+`pool.py` (trials as child processes, one or more per GPU), `children.py` (a child's
+command, environment and console) and `sharing.py` (how many trials a GPU holds).
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 from autotune.config import load_yaml_file, parse_set, resolve_config
 from autotune.errors import AutotuneError
-from autotune.rundir import FAILED_RECORD, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD
+from autotune.rundir import FAILED_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_SUMMARY, SWEEP_RECORD
 
 
 
@@ -392,7 +392,7 @@ def read_summary(trial: Trial, folder: Path) -> None:
     try:
         import yaml
 
-        resolved = yaml.safe_load((folder / "resolved_config.yaml").read_text(encoding="utf-8")) or {}
+        resolved = yaml.safe_load((folder / RESOLVED_CONFIG).read_text(encoding="utf-8")) or {}
         metric = (resolved.get("training") or {}).get("metric_for_best_model", metric)
     except (OSError, ValueError, AttributeError):
         pass
@@ -419,8 +419,7 @@ def read_summary(trial: Trial, folder: Path) -> None:
 
 # What trials are ranked by, best first: the scores of their saved adapters when every
 # trial that succeeded has one (intelligibility, else speaker similarity), else the
-# validation loss, else the train loss.
-RANKINGS = ("error_rate", "similarity", "eval_loss", "train_loss")
+# validation loss, else the train loss (see `ranking_basis`).
 RANKING_LABELS = {"error_rate": "intelligibility (CER/WER of the samples)", "similarity": "speaker similarity",
                   "eval_loss": "validation loss", "train_loss": "train loss"}
 

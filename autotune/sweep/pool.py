@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autotune.config import load_yaml_file
-from autotune.rundir import mark_ours
+from autotune.rundir import AUTOTUNE_RECORD, mark_ours
 from autotune.sweep.children import (child_env, child_error, child_flags, cuda_visible, die_with_parent, gpu_label,
                                      plan_label)
 from autotune.sweep.grid import Trial, readable_plan, mark_failed, record_summary, trial_args, write_record
@@ -476,7 +476,7 @@ class ParallelSweep:
             self.dry_run_failed(child.gpu, shape, child_error(child.log, code), title)
             return
         try:
-            plan = json.loads((folder / "autotune.json").read_text(encoding="utf-8"))["plan"]
+            plan = json.loads((folder / AUTOTUNE_RECORD).read_text(encoding="utf-8"))["plan"]
             if not readable_plan(plan):
                 raise ValueError("its plan is incomplete")
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -484,7 +484,7 @@ class ParallelSweep:
                                                   f"({type(exc).__name__}: {exc})", title)
             return
         shape.plan, shape.status = plan, "ok"
-        shape.peak_bytes = chosen_peak(folder / "autotune.json")
+        shape.peak_bytes = chosen_peak(folder / AUTOTUNE_RECORD)
         try:
             write_record(folder / SHAPE_RECORD, {"shape": shape.key, "gpu": self.kind_record(), "plan": plan,
                                                  "peak_bytes": shape.peak_bytes})

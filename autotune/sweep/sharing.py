@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from autotune.config import load_yaml_file
+from autotune.config_yaml import load_yaml_file
 from autotune.errors import AutotuneError
+from autotune.rundir import RUN_CONFIG
 
 
 # What a process holds on its GPU outside PyTorch's allocator, which a memory cap does not
@@ -66,7 +67,7 @@ def sharing_for_cap(card: int, cap_gib: float | None) -> int:
 def recorded_cap(folder: Path) -> float | None:
     """The `autotune.vram_limit_gib` a stopped trial ran with (its run_config.yaml)."""
     try:
-        value = (load_yaml_file(folder / "run_config.yaml").get("autotune") or {}).get("vram_limit_gib")
+        value = (load_yaml_file(folder / RUN_CONFIG).get("autotune") or {}).get("vram_limit_gib")
     except (AutotuneError, OSError, AttributeError):
         return None
     return float(value) if isinstance(value, (int, float)) and value > 0 else None

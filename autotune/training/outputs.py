@@ -1,5 +1,5 @@
-"""What a finished fit writes into the run folder: the adapter, whole or not at all (the curves
-are report.html's, as inline SVG, and TensorBoard's)."""
+"""What a finished fit writes into the run folder: the adapter, each file written whole (the
+curves are report.html's, as inline SVG, and TensorBoard's)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from autotune.training.callbacks import nonfinite_parameters
 
 
 def save_adapter(model, output_dir: Path, console=None) -> bool:
-    """adapter_model.safetensors + adapter_config.json into `output_dir`, written beside
-    and moved into place whole; False (with a warning) when the adapter holds NaN or inf.
+    """adapter_model.safetensors + adapter_config.json into `output_dir`, each written beside
+    and moved into place whole (a kill between the two moves can leave the new weights beside
+    the old config: the run's checkpoints are whole, and README says so); False (with a warning) when the adapter holds NaN or inf.
     A full disk is one line, and the previous files are left as they were."""
     from autotune import rundir
 
