@@ -16,8 +16,9 @@ from autotune.training.callbacks import nonfinite_parameters
 def save_adapter(model, output_dir: Path, console=None) -> bool:
     """adapter_model.safetensors + adapter_config.json into `output_dir`, each written beside
     and moved into place whole (a kill between the two moves can leave the new weights beside
-    the old config: the run's checkpoints are whole, and README says so); False (with a warning) when the adapter holds NaN or inf.
-    A full disk is one line, and the previous files are left as they were."""
+    the old config: the run's checkpoints are whole, and README says so). False (with a warning)
+    when the adapter holds NaN or inf. A full disk is one line, and the previous files are left
+    as they were."""
     from autotune import rundir
 
     bad = nonfinite_parameters(model)
