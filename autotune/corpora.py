@@ -269,11 +269,16 @@ def _csv_records(path: Path, reading: Reading) -> Iterator[tuple[int, list[str]]
         pending.append((number, line))
         text = "\n".join(line for _, line in pending)
         if _open_quote(text):
-            if len(pending) > MAX_RECORD_LINES:
-                stray(f"is still open after {MAX_RECORD_LINES} lines")
+            if len(pending) > MAX_RECORD_LINES or len(text) > MAX_LINE_BYTES:
+                stray(f"is still open after {len(pending)} lines ({megabytes(len(text.encode()))})")
                 pending = []
             continue
-        row = next(csv.reader(io.StringIO(text)), [])
+        try:
+            row = next(csv.reader(io.StringIO(text)), [])
+        except csv.Error as exc:   # e.g. a field over the csv module's 128 KiB limit
+            reading.errors.add(f"{path}:{pending[0][0]}", f"malformed CSV ({exc})")
+            pending = []
+            continue
         if file_col is None:
             header = [name.strip() for name in row]
             file_col = header.index("file_name") if "file_name" in header else None
@@ -296,7 +301,7 @@ def _open_quote(text: str) -> bool:
 def _reads_as_row(line: str, file_col: int, folder: Path) -> bool:
     """Whether a line alone is a metadata row: its `file_name` field names an audio file."""
     try:
-        fields = next(csv.reader([line]), [])
+        fields = next(csv.reader([line[:64 * 1024]]), [])
     except csv.Error:
         return False
     if len(fields) <= file_col:

@@ -123,7 +123,15 @@ def test_a_quoted_field_over_many_lines_is_a_stray_quote(tmp_path):
     body = "\n".join(f"line {i}" for i in range(30))
     meta = write(tmp_path / "hf" / "metadata.csv", f'file_name,transcription\na.wav,"{body}"\n')
     assert errors_of(tmp_path / "hf").details[0].startswith(
-        f"{meta}:2: a quoted field opened on this line is still open after 20 lines")
+        f"{meta}:2: a quoted field opened on this line is still open after 21 lines (0.0 MB)")
+
+
+def test_a_transcript_over_the_csv_field_limit_is_one_line(tmp_path):
+    clip(tmp_path / "hf" / "a.wav")
+    clip(tmp_path / "hf" / "b.wav")
+    meta = write(tmp_path / "hf" / "metadata.csv", f"file_name,transcription\na.wav,{'x' * 200_000}\nb.wav,fine\n")
+    assert errors_of(tmp_path / "hf").details[0] == (f"{meta}:2: malformed CSV (field larger than field limit "
+                                                     "(131072))")
 
 
 # ------------------------------------------------- a messy folder, one pass ---
