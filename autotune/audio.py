@@ -221,6 +221,3 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     first = text.splitlines()[0].strip()
     return first if len(first) <= 300 else first[:297] + "..."
-
-
-_reason = first_line   # codec.py's old name for it, until it imports `first_line`

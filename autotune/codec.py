@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from autotune.audio import _reason, featurize
+from autotune.audio import featurize, first_line
 from autotune.errors import AutotuneError
 from autotune.llasa import DEFAULT_CODEC, HOP_LENGTH, SAMPLING_RATE, TINY
 
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import Xcodec2Model
     from transformers.models.xcodec2.feature_extraction_xcodec2 import Xcodec2FeatureExtractor
-
-
-# --------------------------------------------------------------------------- audio I/O
-
-
-# --------------------------------------------------------------------------- features
 
 
 # --------------------------------------------------------------------------- the codec
@@ -284,7 +278,7 @@ def load_codec(codec_id: str, device: str = "cpu") -> Codec:
     except AutotuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here is reported as the user's to fix
-        raise AutotuneError(f"could not load the codec `{codec_id}` ({_reason(exc)}): check that the folder "
+        raise AutotuneError(f"could not load the codec `{codec_id}` ({first_line(exc)}): check that the folder "
                             f"holds {FOLDER_HINT}") from exc
     try:
         feature_extractor = Xcodec2FeatureExtractor.from_pretrained(str(source))
@@ -358,8 +352,3 @@ def _cache_id_without_weights(codec_id: str) -> str:
     from autotune.xcodec2_convert import locate
 
     return locate(codec_id, weights=False)[1]
-
-
-# --------------------------------------------------------------------------- batch encoding
-
-

@@ -1,245 +1,68 @@
-"""Corpus layouts: which one a folder (or transcript file) is, and a reader for each.
+"""A reader for each corpus layout `autotune.layouts` detects (its docstring gives the rules).
 
-A folder, first match wins (the name in brackets is `DataReport.layout`):
-  1. train.jsonl [+ val.jsonl]                                  [train | train+val]
-  2. metadata.csv: a CSV header with `file_name`                [audiofolder]
-                   else `id|text[|normalized]` lines + wavs/    [ljspeech]
-  3. metadata.jsonl (`file_name`, `transcription`)              [audiofolder]
-  4. transcript_utf8.txt (`ID:text`) + wav/                     [jsut]
-     transcripts_utf8.txt + wav24kHz16bit/ (one JVS subset)     [jvs]
-  5. validated.tsv, else train.tsv [+ dev.tsv]; + clips/        [common-voice]
-  6. esd.list, else train.list [+ val.list], else one *.list    [esd-list]
-  7. one *.jsonl                                                [single-jsonl]
-  8. train/metadata.csv|jsonl [+ validation/, valid/ or dev/]   [audiofolder]
-     jvsNNN/<subset>/transcripts_utf8.txt (the JVS root), or
-     <subset>/transcripts_utf8.txt (one JVS speaker)            [jvs]
-     <subcorpus>/transcript_utf8.txt + wav/ (the JSUT root)     [jsut]
-  9. audio files with a same-named .txt or .lab, at any depth   [audio+txt]
-Otherwise one error names the closest layout and what it lacks.
+Audio. LJSpeech, JSUT, JVS and llasa-trainer's layout name clips by id: any extension
+soundfile reads is found (ID.wav first). Common Voice's `path` is in clips/; audiofolder's
+`file_name` is relative to its metadata file. A `*.list` path is tried as written
+(relative to the list's folder), then by its file name in wavs/, raw/ and the list's own
+folder: Style-Bert-VITS2 writes bare names, `Data/<model>/wavs/x.wav`, or absolute paths
+from the machine (even Windows) that made the list. Every path, audio and transcript
+alike, must stay inside the data folder unless `allow_outside_paths` (see
+`autotune.reading`).
 
-A file given as `--data` is read by its suffix, not its exact name, so a
-converted copy such as `metadata.utf8.csv` (what the encoding hint writes) reads
-as the original: .jsonl/.json (`metadata*.jsonl` as audiofolder), .csv
-(audiofolder when its header has `file_name`, else LJSpeech with wavs/ beside
-it), .tsv (Common Voice, clips/ beside it), .list (Style-Bert-VITS2) and .txt
-(JSUT/JVS `ID:text`, wav/ or wav24kHz16bit/ beside it).
+Transcripts. LJSpeech's second column, the text as read, is what trains (as the official
+Llasa recipe and LJSpeech trainers use it); `ljspeech_column="normalized"` takes the third.
+llasa-trainer's text.txt may put a tab or another separator between id and text, and
+either first: the reader takes the separator and order that name the most clips in
+audio/, and says so (`Reading.notes`). An audiofolder CSV record may span lines only
+inside a quoted field whose lines do not read as rows of their own: a stray quote is an
+error at its line, and the rows after it are still read.
 
-Audio. LJSpeech, JSUT and JVS name clips by id: any extension soundfile reads is
-found (ID.wav first). Common Voice's `path` is in clips/; audiofolder's
-`file_name` is relative to its metadata file. A `*.list` path is tried as
-written (relative to the list's folder), then by its file name in wavs/, raw/
-and the list's own folder: Style-Bert-VITS2 writes bare names,
-`Data/<model>/wavs/x.wav`, or absolute paths from the machine (even Windows)
-that made the list. Every path must stay inside the data folder unless
-`allow_outside_paths` (see `autotune.data.check_audio_file`).
-
-Speakers: Common Voice `client_id`, the `*.list` speaker column, the JVS
-`jvsNNN` folder, an audiofolder `speaker` column. Real JVS also has whisper10/
-and falset10/ subsets; they are read like the others.
+Speakers: Common Voice `client_id`, the `*.list` speaker column, the JVS `jvsNNN`
+folder, an audiofolder `speaker` column. Real JVS also has whisper10/ and falset10/
+subsets; they are read like the others.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterator
 
+from autotune.errors import AutotuneError
+from autotune.layouts import AUDIO_EXTENSIONS, Part, id_audio_folder, jvs_speaker, scan_audio
 from autotune.reading import (
     MAX_LINE_BYTES,
     MAX_TEXT_BYTES,
+    Errors,
     Sample,
-    _Errors,
-    _mb,
-    _outside_problem,
-    _require_utf8,
     check_audio_file,
-    open_regular,
+    megabytes,
+    open_transcript,
+    other_encoding,
+    outside_problem,
     read_jsonl,
     read_lines,
     text_problem,
 )
-from autotune.errors import AutotuneError
 
-# What libsndfile reads; the order is the preference when one id has several.
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".oga", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".caf",
-                    ".w64", ".rf64")
-TRANSCRIPT_EXTENSIONS = (".txt", ".lab")
-_HELP = "see README for the accepted layouts"
-
-
-@dataclass(frozen=True)
-class Part:
-    """One transcript file (for audio+txt, the folder) and the reader it needs."""
-    path: Path
-    kind: str
+LJSPEECH_COLUMNS = ("raw", "normalized")
 
 
 @dataclass
-class Layout:
-    name: str
-    train: list[Part]
-    val: Part | None = None
-
-
-# ---------------------------------------------------------------- detection ---
-
-def detect(data: Path) -> Layout:
-    if not data.exists():
-        raise AutotuneError(f"data path `{data}` does not exist: pass the folder holding train.jsonl, "
-                            "a single .jsonl, metadata.csv + wavs/, or another corpus folder (see README)")
-    return _detect_folder(data) if data.is_dir() else _detect_file(data)
-
-
-def _detect_file(path: Path) -> Layout:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        if path.name.lower().startswith("metadata"):
-            return Layout("audiofolder", [Part(path, "audiofolder-jsonl")])
-        return Layout("jsonl", [Part(path, "jsonl")])
-    if suffix == ".csv":
-        if _csv_header(path) is not None:
-            return Layout("audiofolder", [Part(path, "audiofolder-csv")])
-        _require_folder(path.parent / "wavs", "LJSpeech", path.name)
-        return Layout("ljspeech", [Part(path, "ljspeech")])
-    if suffix == ".tsv":
-        _require_folder(path.parent / "clips", "Common Voice", path.name)
-        return Layout("common-voice", [Part(path, "common-voice")])
-    if suffix == ".list":
-        return Layout("esd-list", [Part(path, "esd-list")])
-    if suffix == ".txt":
-        if _id_audio_folder(path.parent) is None:
-            raise AutotuneError(f"`{path}` is not a .jsonl file or metadata.csv, and no wav/ or wav24kHz16bit/ "
-                                "folder is beside it as for a JSUT or JVS transcript: pass the data folder instead")
-        return Layout("jvs" if _is_jvs(path) else "jsut", [Part(path, "id-text")])
-    raise AutotuneError(f"`{path}` is not a .jsonl file or metadata.csv, nor another transcript file we read "
-                        "(.csv, .tsv, .list, .txt): pass the data folder instead")
-
-
-def _detect_folder(d: Path) -> Layout:
-    if (d / "train.jsonl").exists():
-        train, val = Part(d / "train.jsonl", "jsonl"), d / "val.jsonl"
-        return Layout("train+val", [train], Part(val, "jsonl")) if val.exists() else Layout("train", [train])
-    if (d / "metadata.csv").exists():
-        return _detect_file(d / "metadata.csv")
-    if (d / "metadata.jsonl").exists():
-        return _detect_file(d / "metadata.jsonl")
-    if (d / "transcript_utf8.txt").exists():
-        _require_folder(d / "wav", "JSUT", "transcript_utf8.txt")
-        return Layout("jsut", [Part(d / "transcript_utf8.txt", "id-text")])
-    if (d / "transcripts_utf8.txt").exists():
-        _require_folder(d / "wav24kHz16bit", "JVS", "transcripts_utf8.txt")
-        return Layout("jvs", [Part(d / "transcripts_utf8.txt", "id-text")])
-    for name in ("validated.tsv", "train.tsv"):
-        if (d / name).exists():
-            _require_folder(d / "clips", "Common Voice", name)
-            dev = d / "dev.tsv"
-            # validated.tsv holds dev.tsv's clips too: with it, the split is ours.
-            val = Part(dev, "common-voice") if name == "train.tsv" and dev.exists() else None
-            return Layout("common-voice", [Part(d / name, "common-voice")], val)
-    # Not only regular files: a FIFO named esd.list is then refused by name, not skipped.
-    lists = {p.name: p for p in sorted(d.glob("*.list")) if not p.is_dir()}
-    if lists:
-        if "esd.list" in lists:
-            return Layout("esd-list", [Part(lists["esd.list"], "esd-list")])
-        if "train.list" in lists:
-            val = Part(lists["val.list"], "esd-list") if "val.list" in lists else None
-            return Layout("esd-list", [Part(lists["train.list"], "esd-list")], val)
-        if len(lists) == 1:
-            return Layout("esd-list", [Part(next(iter(lists.values())), "esd-list")])
-        raise AutotuneError(f"`{d}` holds several .list files ({', '.join(list(lists)[:5])}) and no esd.list: "
-                            "pass one of them with `--data`")
-    files = sorted(p for p in d.glob("*.jsonl") if not p.is_dir())
-    if len(files) == 1:
-        return Layout("single-jsonl", [Part(files[0], "jsonl")])
-    if files:
-        names = ", ".join(p.name for p in files[:5])
-        raise AutotuneError(f"`{d}` holds several .jsonl files ({names}) and no train.jsonl: "
-                            "name the training file train.jsonl (and validation val.jsonl), or pass one file")
-    split = _audiofolder_splits(d)
-    if split is not None:
-        return split
-    jvs = sorted(d.glob("jvs*/*/transcripts_utf8.txt")) or sorted(d.glob("*/transcripts_utf8.txt"))
-    if jvs:
-        return Layout("jvs", [Part(t, "id-text") for t in jvs])
-    jsut = sorted(t for t in d.glob("*/transcript_utf8.txt") if (t.parent / "wav").is_dir())
-    if jsut:
-        return Layout("jsut", [Part(t, "id-text") for t in jsut])
-    clips = _scan_audio(d)
-    if any(transcript for _, transcript in clips):
-        return Layout("audio+txt", [Part(d, "audio+txt")])
-    raise AutotuneError(_closest_layout(d, clips))
-
-
-def _audiofolder_splits(d: Path) -> Layout | None:
-    """audiofolder with split folders: train/metadata.csv (or .jsonl), validation from
-    validation/, valid/ or dev/ (test/ stays held out)."""
-    def metadata(folder: Path) -> Path | None:
-        return next((folder / n for n in ("metadata.csv", "metadata.jsonl") if (folder / n).exists()), None)
-
-    train = metadata(d / "train")
-    if train is None:
-        return None
-    val = next((m for m in map(metadata, (d / "validation", d / "valid", d / "dev")) if m is not None), None)
-    return Layout("audiofolder", _detect_file(train).train, _detect_file(val).train[0] if val else None)
-
-
-def _require_folder(folder: Path, name: str, found: str) -> None:
-    if not folder.is_dir():
-        raise AutotuneError(f"`{folder.parent}` looks like {name} ({found} found) but {folder.name}/ is missing: "
-                            f"put the audio in `{folder}`")
-
-
-def _closest_layout(d: Path, clips: list[tuple[Path, Path | None]]) -> str:
-    """One line naming the layout the folder most resembles and what it lacks."""
-    for folder, name, missing in (("wav", "JSUT", "transcript_utf8.txt"),
-                                  ("wav24kHz16bit", "JVS", "transcripts_utf8.txt"),
-                                  ("clips", "Common Voice", "validated.tsv (or train.tsv)"),
-                                  ("wavs", "LJSpeech or Style-Bert-VITS2", "metadata.csv (or esd.list)"),
-                                  ("raw", "Style-Bert-VITS2", "esd.list")):
-        if (d / folder).is_dir():
-            return f"`{d}` looks like {name} ({folder}/ found) but {missing} is missing: add it, or {_HELP}"
-    for name in ("dev.tsv", "test.tsv", "other.tsv", "invalidated.tsv"):
-        if (d / name).exists():
-            return (f"`{d}` looks like Common Voice ({name} found) but validated.tsv (or train.tsv) is missing: "
-                    f"add it, or pass `{d / name}` with `--data`")
-    speakers = sorted(p.name for p in d.glob("jvs[0-9]*") if p.is_dir())
-    if speakers:
-        return (f"`{d}` looks like JVS ({speakers[0]}/ found) but no {speakers[0]}/<subset>/transcripts_utf8.txt "
-                f"is there: add the transcripts, or {_HELP}")
-    if clips:
-        example = clips[0][0]
-        return (f"`{d}` holds {len(clips)} audio file{'s' if len(clips) > 1 else ''} (e.g. `{example}`) but no "
-                f"same-named .txt or .lab transcript (`{example.with_suffix('.txt').name}`): add them, or {_HELP}")
-    return (f"`{d}` holds no train.jsonl, no .jsonl file and no metadata.csv, nor another known layout "
-            f"(JSUT, JVS, Common Voice, audiofolder, *.list, audio with .txt): {_HELP}")
-
-
-def _id_audio_folder(d: Path) -> Path | None:
-    return next((d / name for name in ("wav", "wav24kHz16bit") if (d / name).is_dir()), None)
-
-
-def _jvs_speaker(transcript: Path) -> str | None:
-    """jvs001/parallel100/transcripts_utf8.txt -> "jvs001"."""
-    speaker = transcript.parent.parent.name
-    return speaker if re.fullmatch(r"jvs\d+", speaker) else None
-
-
-def _is_jvs(transcript: Path) -> bool:
-    return (transcript.name == "transcripts_utf8.txt" or (transcript.parent / "wav24kHz16bit").is_dir()
-            or _jvs_speaker(transcript) is not None)
-
-
-# ------------------------------------------------------------------ readers ---
-
-@dataclass
-class _Reading:
-    errors: _Errors
-    root: Path
-    allow_outside_paths: bool
+class Reading:
+    """Where samples are read from and what the readers found: problems (`errors`), and
+    notes on how a file was read (e.g. llasa-trainer's separator)."""
+    errors: Errors
+    root: Path                       # the data folder every path must stay inside
+    allow_outside_paths: bool = False
+    ljspeech_column: str = "raw"     # LJSpeech's transcript: `raw` (column 2) or `normalized` (column 3)
+    notes: list[str] = field(default_factory=list)
 
     def sample(self, where: str, text: str, audio: Path, speaker: str | None = None, text_name: str = "text",
                on_missing: str = "") -> Sample | None:
@@ -249,25 +72,26 @@ class _Reading:
             return None
         return Sample(text=text, source=where, audio=audio, speaker=speaker or None)
 
+    def numbered_lines(self, path: Path) -> Iterator[tuple[int, str]]:
+        """(line number, line) for each UTF-8 line, blank ones too; other lines are reported."""
+        for number, raw in read_lines(path, MAX_LINE_BYTES, self.errors, root=self.root,
+                                      allow_outside_paths=self.allow_outside_paths):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self.errors.add(f"{path}:{number}", f"not UTF-8 (byte {exc.start})")
+
     def lines(self, path: Path) -> Iterator[tuple[str, str]]:
         """(where, line) for each non-blank UTF-8 line; other lines are reported."""
-        for number, raw in read_lines(path, MAX_LINE_BYTES, self.errors):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                self.errors.add(where, f"not UTF-8 (byte {exc.start})")
-                continue
+        for number, line in self.numbered_lines(path):
             if line.strip():
-                yield where, line
+                yield f"{path}:{number}", line
 
 
-def read_part(part: Part, errors: _Errors, *, root: Path, allow_outside_paths: bool = False) -> list[Sample]:
-    """The samples of one part; problems go to `errors` by position. `root` is the data
-    folder that audio must stay inside."""
-    reading = _Reading(errors, root, allow_outside_paths)
+def read_part(part: Part, reading: Reading) -> list[Sample]:
+    """The samples of one part; problems go to `reading.errors` by position."""
     if part.kind in ("jsonl", "audiofolder-jsonl"):
-        return read_jsonl(part.path, errors, root=root, allow_outside_paths=allow_outside_paths,
+        return read_jsonl(part.path, reading.errors, root=reading.root, allow_outside_paths=reading.allow_outside_paths,
                           aliases=part.kind == "audiofolder-jsonl")
     return _READERS[part.kind](part.path, reading)
 
@@ -288,6 +112,12 @@ class _ClipFolder:
             name = next((clip_id + ext for ext in AUDIO_EXTENSIONS if _lexists(self.folder / (clip_id + ext))), None)
         # Not there: the message names the usual file.
         return self.folder / (name or f"{clip_id}.wav")
+
+    def has(self, clip_id: str) -> bool:
+        """Whether a clip of that id is in the folder (cheap: the folder is listed once)."""
+        if self._names is None:
+            self._names = self._index()
+        return bool(clip_id) and clip_id in self._names
 
     def _index(self) -> dict[str, str]:
         try:
@@ -314,7 +144,7 @@ def _lexists(path: Path) -> bool:
         return False
 
 
-def read_ljspeech(path: Path, reading: _Reading) -> list[Sample]:
+def read_ljspeech(path: Path, reading: Reading) -> list[Sample]:
     samples = []
     clips = _ClipFolder(path.parent / "wavs")
     for where, line in reading.lines(path):
@@ -322,21 +152,23 @@ def read_ljspeech(path: Path, reading: _Reading) -> list[Sample]:
         if len(parts) < 2 or not parts[0].strip():
             reading.errors.add(where, "expected `id|text`")
             continue
-        # LJSpeech's third column is the normalised transcript (numbers spelled out).
-        transcript = parts[2] if len(parts) > 2 and parts[2].strip() else parts[1]
+        # The second column is the text as read; the third, where present, is normalised (numbers
+        # spelled out). Llasa's recipe trains on the second, and synthesis speaks raw text.
+        normalized = reading.ljspeech_column == "normalized" and len(parts) > 2 and parts[2].strip()
+        transcript = parts[2] if normalized else parts[1]
         sample = reading.sample(where, transcript, clips.find(parts[0].strip()))
         if sample is not None:
             samples.append(sample)
     return samples
 
 
-def read_id_text(path: Path, reading: _Reading) -> list[Sample]:
+def read_id_text(path: Path, reading: Reading) -> list[Sample]:
     """JSUT and JVS: `ID:text` lines, audio in wav/ (JSUT) or wav24kHz16bit/ (JVS)."""
-    folder = _id_audio_folder(path.parent)
+    folder = id_audio_folder(path.parent)
     if folder is None:
         reading.errors.add(str(path), "no wav/ or wav24kHz16bit/ folder beside this transcript")
         return []
-    clips, speaker, samples = _ClipFolder(folder), _jvs_speaker(path), []
+    clips, speaker, samples = _ClipFolder(folder), jvs_speaker(path), []
     for where, line in reading.lines(path):
         clip_id, colon, text = line.partition(":")
         if not colon or not clip_id.strip():
@@ -348,7 +180,7 @@ def read_id_text(path: Path, reading: _Reading) -> list[Sample]:
     return samples
 
 
-def read_common_voice(path: Path, reading: _Reading) -> list[Sample]:
+def read_common_voice(path: Path, reading: Reading) -> list[Sample]:
     """A Common Voice .tsv: a header naming `client_id`, `path`, `sentence`, ...; tabs
     only (Common Voice writes no quoting, and sentences may hold quote marks)."""
     lines = reading.lines(path)
@@ -357,8 +189,9 @@ def read_common_voice(path: Path, reading: _Reading) -> list[Sample]:
         return []
     header = [name.strip() for name in first[1].split("\t")]
     if "path" not in header or "sentence" not in header:
-        raise AutotuneError(f"`{path}` has no `path` and `sentence` columns in its first line, as Common Voice's "
-                            f".tsv files have (found {', '.join(header[:6])[:80]}): check the file")
+        reading.errors.add(first[0], f"no `path` and `sentence` columns in the first line, as Common Voice's .tsv "
+                                     f"files have (found {', '.join(header[:6])[:80]}): check the file")
+        return []
     path_col, text_col = header.index("path"), header.index("sentence")
     speaker_col = header.index("client_id") if "client_id" in header else None
     clips, samples = path.parent / "clips", []
@@ -381,54 +214,22 @@ def read_common_voice(path: Path, reading: _Reading) -> list[Sample]:
 _TEXT_COLUMNS = ("transcription", "text", "sentence")
 
 
-def _csv_header(path: Path) -> list[str] | None:
-    """The audiofolder header (a first line naming `file_name`), or None."""
-    with open_regular(path) as handle:
-        first = handle.readline(64 * 1024)
-    try:
-        header = next(csv.reader([first.decode("utf-8-sig", "replace")]), [])
-    except csv.Error:
-        return None
-    header = [name.strip() for name in header]
-    return header if "file_name" in header else None
-
-
-def read_audiofolder_csv(path: Path, reading: _Reading) -> list[Sample]:
-    """Hugging Face audiofolder's metadata.csv: real CSV (quoted fields may hold commas
-    and line breaks), a header with `file_name` and the transcript column."""
-    starts: list[int] = []   # line numbers of the record being parsed
-
-    def feed() -> Iterator[str]:
-        for number, raw in read_lines(path, MAX_LINE_BYTES, reading.errors):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                reading.errors.add(f"{path}:{number}", f"not UTF-8 (byte {exc.start})")
-                continue
-            starts.append(number)
-            yield line + "\n"
-
-    rows = csv.reader(feed())
+def read_audiofolder_csv(path: Path, reading: Reading) -> list[Sample]:
+    """Hugging Face audiofolder's metadata.csv: real CSV (a quoted field may hold commas and
+    line breaks), a header with `file_name` and the transcript column."""
     header: list[str] | None = None
     samples = []
-    while True:
-        starts.clear()
-        try:
-            row = next(rows)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            reading.errors.add(f"{path}:{starts[0] if starts else 1}", f"malformed CSV ({exc})")
-            continue
+    for start, row in _csv_records(path, reading):
         if not any(field.strip() for field in row):
             continue
-        where = f"{path}:{starts[0]}"
+        where = f"{path}:{start}"
         if header is None:
             header = [name.strip() for name in row]
             text_name = next((name for name in _TEXT_COLUMNS if name in header), None)
             if "file_name" not in header or text_name is None:
-                raise AutotuneError(f"`{path}` needs a header with `file_name` and `transcription` (or `text`, "
-                                    f"`sentence`) columns, found {', '.join(header[:6])[:80]}: name the columns so")
+                reading.errors.add(where, f"needs a header with `file_name` and `transcription` (or `text`, `sentence`) "
+                                          f"columns, found {', '.join(header[:6])[:80]}: name the columns so")
+                return []
             file_col, text_col = header.index("file_name"), header.index(text_name)
             speaker_col = next((header.index(n) for n in ("speaker", "speaker_id") if n in header), None)
             continue
@@ -446,7 +247,70 @@ def read_audiofolder_csv(path: Path, reading: _Reading) -> list[Sample]:
     return samples
 
 
-def read_esd_list(path: Path, reading: _Reading) -> list[Sample]:
+MAX_RECORD_LINES = 20   # a transcript with more line breaks than this is not what a quote there means
+
+
+def _csv_records(path: Path, reading: Reading) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, fields) of each CSV record. A record spans lines only while a
+    quoted field is open, and only while none of the lines it would take in reads as a row of
+    its own (its `file_name` field naming an audio file): then the quote is a stray one,
+    reported at its line, and that next line starts afresh. Rows are never eaten silently."""
+    pending: list[tuple[int, str]] = []   # the lines of a record whose quoted field is still open
+    file_col = None
+
+    def stray(reason: str) -> None:
+        reading.errors.add(f"{path}:{pending[0][0]}", f"a quoted field opened on this line {reason}: a stray `\"`? "
+                                                      "close the quote, or write a quote inside a quoted field as `\"\"`")
+
+    for number, line in reading.numbered_lines(path):
+        if pending and file_col is not None and _reads_as_row(line, file_col, path.parent):
+            stray(f"runs over its line end into line {number}, which reads as a row of its own")
+            pending = []
+        pending.append((number, line))
+        text = "\n".join(line for _, line in pending)
+        if _open_quote(text):
+            if len(pending) > MAX_RECORD_LINES or len(text) > MAX_LINE_BYTES:
+                stray(f"is still open after {len(pending)} lines ({megabytes(len(text.encode()))})")
+                pending = []
+            continue
+        try:
+            row = next(csv.reader(io.StringIO(text)), [])
+        except csv.Error as exc:   # e.g. a field over the csv module's 128 KiB limit
+            reading.errors.add(f"{path}:{pending[0][0]}", f"malformed CSV ({exc})")
+            pending = []
+            continue
+        if file_col is None:
+            header = [name.strip() for name in row]
+            file_col = header.index("file_name") if "file_name" in header else None
+        yield pending[0][0], row
+        pending = []
+    if pending:
+        stray("never closes before the end of the file")
+
+
+def _open_quote(text: str) -> bool:
+    """Whether CSV `text` ends inside a quoted field."""
+    try:
+        for _ in csv.reader(io.StringIO(text), strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
+
+
+def _reads_as_row(line: str, file_col: int, folder: Path) -> bool:
+    """Whether a line alone is a metadata row: its `file_name` field names an audio file."""
+    try:
+        fields = next(csv.reader([line[:64 * 1024]]), [])
+    except csv.Error:
+        return False
+    if len(fields) <= file_col:
+        return False
+    name = fields[file_col].strip()
+    return bool(name) and (os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS or _lexists(folder / name))
+
+
+def read_esd_list(path: Path, reading: Reading) -> list[Sample]:
     """Style-Bert-VITS2's esd.list, `path|speaker|language|text`; also its preprocessed
     train.list/val.list, which add `|phones|tones|word2ph` after the text."""
     samples = []
@@ -471,7 +335,7 @@ def read_esd_list(path: Path, reading: _Reading) -> list[Sample]:
     return samples
 
 
-def _list_audio(written: str, folder: Path, reading: _Reading) -> tuple[Path, str]:
+def _list_audio(written: str, folder: Path, reading: Reading) -> tuple[Path, str]:
     """The audio a `*.list` line means, and its file name. The path as written comes
     first, then its file name in wavs/, raw/ and the list's folder; a candidate outside
     the data folder counts only with `allow_outside_paths`. None found: the path as
@@ -482,63 +346,62 @@ def _list_audio(written: str, folder: Path, reading: _Reading) -> tuple[Path, st
     first = None if given is None else given if given.is_absolute() else folder / given
     candidates = ([first] if first is not None else []) + [folder / "wavs" / name, folder / "raw" / name, folder / name]
     for candidate in candidates:
-        if _lexists(candidate) and (reading.allow_outside_paths or _outside_problem(candidate, reading.root) is None):
+        if _lexists(candidate) and (reading.allow_outside_paths or outside_problem(candidate, reading.root) is None):
             return candidate, name
     return first if first is not None else folder / "wavs" / name, name
 
 
-_LABEL_LINE = re.compile(r"\d+(\.\d+)?\s+\d+(\.\d+)?\s+\S+")   # HTK/Julius `start end phoneme`
-
-
-def read_audio_txt(folder: Path, reading: _Reading) -> list[Sample]:
+def read_audio_txt(folder: Path, reading: Reading) -> list[Sample]:
     """Audio files, each with a same-named .txt or .lab holding its transcript. The
-    transcript's lines are joined with spaces."""
+    transcript's lines are joined with spaces. Transcripts in another encoding are one
+    problem for the folder, with the command that converts them all."""
     samples = []
-    for audio, transcript in _scan_audio(folder):
+    encodings: dict[tuple[str, str], list[Path]] = {}
+    for audio, transcript in scan_audio(folder):
         if transcript is None:
             reading.errors.add(str(audio), f"no transcript: add `{audio.with_suffix('.txt').name}` beside it, "
                                            "or remove the clip")
             continue
         where = f"{transcript}:1"
-        text = _read_transcript(transcript, folder, reading, where)
+        raw = _read_transcript(transcript, reading, where)
+        if raw is None:
+            continue
+        found = other_encoding(raw)
+        if found is not None:
+            encodings.setdefault(found, []).append(transcript)
+            continue
+        text = _transcript_text(transcript, raw, reading, where)
         if text is None:
             continue
         sample = reading.sample(where, text, audio)
         if sample is not None:
             samples.append(sample)
+    for (name, iconv), paths in encodings.items():
+        count = f"{len(paths)} transcripts look" if len(paths) > 1 else "a transcript looks"
+        reading.errors.add(str(paths[0]), f"{count} like {name} text, not UTF-8 (this one first): "
+                                          f"{_folder_fix(folder, iconv)}")
     return samples
 
 
-def _scan_audio(folder: Path) -> list[tuple[Path, Path | None]]:
-    """(audio, its transcript or None) at any depth, in a stable order. Hidden files and
-    folders are skipped (macOS leaves `._x.wav` beside each clip); linked folders are
-    not followed."""
-    found = []
-    for here, dirs, files in os.walk(folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        names = set(files)
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            if name.startswith(".") or ext.lower() not in AUDIO_EXTENSIONS:
-                continue
-            transcript = next((stem + e for e in TRANSCRIPT_EXTENSIONS + tuple(e.upper() for e in TRANSCRIPT_EXTENSIONS)
-                               if stem + e in names), None)
-            found.append((Path(here) / name, Path(here) / transcript if transcript else None))
-    return found
+_LABEL_LINE = re.compile(r"\d+(\.\d+)?\s+\d+(\.\d+)?\s+\S+")   # HTK/Julius `start end phoneme`
 
 
-def _read_transcript(path: Path, folder: Path, reading: _Reading, where: str) -> str | None:
+def _read_transcript(path: Path, reading: Reading, where: str) -> bytes | None:
+    """A clip's transcript file, bounded, from inside the data folder; None when refused."""
     try:
-        with open_regular(path, "transcript") as handle:
+        with open_transcript(path, reading.root, reading.allow_outside_paths) as handle:
             raw = handle.read(MAX_TEXT_BYTES + 1)
             size = os.fstat(handle.fileno()).st_size
     except AutotuneError as exc:
         reading.errors.add(where, str(exc))
         return None
     if len(raw) > MAX_TEXT_BYTES:
-        reading.errors.add(where, f"transcript is {_mb(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit")
+        reading.errors.add(where, f"transcript is {megabytes(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit")
         return None
-    _require_utf8(path, raw, fix=_folder_fix(folder))
+    return raw
+
+
+def _transcript_text(path: Path, raw: bytes, reading: Reading, where: str) -> str | None:
     try:
         text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -552,22 +415,78 @@ def _read_transcript(path: Path, folder: Path, reading: _Reading, where: str) ->
     return " ".join(lines)
 
 
-def _folder_fix(folder: Path) -> Callable[[str], str]:
-    """The remedy for per-clip transcripts in another encoding: convert them all in
-    place; files already UTF-8 are left alone."""
-    def fix(iconv: str) -> str:
-        body = (f'for f; do iconv -f UTF-8 -t UTF-8 "$f" >/dev/null 2>&1 || '
-                f'{{ iconv -f {iconv} -t UTF-8 "$f" > "$f.tmp" && mv "$f.tmp" "$f"; }}; done')
-        return (f"convert the folder's transcripts in place, e.g. `find {shlex.quote(str(folder))} -type f "
-                f"\\( -name '*.txt' -o -name '*.lab' \\) -exec sh -c {shlex.quote(body)} sh {{}} +`")
-    return fix
+def _folder_fix(folder: Path, iconv: str) -> str:
+    """The remedy for per-clip transcripts in another encoding: convert them all in place;
+    files already UTF-8 are left alone."""
+    body = (f'for f; do iconv -f UTF-8 -t UTF-8 "$f" >/dev/null 2>&1 || '
+            f'{{ iconv -f {iconv} -t UTF-8 "$f" > "$f.tmp" && mv "$f.tmp" "$f"; }}; done')
+    return (f"convert the folder's transcripts in place, e.g. `find {shlex.quote(str(folder))} -type f "
+            f"\\( -name '*.txt' -o -name '*.lab' \\) -exec sh -c {shlex.quote(body)} sh {{}} +`")
 
 
-_READERS: dict[str, Callable[[Path, _Reading], list[Sample]]] = {
+# llasa-trainer's create_dataset.py takes `--split_word` (`:` by default, a tab in its README's
+# example) and `--file_index/--text_index` (the columns swapped): what we try, most usual first.
+_SEPARATORS = {":": "`:`", "\t": "a tab", "|": "`|`", ",": "`,`", " ": "a space"}
+_SNIFF_LINES = 200
+
+
+def read_llasa_trainer(path: Path, reading: Reading) -> list[Sample]:
+    """llasa-trainer's raw layout: text.txt of `file001:text` lines beside audio/. The separator
+    and the column order are those under which the most ids (of the first `_SNIFF_LINES`
+    lines) name a clip in audio/; how the file was read is a note."""
+    clips = _ClipFolder(path.parent / "audio")
+    # The first lines choose; their problems are the main pass's to list, once.
+    sniff = Reading(Errors(cap=0), reading.root, reading.allow_outside_paths)
+    first = [line for _, line in itertools.islice(sniff.lines(path), _SNIFF_LINES)]
+    best, best_hits = None, 0
+    for separator in _SEPARATORS:
+        for id_first in (True, False):
+            hits = sum(clips.has(_split_id_text(line, separator, id_first)[0]) for line in first)
+            if hits > best_hits:
+                best, best_hits = (separator, id_first), hits
+    if best is None:
+        if sniff.errors.count:
+            for _ in reading.lines(path):   # the file's own problem (its encoding, its place) says why
+                pass
+        else:
+            reading.errors.add(str(path), f"no line names a clip in `{clips.folder}` with `:`, a tab, `|`, `,` or "
+                                          "a space between the id and the text, in either order: write "
+                                          "`file001:text` lines for audio/file001.wav")
+        return []
+    separator, id_first = best
+    order = "ID, then text" if id_first else "text, then ID"
+    reading.notes.append(f"`{path}` read as llasa-trainer's text.txt: {_SEPARATORS[separator]} between "
+                         f"{order} ({best_hits} of the first {len(first)} lines name a clip in audio/ so)")
+    samples = []
+    for where, line in reading.lines(path):
+        clip_id, text = _split_id_text(line, separator, id_first)
+        if not clip_id or text is None:
+            expected = f"ID{separator}text" if id_first else f"text{separator}ID"
+            reading.errors.add(where, f"expected `{expected}`".replace("\t", "<TAB>"))
+            continue
+        sample = reading.sample(where, text, clips.find(clip_id))
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def _split_id_text(line: str, separator: str, id_first: bool) -> tuple[str, str | None]:
+    """(id, text) of a line; the text keeps any separator inside it (the id is the field at
+    its end the text is not)."""
+    line = line.strip("\r\n") if separator.isspace() else line.strip()
+    head, sep, tail = line.partition(separator) if id_first else line.rpartition(separator)
+    if not sep:
+        return "", None
+    clip_id, text = (head, tail) if id_first else (tail, head)
+    return clip_id.strip(), text.strip()
+
+
+_READERS: dict[str, Callable[[Path, Reading], list[Sample]]] = {
     "ljspeech": read_ljspeech,
     "id-text": read_id_text,
     "common-voice": read_common_voice,
     "audiofolder-csv": read_audiofolder_csv,
     "esd-list": read_esd_list,
     "audio+txt": read_audio_txt,
+    "llasa-trainer": read_llasa_trainer,
 }

@@ -106,8 +106,8 @@ def model_card(summary: dict[str, Any], config: dict[str, Any], data: dict[str, 
         f"- batch: {batch_line(plan)}, {precision}, gradient checkpointing "
         f"{'on' if training.get('gradient_checkpointing') else 'off'}",
         "- transcripts: " + ("as written" if normalization == "none" else
-                             f"normalised as `{normalization}` before training (`data.text_normalization`): "
-                             "texts to speak want the same"),
+                             f"normalised as `{normalization}` before training (`data.text_normalization`); "
+                             "`synthesize.py --adapter` normalises what it speaks the same way"),
         f"- LoRA: r {lora.get('r')}, alpha {lora.get('lora_alpha')}, dropout {lora.get('lora_dropout')}, "
         f"on {', '.join(lora.get('target_modules') or [])}",
         f"- hardware: {', '.join(g.get('name', '?') for g in summary.get('gpus') or []) or 'CPU'} "

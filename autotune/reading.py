@@ -1,11 +1,11 @@
 """Reading transcript files safely: one sample, its checks, and bounded reads.
 
 A file is read a line at a time; a line, a `text` or a code list over its limit is one
-error by position and never parsed whole. Audio must stay inside the data folder (its
-resolved path, so a symlink that leads out counts as outside) unless
+error by position and never parsed whole. Audio and transcripts alike must stay inside
+the data folder (by resolved path, so a symlink that leads out counts as outside) unless
 `allow_outside_paths`, and only regular files are opened: a folder, FIFO, device or
-symlink loop is named as what it is. Problems are collected (`_Errors`) and raised
-together, one per line.
+symlink loop is named as what it is. Problems are collected (`Errors`), a file in
+another encoding among them, and raised together, one per line.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import errno
 import json
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 
 from autotune.errors import AutotuneError
-from autotune.files import open_regular, special_file_kind  # noqa: F401 - corpora reads through these
+from autotune.files import open_regular, special_file_kind
 from autotune.llasa import CODES_PER_SECOND, MAX_CODE
 
 
@@ -48,12 +50,19 @@ class Sample:
     source: str                     # "path:line", for messages and the split record
     codes: np.ndarray | None = None  # int32 speech codes; None until audio is encoded
     audio: Path | None = None
-    speaker: str | None = None       # as the data names it
+    speaker: str | None = None       # as the data names it (a long hash id: its short alias)
     prompt_speaker: str | None = None  # the name its prompt carries: the speaker, when the set is conditioned on them
     num_tokens: int = 0             # prompt + speech + END, filled by `measure`
+    num_codes: int | None = None    # speech codes its audio decodes to, known before (or without) the codec
+    audio_sha256: str | None = None  # of the audio file's bytes: what makes two clips the same
+
+    @property
+    def code_count(self) -> int:
+        """How many speech codes the sample has: its codes, or what its audio will encode to."""
+        return len(self.codes) if self.codes is not None else int(self.num_codes or 0)
 
 
-class _Errors:
+class Errors:
     """Collects `path:line: problem` messages; raises them together at the end."""
 
     def __init__(self, cap: int):
@@ -69,29 +78,59 @@ class _Errors:
     def raise_if_any(self) -> None:
         if self.count:
             more = f" (first {len(self.items)} shown)" if self.count > len(self.items) else ""
-            raise AutotuneError(f"{self.count} malformed line{'s' if self.count > 1 else ''} in the data{more}; "
-                                "fix them or remove them", details=self.items)
+            plural = "s" if self.count > 1 else ""
+            # "path:12: ..." is a line; a whole file (its encoding, its place) or the codec is not.
+            lines = all(_LINE_PLACE.search(item.split(": ", 1)[0]) for item in self.items)
+            what = f"malformed line{plural}" if lines else f"problem{plural}"
+            raise AutotuneError(f"{self.count} {what} in the data{more}; fix {'them' if plural else 'it'} or remove "
+                                f"{'them' if plural else 'it'}", details=self.items)
 
 
-def _clip(text: str, limit: int = 120) -> str:
+_LINE_PLACE = re.compile(r":\d+$")
+_Errors = Errors   # tests/test_packing.py's old name for it
+
+
+def clip_text(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters for a message."""
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _mb(size: int) -> str:
+def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
 _SNIFF_BYTES = 1 << 20   # the encoding is judged on the first MiB: enough lines, never the whole file
 
 
-def read_lines(path: Path, limit_bytes: int, errors: _Errors, *, limit_note: str = "") -> Iterator[tuple[int, bytes]]:
+def open_transcript(path: Path, root: Path | None, allow_outside_paths: bool = False) -> IO[bytes]:
+    """A transcript file (a list, a table, a clip's .txt) opened for reading: inside the data
+    folder `root` unless `allow_outside_paths` (the rule audio follows), and a regular file.
+    Raises `AutotuneError`, one line, for anything else."""
+    if root is not None and not allow_outside_paths:
+        problem = outside_problem(path, root, "transcript file")
+        if problem:
+            raise AutotuneError(problem)
+    return open_regular(path, "transcript")
+
+
+def read_lines(path: Path, limit_bytes: int, errors: Errors, *, limit_note: str = "", root: Path | None = None,
+               allow_outside_paths: bool = False) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes without the line end) for each line of `path`, one line in
     memory at a time. A line over `limit_bytes` is one error by position and is skipped
     in chunks, never held whole: a 200 MB line must not become a 200 MB string, let alone
-    a JSON object. A UTF-8 byte-order mark is dropped; a file in another encoding is one
-    error (`_require_utf8`)."""
-    with open_regular(path) as handle:
-        _require_utf8(path, handle.read(_SNIFF_BYTES))
+    a JSON object. A UTF-8 byte-order mark is dropped. A file outside `root`, not a regular
+    file, or in another encoding (`encoding_problem`) is one error and yields nothing, so
+    the other files' problems are still listed with it."""
+    try:
+        handle = open_transcript(path, root, allow_outside_paths)
+    except AutotuneError as exc:
+        errors.add(str(path), str(exc))
+        return
+    with handle:
+        problem = encoding_problem(path, handle.read(_SNIFF_BYTES))
+        if problem:
+            errors.add(str(path), problem)
+            return
         handle.seek(0)
         number = 0
         while True:
@@ -103,7 +142,7 @@ def read_lines(path: Path, limit_bytes: int, errors: _Errors, *, limit_note: str
                 line = line[:-1]
             elif len(line) > limit_bytes:
                 size = len(line) + _skip_rest_of_line(handle)
-                errors.add(f"{path}:{number}", f"line is {_mb(size)}, longer than the {limit_bytes / 1e6:g} MB "
+                errors.add(f"{path}:{number}", f"line is {megabytes(size)}, longer than the {limit_bytes / 1e6:g} MB "
                                                f"limit{limit_note}")
                 continue
             if number == 1:
@@ -128,37 +167,40 @@ def converted_name(path: Path) -> Path:
     return path.with_name(f"{path.stem}.utf8{path.suffix}")
 
 
-def _require_utf8(path: Path, raw: bytes, fix: Callable[[str], str] | None = None) -> None:
-    """A whole file in another encoding is one error, not one per line. UTF-16 (Windows
-    "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS (CP932), common
-    for Japanese transcripts, when the file is not UTF-8 but decodes as CP932. Anything
-    else returns, for the line-by-line checks to list. `raw` is the start of the file
-    (a character cut at its end is fine); `fix(iconv_name)` words the remedy, by default
-    a converted copy beside the file (`converted_name`) passed as `--data`."""
+def other_encoding(raw: bytes) -> tuple[str, str] | None:
+    """(name, iconv name) of the encoding a whole file is in when it is not UTF-8, else None.
+    UTF-16 (Windows "Unicode") is told by its byte-order mark or its NUL bytes; Shift_JIS
+    (CP932), common for Japanese transcripts, when the file is not UTF-8 but decodes as CP932.
+    Anything else is None, for the line-by-line checks to list. `raw` is the start of the file
+    (a character cut at its end is fine)."""
     head = raw[:4096]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 4:
-        name, iconv = "UTF-16", "UTF-16"
-    else:
-        if _is_utf8(raw):
-            return
-        if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
-            return   # UTF-8 with some bad lines: those are listed one by one
-        try:
-            text = codecs.getincrementaldecoder("cp932")().decode(raw)
-        except UnicodeDecodeError:
-            return
-        # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
-        # Japanese text has kana, and no private-use characters (what 0xFF becomes).
-        if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
-            return
-        name, iconv = "Shift_JIS (CP932)", "CP932"
-    if fix is None:
-        target = shlex.quote(str(converted_name(path)))
-        remedy = (f"convert it, e.g. `iconv -f {iconv} -t UTF-8 {shlex.quote(str(path))} > {target}`, "
-                  f"then pass the converted file: `--data {target}` (or `--val`)")
-    else:
-        remedy = fix(iconv)
-    raise AutotuneError(f"`{path}` looks like {name} text, not UTF-8: {remedy}")
+        return "UTF-16", "UTF-16"
+    if _is_utf8(raw):
+        return None
+    if any(not line.isascii() and _is_utf8(line) for line in raw.split(b"\n")):
+        return None   # UTF-8 with some bad lines: those are listed one by one
+    try:
+        text = codecs.getincrementaldecoder("cp932")().decode(raw)
+    except UnicodeDecodeError:
+        return None
+    # CP932 decodes almost any bytes (accented Latin-1 pairs become kanji): real
+    # Japanese text has kana, and no private-use characters (what 0xFF becomes).
+    if any("\ue000" <= ch <= "\uf8ff" for ch in text) or not any("\u3040" <= ch <= "\u30ff" for ch in text):
+        return None
+    return "Shift_JIS (CP932)", "CP932"
+
+
+def encoding_problem(path: Path, raw: bytes) -> str | None:
+    """A whole file in another encoding (`other_encoding`) as one problem (said of `path`), not one per line,
+    with the remedy: a converted copy beside the file (`converted_name`) passed as `--data`."""
+    found = other_encoding(raw)
+    if found is None:
+        return None
+    name, iconv = found
+    target = shlex.quote(str(converted_name(path)))
+    return (f"looks like {name} text, not UTF-8: convert it, e.g. `iconv -f {iconv} -t UTF-8 "
+            f"{shlex.quote(str(path))} > {target}`, then pass the converted file: `--data {target}` (or `--val`)")
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -169,14 +211,15 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def read_jsonl(path: Path, errors: _Errors, *, root: Path | None = None, allow_outside_paths: bool = False,
+def read_jsonl(path: Path, errors: Errors, *, root: Path | None = None, allow_outside_paths: bool = False,
                aliases: bool = False) -> list[Sample]:
     """`aliases`: Hugging Face audiofolder's metadata.jsonl, where `file_name` is the
     audio and `transcription` (or `sentence`) the text."""
     samples: list[Sample] = []
     root = path.parent if root is None else root
     note = f" of a JSON line (up to {MAX_TEXT_BYTES / 1e6:g} MB of `text` and {MAX_CODES:,} codes)"
-    for number, line in read_lines(path, MAX_JSON_LINE_BYTES, errors, limit_note=note):
+    for number, line in read_lines(path, MAX_JSON_LINE_BYTES, errors, limit_note=note, root=root,
+                                   allow_outside_paths=allow_outside_paths):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -207,7 +250,7 @@ def read_jsonl(path: Path, errors: _Errors, *, root: Path | None = None, allow_o
     return samples
 
 
-def _audiofolder_item(item: dict, where: str, errors: _Errors) -> dict | None:
+def _audiofolder_item(item: dict, where: str, errors: Errors) -> dict | None:
     item = dict(item)
     if "text" not in item:
         key = next((k for k in ("transcription", "sentence") if k in item), None)
@@ -223,7 +266,7 @@ def _audiofolder_item(item: dict, where: str, errors: _Errors) -> dict | None:
     return item
 
 
-def _parse_item(item: Any, where: str, base: Path, errors: _Errors, check_bools: bool, *,
+def _parse_item(item: Any, where: str, base: Path, errors: Errors, check_bools: bool, *,
                 root: Path | None = None, allow_outside_paths: bool = False) -> Sample | None:
     if not isinstance(item, dict):
         errors.add(where, f"expected a JSON object, got {type(item).__name__}")
@@ -272,7 +315,7 @@ def text_problem(text: str, name: str = "text") -> str | None:
     if len(text) > MAX_TEXT_BYTES // 4:  # cheap first: only a long text can be over the byte limit
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > MAX_TEXT_BYTES:
-            return f"{name} is {_mb(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit"
+            return f"{name} is {megabytes(size)}, longer than the {MAX_TEXT_BYTES / 1e6:g} MB limit"
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -282,7 +325,7 @@ def text_problem(text: str, name: str = "text") -> str | None:
     return None
 
 
-def _parse_codes(value: Any, key: str, where: str, errors: _Errors, check_bools: bool) -> np.ndarray | None:
+def _parse_codes(value: Any, key: str, where: str, errors: Errors, check_bools: bool) -> np.ndarray | None:
     if not isinstance(value, list):
         errors.add(where, f"`{key}` must be a list of integers, got {type(value).__name__}")
         return None
@@ -321,18 +364,19 @@ def _short(value: Any) -> str:
     return text if len(text) <= 30 else text[:27] + "..."
 
 
-OUTSIDE_FIX = "move the audio inside the data folder or set `--set data.allow_outside_paths=true`"
+OUTSIDE_FIX = "move the {} inside the data folder or set `--set data.allow_outside_paths=true`"
 
 
 def check_audio_file(path: Path, root: Path | None = None, allow_outside_paths: bool = False) -> str | None:
     """What is wrong with an audio path, or None. In order: it must lie inside `root`
     (by its resolved path, so a symlink leading out counts as outside) unless
     `allow_outside_paths`; it must be a regular file (a folder, FIFO, device or
-    symlink loop is said as such, and is never opened); then a cheap header read
-    (the codec reads the samples later) for its format and length."""
+    symlink loop is said as such, and is never opened); then a cheap header read for its
+    format. Its length is judged later from what decodes (`autotune.codec_cache`), as a
+    header may say more or less than the file holds."""
     try:
         if root is not None and not allow_outside_paths:
-            problem = _outside_problem(path, root)
+            problem = outside_problem(path, root)
             if problem:
                 return problem
         try:
@@ -344,9 +388,9 @@ def check_audio_file(path: Path, root: Path | None = None, allow_outside_paths: 
     except OSError as exc:  # e.g. a name over the file system's 255-byte limit
         if exc.errno == errno.ELOOP:
             return f"audio file `{path}` is a symlink loop"
-        return f"audio path `{_clip(str(path))}` is unusable ({exc.strerror or exc})"
+        return f"audio path `{clip_text(str(path))}` is unusable ({exc.strerror or exc})"
     except ValueError:  # os functions refuse a NUL byte
-        return f"audio path `{_clip(ascii(str(path)))}` holds a NUL character"
+        return f"audio path `{clip_text(ascii(str(path)))}` holds a NUL character"
     kind = special_file_kind(mode)
     if kind:
         return f"audio file `{path}` is {kind}, not an audio file"
@@ -361,19 +405,24 @@ def check_audio_file(path: Path, root: Path | None = None, allow_outside_paths: 
         return f"audio file `{path}` is unreadable ({reason[:80]})"
     if info.frames <= 0:
         return f"audio file `{path}` is empty"
-    seconds = info.frames / max(info.samplerate, 1)
-    if seconds > MAX_CODES / CODES_PER_SECOND:
-        return (f"audio file `{path}` is {seconds / 60:,.0f} min long, longer than the "
-                f"{MAX_CODES // CODES_PER_SECOND:,} s limit of one sample: cut it into utterances")
     return None
 
 
-def _outside_problem(path: Path, root: Path) -> str | None:
-    base = os.path.realpath(root)
+def outside_problem(path: Path, root: Path, what: str = "audio file") -> str | None:
+    """Why `path` is not inside the data folder `root` (by resolved path), or None. `what`
+    names the file: "audio file" or "transcript file"."""
+    base = _resolved_folder(os.fspath(root))
     real = os.path.realpath(path)
     if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
         return None
+    fix = OUTSIDE_FIX.format(what.removesuffix(" file"))
     lexical = os.path.normpath(os.path.abspath(path))
     if lexical == base or lexical.startswith(base.rstrip(os.sep) + os.sep):
-        return f"audio file `{path}` links to `{real}`, outside the data folder `{root}`: {OUTSIDE_FIX}"
-    return f"audio path `{path}` is outside the data folder `{root}`: {OUTSIDE_FIX}"
+        return f"{what} `{path}` links to `{real}`, outside the data folder `{root}`: {fix}"
+    return f"{what.removesuffix(' file')} path `{path}` is outside the data folder `{root}`: {fix}"
+
+
+@lru_cache(maxsize=16)
+def _resolved_folder(root: str) -> str:
+    # Resolved once per data folder, not once per clip: 200,000 lines paid for it twice each.
+    return os.path.realpath(root)

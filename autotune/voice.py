@@ -191,6 +191,9 @@ def encode_audio(wave: np.ndarray, response_format: str) -> bytes:
     container, subtype = kinds[response_format]
     if samples.size == 0:
         samples = np.zeros(SAMPLING_RATE // 100, dtype=np.float32)   # an empty clip is still a valid file
+    if subtype == "PCM_16":
+        # Quantised once here, so WAV and FLAC (and pcm) carry the very same samples.
+        samples = (samples * 32767.0).round().astype(np.int16)
     buffer = io.BytesIO()
     sf.write(buffer, samples, SAMPLING_RATE, format=container, subtype=subtype)
     return buffer.getvalue()

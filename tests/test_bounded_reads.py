@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import sys
 import time
 import tracemalloc
@@ -26,13 +27,14 @@ from autotune.reading import MAX_CODES, MAX_JSON_LINE_BYTES, MAX_TEXT_BYTES  # n
 from autotune.errors import AutotuneError  # noqa: E402
 
 OUTSIDE_FIX = "move the audio inside the data folder or set `--set data.allow_outside_paths=true`"
+TRANSCRIPT_FIX = "move the transcript inside the data folder or set `--set data.allow_outside_paths=true`"
 GOOD = json.dumps({"text": "fine", "code": [1, 2, 3]})
 
 
-def tone(path: Path, sr: int = 22_050, seconds: float = 0.5) -> Path:
+def tone(path: Path, sr: int = 22_050, seconds: float = 0.5, hz: float = 220) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(sr * seconds)) / sr
-    sf.write(os.fsencode(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr, subtype="PCM_16")
+    sf.write(os.fsencode(path), (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), sr, subtype="PCM_16")
     return path
 
 
@@ -165,12 +167,100 @@ def test_text_and_codes_over_their_limits_inside_a_short_enough_line(tmp_path):
     assert sorted(s["source"] for s in report.skipped) == [f"{path}:2", f"{path}:3"]
 
 
-def test_audio_longer_than_one_sample_can_be_is_refused_from_its_header(tmp_path):
-    tone(tmp_path / "wavs" / "long.wav", sr=100, seconds=2_001)   # 2,001 s in 400 KB
-    (tmp_path / "metadata.csv").write_text("long|a whole audiobook chapter\n", encoding="utf-8")
-    err = errors_of(tmp_path)
-    assert err.details == [f"{tmp_path / 'metadata.csv'}:1: audio file `{tmp_path / 'wavs' / 'long.wav'}` is 33 min "
-                           "long, longer than the 2,000 s limit of one sample: cut it into utterances"]
+# ------------------------------------------------- audio judged by decoding ---
+
+class SpyCodec:
+    """The tiny codec, noting the length of every waveform it is asked to encode."""
+
+    def __init__(self, codec):
+        self.codec, self.codec_id, self.sizes = codec, codec.codec_id, []
+
+    def encode(self, wave):
+        self.sizes.append(len(wave))
+        return self.codec.encode(wave)
+
+
+def sparse_wav(path: Path, size_bytes: int, sr: int, channels: int) -> Path:
+    """A WAV of `size_bytes` whose samples are a hole in the file (zeros, no disk space):
+    its header says what the size holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sf.SoundFile(os.fsencode(path), "w", sr, channels, subtype="PCM_16") as handle:
+        handle.write(np.zeros((sr, channels), np.int16))
+    with path.open("r+b") as handle:
+        handle.truncate(size_bytes)
+        head = handle.read(64)
+        data_at = head.index(b"data")
+        handle.seek(4)
+        handle.write(struct.pack("<I", size_bytes - 8))
+        handle.seek(data_at + 4)
+        handle.write(struct.pack("<I", size_bytes - data_at - 8))
+    return path
+
+
+def test_audio_longer_than_max_length_holds_is_skipped_and_the_codec_never_sees_it(tmp_path, tiny_codec):
+    # 30 minutes, under the 2,000 s one-sample limit a header check allowed: the codec was asked
+    # for all of it (64.8 GB with the real XCodec2). Speech past max_length (2,048 codes, 41 s) can
+    # never train, so decoding stops there and the sample is skipped and listed.
+    tone(tmp_path / "wavs" / "long.wav", sr=8_000, seconds=1_800)
+    tone(tmp_path / "wavs" / "ok.wav")
+    (tmp_path / "metadata.csv").write_text("long|a whole audiobook chapter\nok|short\n", encoding="utf-8")
+    spy = SpyCodec(tiny_codec)
+    with measured() as cost:
+        report = load(tmp_path, codec_loader=lambda: spy, cache_dir=tmp_path / "cache")
+    assert spy.sizes == [8_000]   # only ok.wav: 0.5 s at 16 kHz
+    assert [s.audio.name for s in report.train + report.val] == ["ok.wav"]
+    [skipped] = report.skipped
+    assert skipped["source"] == f"{tmp_path / 'metadata.csv'}:1" and skipped["max_length"] == 2048
+    assert skipped["reason"] == (f"audio `{tmp_path / 'wavs' / 'long.wav'}` decodes to more than the 41.0 s of "
+                                 "speech max_length 2048 tokens hold: cut it into utterances")
+    assert 41 < skipped["seconds_at_least"] < 60   # decoding stopped one block past the cap
+    assert cost["peak_mb"] < 40   # never 30 minutes of samples
+
+
+def test_a_sparse_2_gib_six_channel_wav_is_read_in_bounded_memory_and_time(tmp_path, tiny_codec):
+    """#22's hostile file: a 2 GiB hole whose header holds 1,864 s of 96 kHz, 6-channel audio
+    (it passed 7 GB through --check-data). Decoding stops at the cap before the file is hashed."""
+    sparse_wav(tmp_path / "wavs" / "big.wav", 2 << 30, sr=96_000, channels=6)
+    tone(tmp_path / "wavs" / "ok.wav")
+    (tmp_path / "metadata.csv").write_text("big|hostile\nok|fine\n", encoding="utf-8")
+    spy = SpyCodec(tiny_codec)
+    with deadline(60), measured() as cost:
+        report = load(tmp_path, codec_loader=lambda: spy, cache_dir=tmp_path / "cache")
+    assert [item["source"] for item in report.skipped] == [f"{tmp_path / 'metadata.csv'}:1"]
+    assert spy.sizes == [8_000]
+    assert cost["peak_mb"] < 64, cost   # 65,536-frame blocks, never the file
+
+
+def test_non_finite_samples_are_a_problem_of_the_line_that_names_the_clip(tmp_path, with_codec):
+    t = np.arange(8_000) / 16_000
+    for name, bad in (("nan", np.nan), ("inf", np.inf), ("minus_inf", -np.inf)):
+        wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        wave[4_000] = bad
+        (tmp_path / "wavs").mkdir(exist_ok=True)
+        sf.write(tmp_path / "wavs" / f"{name}.wav", wave, 16_000, subtype="FLOAT")
+    tone(tmp_path / "wavs" / "ok.wav")
+    (tmp_path / "metadata.csv").write_text("ok|fine\nnan|a\ninf|b\nminus_inf|c\n", encoding="utf-8")
+    err = errors_of(tmp_path, **with_codec)
+    meta, wavs = tmp_path / "metadata.csv", tmp_path / "wavs"
+    assert err.details == [f"{meta}:{n}: audio file `{wavs / name}.wav`: cannot read audio (a sample is NaN or "
+                           "infinite at 0.250 s: export the clip again)" for n, name in
+                           ((2, "nan"), (3, "inf"), (4, "minus_inf"))]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1   # ok.wav's: a broken clip is never cached
+
+
+def test_a_wav_header_that_lies_about_its_length_counts_what_decodes(tmp_path, with_codec):
+    """A data chunk that claims 10 s in a file that holds 1 s: the sample is what decodes."""
+    path = tone(tmp_path / "wavs" / "liar.wav", sr=16_000, seconds=1.0)
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"data")
+    raw[at + 4:at + 8] = struct.pack("<I", 10 * 16_000 * 2)
+    path.write_bytes(bytes(raw))
+    (tmp_path / "metadata.csv").write_text("liar|one second\n", encoding="utf-8")
+    report = load(tmp_path, **with_codec)
+    [sample] = report.train + report.val
+    assert len(sample.codes) == 50 == sample.num_codes
+    [entry] = (tmp_path / "cache").glob("*.json")
+    assert json.loads(entry.read_text())["num_samples"] == 16_000
 
 
 # ------------------------------------------------------------ audio paths ---
@@ -230,7 +320,7 @@ def test_allow_outside_paths_reads_audio_outside(tmp_path, with_codec):
 
 def test_a_symlink_is_judged_by_where_it_leads(tmp_path, sf_calls, with_codec):
     data = tmp_path / "data"
-    outside = tone(tmp_path / "elsewhere" / "clip.wav")
+    outside = tone(tmp_path / "elsewhere" / "clip.wav", hz=330)   # another clip, not a copy
     tone(data / "wavs" / "real.wav")
     (data / "wavs" / "in.wav").symlink_to(data / "wavs" / "real.wav")   # inside -> inside: fine
     (data / "wavs" / "out.wav").symlink_to(outside)                     # inside -> outside: refused
@@ -246,6 +336,54 @@ def test_a_symlink_is_judged_by_where_it_leads(tmp_path, sf_calls, with_codec):
     (tmp_path / "data-link").symlink_to(data)
     (data / "metadata.csv").write_text("in|inside\n", encoding="utf-8")
     assert load(tmp_path / "data-link", **with_codec).train[0].audio == tmp_path / "data-link" / "wavs" / "in.wav"
+
+
+SECRET = "the contents of a private file"
+
+
+def _linked_transcripts(data: Path, outside: Path) -> list[tuple[Path, str]]:
+    """(transcript path inside the data folder, what the outside file holds) per layout: each
+    transcript a symlink that leads out of the data folder."""
+    return [
+        (data / "train.jsonl", json.dumps({"text": SECRET, "code": [1, 2, 3]}) + "\n"),
+        (data / "metadata.csv", f"a|{SECRET}\n"),                                   # LJSpeech (wavs/)
+        (data / "metadata.jsonl", json.dumps({"file_name": "a.wav", "transcription": SECRET}) + "\n"),
+        (data / "validated.tsv", f"client_id\tpath\tsentence\nc\ta.wav\t{SECRET}\n"),   # clips/
+        (data / "esd.list", f"a.wav|spk|JP|{SECRET}\n"),
+        (data / "transcript_utf8.txt", f"a:{SECRET}\n"),                             # JSUT (wav/)
+        (data / "text.txt", f"a:{SECRET}\n"),                                        # llasa-trainer (audio/)
+        (data / "a.txt", SECRET + "\n"),                                              # beside a.wav
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_a_transcript_that_links_out_of_the_data_folder_is_refused_and_never_read(tmp_path, case):
+    data, outside = tmp_path / "data", tmp_path / "private"
+    link, content = _linked_transcripts(data, outside)[case]
+    if link.name == "a.txt":
+        tone(data / "a.wav")
+    else:
+        for folder in ("wavs", "clips", "wav", "audio"):
+            tone(data / folder / "a.wav")
+    target = outside / link.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(content, encoding="utf-8")
+    link.symlink_to(target)
+    err = errors_of(data)
+    where = f"{link}:1" if link.name == "a.txt" else str(link)
+    assert err.details == [f"{where}: transcript file `{link}` links to `{target}`, outside the data folder "
+                           f"`{data}`: {TRANSCRIPT_FIX}"]
+    assert SECRET not in err.one_line()
+
+
+def test_allow_outside_paths_reads_a_linked_transcript(tmp_path):
+    data, target = tmp_path / "data", tmp_path / "shared" / "train.jsonl"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"text": "shared", "code": [1, 2, 3]}) + "\n", encoding="utf-8")
+    data.mkdir()
+    (data / "train.jsonl").symlink_to(target)
+    report = load(data, allow_outside_paths=True)
+    assert [s.text for s in report.train + report.val] == ["shared"]
 
 
 def test_only_regular_files_are_read_as_audio(tmp_path, sf_calls):
@@ -278,7 +416,7 @@ def test_a_fifo_as_the_transcript_file_is_refused_without_hanging(tmp_path, name
     with deadline(20):
         for data in (tmp_path, tmp_path / name):
             err = errors_of(data)
-            assert f"`{tmp_path / name}` is a FIFO (named pipe), not a regular file" in str(err)
+            assert f"`{tmp_path / name}` is a FIFO (named pipe), not a regular file" in err.one_line()
 
 
 # ------------------------------------------------------ undecodable names ---

@@ -155,8 +155,8 @@ def test_default_model_table_says_how_lengths_were_counted(tmp_path, data_dir):
 
 def test_val_flag_overrides_the_split(tmp_path, data_dir):
     val = tmp_path / "held-out.jsonl"
-    val.write_text("\n".join(json.dumps({"text": t, "code": [1, 2, 3]}, ensure_ascii=False) for t in JAPANESE) + "\n",
-                   encoding="utf-8")
+    val.write_text("\n".join(json.dumps({"text": t, "code": [1, 2, 3 + i]}, ensure_ascii=False)
+                             for i, t in enumerate(JAPANESE)) + "\n", encoding="utf-8")
     proc, _ = check_data(tmp_path, "--data", str(data_dir), "--json", "--model", "tiny", "--val", str(val))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -223,3 +223,60 @@ def test_missing_data_folder_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines()[0].startswith("error: data path")
     assert "Traceback" not in proc.stderr
+
+
+def _voice_folder(folder: Path) -> Path:
+    """Two clips with transcripts (full-width text llasa-trainer's rules change) and a backup/
+    copy of the first."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from autotune.audio import write_wav
+
+    for i, (name, text) in enumerate((("a", "今日は　いい天気！"), ("b", "ＡＢＣです。"))):
+        t = np.arange(16_000 * (i + 1)) / 16_000
+        write_wav(folder / f"{name}.wav", 0.3 * np.sin(2 * np.pi * (220 + 50 * i) * t))
+        (folder / f"{name}.txt").write_text(text, encoding="utf-8")
+    (folder / "backup").mkdir()
+    (folder / "backup" / "a.wav").write_bytes((folder / "a.wav").read_bytes())
+    (folder / "backup" / "a.txt").write_text("今日は　いい天気！", encoding="utf-8")
+    return folder
+
+
+def test_without_the_codec_the_data_is_still_checked_in_full(tmp_path):
+    """#28: the codec error was all --check-data said. Now the layout, counts, exact lengths
+    (decoded), copies and the normalisation come, with the codec problem as one line."""
+    data = _voice_folder(tmp_path / "voice")
+    codec = tmp_path / "no-codec-here"
+    args = ("--data", str(data), "--model", "tiny", "--codec", str(codec),
+            "--set", "data.text_normalization=llasa-trainer")
+    proc, modules = check_data(tmp_path, *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["layout"] == "audio+txt" and out["train_samples"] + out["val_samples"] == 2
+    assert out["audio_seconds"] == 3.0   # 1 s + 2 s, decoded: exact without the codec
+    assert out["codec_problem"].startswith(f"could not load the codec `{codec}`")
+    assert [(d["source"], d["duplicate_of"]) for d in out["duplicates"]] == [
+        (f"{data / 'backup' / 'a.txt'}:1", f"{data / 'a.txt'}:1")]
+    assert out["text_normalization"] == {
+        "mode": "llasa-trainer", "changed": 2, "transcripts": 2,
+        "examples": [{"source": f"{data / 'a.txt'}:1", "before": "今日は　いい天気！", "after": "今日はいい天気!"},
+                     {"source": f"{data / 'b.txt'}:1", "before": "ＡＢＣです。", "after": "ABCです。"}]}
+    assert any(note.startswith("codec: could not load the codec") for note in out["notes"])
+    assert not [m for m in modules["heavy"] if "modeling_llama" in m or m.startswith("peft")]
+    proc, _ = check_data(tmp_path, *args)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "audio+txt" in text
+    assert "! codec: could not load the codec" in text and "1 duplicate clip left out" in text
+    assert "text normalisation `llasa-trainer`: changes 2 of 2 transcripts" in text
+
+
+def test_without_the_codec_transcript_problems_come_with_the_codec_line(tmp_path):
+    data = _voice_folder(tmp_path / "voice")
+    (data / "b.txt").write_text("  \n", encoding="utf-8")
+    proc, _ = check_data(tmp_path, "--data", str(data), "--model", "tiny", "--codec", str(tmp_path / "none"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "error: 2 problems in the data; fix them or remove them:"
+    assert lines[1] == f"  - {data / 'b.txt'}:1: empty text"
+    assert lines[2].startswith(f"  - codec: could not load the codec `{tmp_path / 'none'}`")

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,15 @@ CODES_PER_CLIP = 25   # 0.5 s at 50 codes per second
 # ----------------------------------------------------------------- helpers ---
 
 def tone(path: Path, sr: int = 22_050) -> Path:
-    """0.5 s of 220 Hz in the format the suffix names (wav, flac, ogg, mp3); the same
-    bytes every time, so the module's codec cache encodes each format once."""
+    """0.5 s in the format the suffix names (wav, flac, ogg, mp3), its pitch chosen by the
+    file's place in its corpus (the last folders and its name, not the test's own folder):
+    clips of one corpus differ (copies are a case of their own), and the same place in
+    another test gives the same bytes, so the module's codec cache encodes it once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(sr // 2) / sr
-    sf.write(str(path), (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), sr)
+    place = "/".join(part for part in path.parts[-4:] if not part.startswith(("test_", "pytest-")))
+    hz = 200 + 10 * (zlib.crc32(place.encode()) % 60)
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32), sr)
     return path
 
 
@@ -176,7 +181,9 @@ def test_common_voice_validated_tsv_with_mp3_clips_and_client_ids(tmp_path, load
     assert report.val_source == "split"  # validated.tsv holds dev.tsv's clips too: our own split
     got = samples(report)
     assert [s.text for s in got] == ["今日は\"いい\"天気ですね。", "駅まで歩いて十分です。", "Hello, \"world\" — it's me."]
-    assert [s.speaker for s in got] == [CLIENT_A, CLIENT_B, CLIENT_A]
+    # A client_id is a 64-digit hash: its first 8 digits name the speaker (prompts, `--speaker`).
+    assert [s.speaker for s in got] == [CLIENT_A[:8], CLIENT_B[:8], CLIENT_A[:8]]
+    assert report.speaker_ids == {CLIENT_A[:8]: CLIENT_A, CLIENT_B[:8]: CLIENT_B}
     assert [s.audio.name for s in got] == [f"common_voice_ja_{n}.mp3" for n in (1, 2, 3)]
     assert all(len(s.codes) == CODES_PER_CLIP for s in got)
     assert [s.source for s in got] == [f"{cv / 'validated.tsv'}:{n}" for n in (2, 3, 4)]
@@ -187,8 +194,11 @@ def test_common_voice_without_validated_tsv_uses_train_and_dev(tmp_path, load):
     cv = common_voice(tmp_path / "cv", files=("train.tsv", "dev.tsv"))
     report = load(cv)
     assert (report.layout, report.val_source) == ("common-voice", "file")
-    assert (len(report.train), len(report.val)) == (3, 1)
+    # This dev.tsv names a clip train.tsv has too: validation keeps it, training leaves its copy out.
+    assert (len(report.train), len(report.val)) == (2, 1)
     assert report.val[0].source == f"{cv / 'dev.tsv'}:2"
+    assert [(d["source"], d["duplicate_of"]) for d in report.duplicates] == [(f"{cv / 'train.tsv'}:2",
+                                                                             f"{cv / 'dev.tsv'}:2")]
 
 
 def test_common_voice_rows_are_checked_by_position(tmp_path, load):
@@ -201,8 +211,8 @@ def test_common_voice_rows_are_checked_by_position(tmp_path, load):
                            f"{p}:6: expected 13 tab-separated columns, found 2",
                            f"{p}:7: empty `path`"]
     write(p, "client_id\tfile\ttext\nx\ty\tz\n")
-    with pytest.raises(AutotuneError, match="no `path` and `sentence` columns"):
-        load(cv)
+    assert errors_of(load, cv).details == [f"{p}:1: no `path` and `sentence` columns in the first line, as Common "
+                                           "Voice's .tsv files have (found client_id, file, text): check the file"]
 
 
 @pytest.mark.parametrize("column", ["transcription", "text", "sentence"])
@@ -267,7 +277,8 @@ def test_ljspeech_and_audiofolder_share_a_name_and_are_told_apart(tmp_path, load
     tone(hf / "LJ001-0001.wav")
     write(hf / "metadata.csv", "file_name,transcription\nLJ001-0001.wav,\"Printing, in 1480\"\n")
     assert [load(d).layout for d in (lj, hf)] == ["ljspeech", "audiofolder"]
-    assert samples(load(lj))[0].text == "Printing, in fourteen eighty"
+    assert samples(load(lj))[0].text == "Printing, in 1480"   # LJSpeech's column 2, the text as read
+    assert samples(load(lj, ljspeech_column="normalized"))[0].text == "Printing, in fourteen eighty"
     assert samples(load(hf))[0].text == "Printing, in 1480"
 
 
@@ -356,6 +367,66 @@ def test_audio_files_with_same_named_txt_or_lab(tmp_path, load):
     ]
 
 
+# ------------------------------------------------ llasa-trainer's raw layout ---
+
+LLASA_TRAINER_LINES = {"file001": "こんにちは、今日はいい天気ですね。", "file002": "ありがとう: ございます。"}
+
+
+def llasa_trainer(folder: Path, lines: list[str]) -> Path:
+    """audio/ (wav, and an mp3 as `--ext .mp3` allows) beside text.txt, as its README lays it out."""
+    tone(folder / "audio" / "file001.wav")
+    tone(folder / "audio" / "file002.mp3")
+    write(folder / "text.txt", "".join(line + "\n" for line in lines))
+    return folder
+
+
+@pytest.mark.parametrize("lines, how", [
+    ([f"{k}:{v}" for k, v in LLASA_TRAINER_LINES.items()], "`:` between ID, then text"),
+    ([f"{k}\t{v}" for k, v in LLASA_TRAINER_LINES.items()], "a tab between ID, then text"),
+    ([f"{v}\t{k}" for k, v in LLASA_TRAINER_LINES.items()], "a tab between text, then ID"),   # --file_index 1
+    ([f"{v}:{k}" for k, v in LLASA_TRAINER_LINES.items()], "`:` between text, then ID"),
+])
+def test_llasa_trainers_audio_and_text_txt_read_with_no_edits(tmp_path, load, lines, how):
+    folder = llasa_trainer(tmp_path / "dataset", lines)
+    report = load(folder)
+    assert report.layout == "llasa-trainer"
+    assert {s.audio.name: s.text for s in samples(report)} == {"file001.wav": LLASA_TRAINER_LINES["file001"],
+                                                               "file002.mp3": LLASA_TRAINER_LINES["file002"]}
+    text_txt = folder / "text.txt"
+    assert f"`{text_txt}` read as llasa-trainer's text.txt: {how} (2 of the first 2 lines name a clip in audio/ so)" \
+        in report.notes
+    assert load(text_txt).layout == "llasa-trainer"
+
+
+def test_llasa_trainer_lines_that_do_not_fit_are_listed(tmp_path, load):
+    folder = llasa_trainer(tmp_path / "dataset", ["file001:一つ目。", "file002:二つ目。", "no separator here",
+                                                  "file003:音声がない。"])
+    err = errors_of(load, folder)
+    text_txt = folder / "text.txt"
+    assert err.details == [f"{text_txt}:3: expected `ID:text`",
+                           f"{text_txt}:4: audio file `{folder / 'audio' / 'file003.wav'}` is missing"]
+    write(text_txt, "what:ever\n")
+    assert errors_of(load, folder).details[0].startswith(f"{text_txt}: no line names a clip in `{folder / 'audio'}`")
+
+
+# ---------------------------------------------------- Style-Bert-VITS2 root ---
+
+def test_a_style_bert_vits2_install_root_points_to_a_models_folder(tmp_path):
+    install = tmp_path / "Style-Bert-VITS2"
+    for name in ("amitaro", "jvnv"):
+        write(install / "Data" / name / "esd.list", f"{name}_0.wav|{name}|JP|こんにちは。\n")
+        (install / "Data" / name / "raw").mkdir()
+    write(install / "app.py", "")
+    (install / "model_assets").mkdir()
+    for data, where in ((install, "a Style-Bert-VITS2 install"), (install / "Data", "Style-Bert-VITS2's Data/ folder")):
+        with pytest.raises(AutotuneError) as info:
+            find_layout(data)
+        assert str(info.value) == (f"`{data}` looks like {where}, not one data set: pass one model's folder, e.g. "
+                                   f"`--data {install / 'Data' / 'amitaro'}` (its esd.list and audio); models here: "
+                                   "amitaro, jvnv")
+    assert find_layout(install / "Data" / "amitaro")[0] == "esd-list"
+
+
 # ------------------------------------------------------ unreadable folders ---
 
 def _jsut_without_transcript(d: Path) -> None:
@@ -387,7 +458,7 @@ def test_a_folder_we_cannot_read_names_the_closest_layout(tmp_path, build, messa
 
 def test_a_lone_txt_without_audio_beside_it_is_refused(tmp_path):
     write(tmp_path / "notes.txt", "A:b\n")
-    with pytest.raises(AutotuneError, match="no wav/ or wav24kHz16bit/ folder is beside it"):
+    with pytest.raises(AutotuneError, match="no wav/, wav24kHz16bit/ or audio/ folder is beside it"):
         find_layout(tmp_path / "notes.txt")
 
 
@@ -420,9 +491,9 @@ def test_the_shift_jis_hint_gives_a_file_that_reads(tmp_path, load, build, layou
     folder = tmp_path / "my data"    # a space: the command must quote it
     original = build(folder)
     err = errors_of(load, folder)
-    assert "looks like Shift_JIS (CP932) text, not UTF-8" in str(err)
-    command = re.search(r"`(iconv [^`]+)`", str(err)).group(1)
-    data_arg = shlex.split(re.search(r"`--data ([^`]+)`", str(err)).group(1))
+    assert len(err.details) == 1 and f"{original}: looks like Shift_JIS (CP932) text, not UTF-8" in err.details[0]
+    command = re.search(r"`(iconv [^`]+)`", err.details[0]).group(1)
+    data_arg = shlex.split(re.search(r"`--data ([^`]+)`", err.details[0]).group(1))
     assert len(data_arg) == 1 and Path(data_arg[0]).parent == original.parent
     subprocess.run(command, shell=True, check=True)
     report = load(data_arg[0])
@@ -440,8 +511,10 @@ def test_the_hint_for_shift_jis_clip_transcripts_converts_them_in_place(tmp_path
     tone(folder / "c.wav")
     write(folder / "c.txt", "もう UTF-8 です。\n")
     err = errors_of(load, folder)
-    assert "looks like Shift_JIS (CP932) text, not UTF-8" in str(err)
-    subprocess.run(re.search(r"`(find [^`]+)`", str(err)).group(1), shell=True, check=True)
+    # One problem for the folder, not one per file, with one command that converts them all.
+    assert err.details == [f"{folder / 'a.txt'}: 2 transcripts look like Shift_JIS (CP932) text, not UTF-8 (this "
+                           f"one first): {err.details[0].split('(this one first): ', 1)[1]}"]
+    subprocess.run(re.search(r"`(find [^`]+)`", err.details[0]).group(1), shell=True, check=True)
     report = load(folder)
     assert [s.text for s in samples(report)] == ["こんにちは。", "もう UTF-8 です。", "さようなら。"]
 

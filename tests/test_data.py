@@ -53,12 +53,12 @@ TEXTS = [
 
 # ----------------------------------------------------------------- helpers ---
 
-def codes(n: int, seed: int = 0) -> list[int]:
+def codes(n: int, seed: int | str = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(MAX_CODE + 1) for _ in range(n)]
 
 
-def line(text: str = "hello", n: int = 20, seed: int = 0, key: str = "code", **extra) -> str:
+def line(text: str = "hello", n: int = 20, seed: int | str = 0, key: str = "code", **extra) -> str:
     return json.dumps({"text": text, key: codes(n, seed), **extra}, ensure_ascii=False)
 
 
@@ -70,7 +70,8 @@ def write_lines(path: Path, lines: list[str], newline: str = "\n", bom: bool = F
 
 
 def dataset(folder: Path, count: int, name: str = "train.jsonl", n: int = 20, prefix: str = "s") -> Path:
-    return write_lines(folder / name, [line(f"{prefix}{i} {JAPANESE}", n=n, seed=i) for i in range(count)])
+    # Each sample its own clip (its own codes): copies are a case of their own (see the duplicate tests).
+    return write_lines(folder / name, [line(f"{prefix}{i} {JAPANESE}", n=n, seed=f"{prefix}{i}") for i in range(count)])
 
 
 def load(data, **kw):
@@ -303,7 +304,7 @@ def test_errors_are_capped_but_all_counted(tmp_path):
 
 def test_a_single_error_is_singular(tmp_path):
     write_lines(tmp_path / "train.jsonl", [line("ok"), "{bad"])
-    assert str(errors_of(tmp_path)) == "1 malformed line in the data; fix them or remove them"
+    assert str(errors_of(tmp_path)) == "1 malformed line in the data; fix it or remove it"
 
 
 def test_bom_crlf_and_blank_lines_keep_line_numbers(tmp_path):
@@ -319,7 +320,7 @@ def test_bom_crlf_and_blank_lines_keep_line_numbers(tmp_path):
 
 def test_file_without_final_newline(tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text(line("a") + "\n" + line("b"), encoding="utf-8")
+    path.write_text(line("a") + "\n" + line("b", seed=1), encoding="utf-8")
     report = load(tmp_path, val_fraction=0.01)
     assert sorted(s.text for s in report.train + report.val) == ["a", "b"]
 
@@ -432,8 +433,10 @@ def test_split_is_reproducible_and_holds_out_ten_percent(tmp_path):
     other = load(tmp_path, split_seed=7)
     assert {s.source for s in other.val} != {s.source for s in first.val}
     record = split_record(first)
-    assert record == {"val_source": "split", "val": [s.source for s in first.val], "train_count": 90,
-                      "skipped": []}
+    assert {k: v for k, v in record.items() if not k.endswith("_keys")} == {
+        "val_source": "split", "val": [s.source for s in first.val], "train_count": 90, "skipped": [],
+        "duplicates": []}
+    assert len(record["val_keys"]) == 10 and len(set(record["train_keys"]) | set(record["val_keys"])) == 100
     json.dumps(record)  # written as split.json
 
 
@@ -517,12 +520,17 @@ def test_ljspeech_folder_is_encoded(tmp_path, codec_loader):
     report = load(data, codec_loader=codec_loader, cache_dir=cache, val_fraction=0.01)
     assert report.layout == "ljspeech"
     by_source = {s.source.rsplit(":", 1)[1]: s for s in report.train + report.val}
-    assert by_source["1"].text == "Printing, in fourteen eighty"  # the normalised column wins
+    # Column 2, the text as read, as Llasa's recipe and every LJSpeech trainer train on it.
+    assert by_source["1"].text == "Printing, in 1480"
     assert by_source["2"].text == "two seconds of audio"
-    assert by_source["3"].text == JAPANESE  # empty third column: the transcript is used as is
+    assert by_source["3"].text == JAPANESE
     assert [len(by_source[k].codes) for k in "123"] == [50, 100, 50]
     assert (report.encoded, report.from_cache) == (3, 0)
-    assert load(data / "metadata.csv", codec_loader=codec_loader, cache_dir=cache).from_cache == 3
+    again = load(data / "metadata.csv", codec_loader=codec_loader, cache_dir=cache, ljspeech_column="normalized")
+    assert again.from_cache == 3
+    normalized = {s.source.rsplit(":", 1)[1]: s.text for s in again.train + again.val}
+    # The normalised column where it has text; an empty one falls back to column 2.
+    assert (normalized["1"], normalized["3"]) == ("Printing, in fourteen eighty", JAPANESE)
 
 
 def test_ljspeech_errors_and_line_numbers(tmp_path):
@@ -801,10 +809,12 @@ def test_packed_collator_restarts_positions_per_sample(builder):
     ("cp932", "looks like Shift_JIS (CP932) text, not UTF-8"),
 ])
 def test_a_file_in_another_encoding_is_one_error_with_the_fix(tmp_path, encoding, words):
-    lines = [line(f"こんにちは、世界 {i}") for i in range(5)]
+    lines = [line(f"こんにちは、世界 {i}", seed=i) for i in range(5)]
     (tmp_path / "train.jsonl").write_bytes("\n".join(lines).encode(encoding))
     err = errors_of(tmp_path)
-    assert words in str(err) and "iconv -f" in str(err) and not err.details
+    assert str(err) == "1 problem in the data; fix it or remove it"
+    assert err.details[0].startswith(f"{tmp_path / 'train.jsonl'}: {words}: convert it, e.g. `iconv -f")
+    assert len(err.details) == 1   # one for the file, none per line
     # the fix it gives works
     fixed = (tmp_path / "train.jsonl").read_bytes().decode(encoding)
     (tmp_path / "train.jsonl").write_text(fixed, encoding="utf-8")
@@ -815,7 +825,10 @@ def test_shift_jis_metadata_csv_is_one_error(tmp_path):
     (tmp_path / "wavs").mkdir()
     (tmp_path / "metadata.csv").write_bytes("a|こんにちは\nb|さようなら\n".encode("cp932"))
     err = errors_of(tmp_path)
-    assert "looks like Shift_JIS (CP932) text, not UTF-8" in str(err) and "metadata.csv" in str(err)
+    assert err.details == [f"{tmp_path / 'metadata.csv'}: looks like Shift_JIS (CP932) text, not UTF-8: convert it, "
+                           f"e.g. `iconv -f CP932 -t UTF-8 {tmp_path / 'metadata.csv'} > "
+                           f"{tmp_path / 'metadata.utf8.csv'}`, then pass the converted file: "
+                           f"`--data {tmp_path / 'metadata.utf8.csv'}` (or `--val`)"]
 
 
 def test_a_utf8_file_with_one_bad_line_lists_that_line(tmp_path):

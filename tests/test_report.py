@@ -261,6 +261,8 @@ def test_sweep_report_ranks_and_plays_one_sample_each(tmp_path: Path) -> None:
     assert HOSTILE in "".join(page.text)
     best = [a for a in page.all("section") if "best" in a["class"].split()]
     assert len(best) == 1
+    # Rates read as percentages in the ranking too, similarity as a cosine.
+    assert '<td class="num">12.0 %</td>' in text and '<td class="num">0.68</td>' in text and ">0.12<" not in text
 
     by_similarity = Page(write_sweep_report(tmp_path, trials, metric="mean_similarity").read_text(encoding="utf-8"))
     assert ranked_names(by_similarity) == ["trial-1", "trial-0", "trial-3", "trial-2"]  # higher is better

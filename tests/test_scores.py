@@ -3,9 +3,7 @@ ASR pipeline and WavLM x-vector model on tiny random weights with synthetic audi
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -306,7 +304,6 @@ def test_an_uncached_hub_id_fails_fast_offline(tmp_path: Path, monkeypatch: pyte
     """Offline (the suite's HF_HUB_OFFLINE), an id that is not cached is refused in one line
     naming the download and the way around it, without asking transformers."""
     import huggingface_hub.constants
-    import transformers  # noqa: F401 - imported before the clock starts
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     warnings: list[str] = []

@@ -381,10 +381,13 @@ def test_anime_xcodec2_spellings_convert_to_the_same_codec(codec: Codec, tmp_pat
     plain = save_original_codec(codec, tmp_path / "xcodec2")
     anime = save_original_codec(codec, tmp_path / "anime-xcodec2", anime_spelling)
     names = list(load_file(anime / "model.safetensors"))
-    # The acoustic encoder's 36 activations and all its weight-normalised convolutions.
-    normed = sum(n.endswith((".weight_g", ".original0")) for n in load_file(plain / "model.safetensors"))
-    assert sum(n.endswith(".act.bias") for n in names) == 36
-    assert sum(n.endswith(".parametrizations.weight.original0") for n in names) == normed > 30
+    # Every activation of the acoustic encoder (36 in the released codec's five blocks, 22 in
+    # the tiny one's three) and every weight-normalised convolution.
+    plain_names = list(load_file(plain / "model.safetensors"))
+    snakes = sum(type(m).__name__ == "Xcodec2SnakeBeta" for m in codec.model.modules())
+    normed = sum(n.endswith((".weight_g", ".original0")) for n in plain_names)
+    assert sum(n.endswith(".act.bias") for n in names) == sum(n.endswith(".act.beta") for n in plain_names) == snakes
+    assert sum(n.endswith(".parametrizations.weight.original0") for n in names) == normed > snakes
     assert not [n for n in names if n.endswith((".act.beta", ".weight_g", ".weight_v"))]
 
     converted = load_codec(str(anime))
@@ -392,13 +395,13 @@ def test_anime_xcodec2_spellings_convert_to_the_same_codec(codec: Codec, tmp_pat
     assert set(converted.model.state_dict()) == set(reference)
     for name, tensor in reference.items():
         assert torch.equal(converted.model.state_dict()[name], tensor), name
+    # The plain original converts to these same weights (test_an_original_format_codec_converts_to_the_same_codec).
     test_wave = wave(1.3, seed=7)
-    codes = converted.encode(test_wave)
-    assert codes == load_codec(str(plain)).encode(test_wave) == codec.encode(test_wave)
+    assert converted.encode(test_wave) == codec.encode(test_wave)
 
     (record,) = [json.loads((d / "converted_from.json").read_text()) for d in (hub / "llasa-autotune" /
                  "xcodec2-converted").iterdir() if str(anime) in (d / "converted_from.json").read_text()]
-    assert sorted(record["other_spellings_read"].values()) == [36, normed, normed]
+    assert sorted(record["other_spellings_read"].values()) == [snakes, normed, normed]
 
 
 def test_two_spellings_of_one_weight_are_refused(codec: Codec, tmp_path: Path, hub: Path) -> None:
