@@ -79,6 +79,10 @@ class DataSection(_Section):
                           "fuller calls, the same samples per step and the same loss.")
     max_errors_shown: int = Field(50, gt=0, description="Cap on malformed lines listed before stopping.")
     allow_outside_paths: bool = Field(False, description="Read audio paths that lead outside the data folder (`../x.wav`, absolute paths).")
+    ljspeech_column: Literal["raw", "normalized"] = Field(
+        "raw", description="Which LJSpeech transcript trains: `raw` (column 2, what the official recipe and "
+                           "every LJSpeech trainer use, and what synthesis is given) or `normalized` (column 3, "
+                           "numbers and abbreviations spelled out).")
     text_normalization: Literal["auto", "none", "llasa-trainer", "nfkc"] = Field(
         "auto", description="How transcripts are normalised before they become prompts, the same in training, "
                             "`--check-data`, samples, scores and synthesis: `none`; `llasa-trainer` (its Japanese "

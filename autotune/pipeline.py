@@ -318,7 +318,10 @@ def load_data(ctx: Context, config: Config, builder):
                         max_errors_shown=config.data.max_errors_shown,
                         progress=ctx.is_main and not ctx.request.json,
                         allow_outside_paths=config.data.allow_outside_paths,
-                        text_normalization=config.data.text_normalization)
+                        text_normalization=config.data.text_normalization,
+                        ljspeech_column=config.data.ljspeech_column,
+                        codec_optional=ctx.request.check_data, recorded_split=recorded_split(ctx))
+    ctx.notes.extend(data.notes)
     speakers = len(data.speakers())
     if data.speaker_conditioning:
         ctx.notes.append(f"{speakers} speakers: each prompt names its speaker "
@@ -327,6 +330,22 @@ def load_data(ctx: Context, config: Config, builder):
         ctx.notes.append(f"{speakers} speakers, more than {MAX_NAMED_SPEAKERS}: prompts name none (trained as one "
                          "set of voices); keep only the speakers you want in the data to name them")
     return data
+
+
+def recorded_split(ctx: Context) -> dict[str, Any] | None:
+    """On `--resume`, the split the run started with (split.json): validation stays what it was,
+    whatever the data gained since."""
+    from autotune.files import read_user_json
+    from autotune.rundir import SPLIT_RECORD
+
+    path = ctx.output_dir / SPLIT_RECORD
+    if not ctx.request.resume or ctx.request.check_data or not path.is_file():
+        return None
+    try:
+        record = read_user_json(path, what="split record")
+    except AutotuneError:
+        return None   # damaged: the split is drawn again, as for a new run
+    return record if isinstance(record, dict) else None
 
 
 def report_data(ctx: Context, data) -> int:

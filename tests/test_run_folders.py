@@ -296,3 +296,27 @@ def test_a_folder_that_turns_read_only_at_a_save_is_one_line_and_keeps_the_last_
     monkeypatch.undo()
     assert train(*argv, "--resume") == 0
     assert not (out / ".report.html.abcd1234.tmp").exists()
+
+
+# ------------------------------------------------------ the split on resume ---
+
+def test_resume_keeps_the_recorded_split_when_the_data_grew(tmp_path, capsys):
+    data = data_copy(tmp_path)
+    out = tmp_path / "run"
+    argv = ["--data", str(data), *FAST[:-8], "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
+            "--set", "training.report_to=none", "--output-dir", str(out)]
+    assert train(*argv, "--set", "training.max_steps=2") == 0
+    before = json.loads((out / rundir.SPLIT_RECORD).read_text())
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    grown = []
+    for line in lines[:8]:   # new clips: other text and other codes (a copy of a clip is kept once)
+        item = json.loads(line)
+        item["text"], item["code"] = "新しい" + item["text"], list(reversed(item["code"]))
+        grown.append(json.dumps(item, ensure_ascii=False))
+    (data / "train.jsonl").write_text("\n".join(lines + grown) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert train(*argv, "--set", "training.max_steps=4", "--resume", "--allow-changes") == 0
+    after = json.loads((out / rundir.SPLIT_RECORD).read_text())
+    assert after["val"] == before["val"] and after["val_source"] == "recorded"
+    assert after["train_count"] == before["train_count"] + 8
+    assert "8 samples new since then train" in " ".join(capsys.readouterr().out.split())
