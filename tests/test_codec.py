@@ -490,20 +490,38 @@ def test_a_codec_not_on_disk_without_a_hub_fails_within_5_s_saying_what_to_do(tm
         assert "--codec PATH" in message and "`--codec tiny` runs an offline test" in message
 
 
-def test_check_data_on_audio_without_codec_or_hub_is_one_line(tmp_path: Path) -> None:
+def _train_without_codec_or_hub(tmp_path: Path, *args: str):
     import subprocess
     import sys
 
     data = tmp_path / "lj"
-    write_wav(data / "wavs" / "a.wav", tone(1.0))
-    (data / "metadata.csv").write_text("a|one second of sound\n", encoding="utf-8")
-    done = subprocess.run([sys.executable, "train.py", "--check-data", "--data", str(data), "--model", "tiny",
-                           "--output-dir", str(tmp_path / "runs" / "r1")],
+    if not data.exists():
+        write_wav(data / "wavs" / "a.wav", tone(1.0))
+        (data / "metadata.csv").write_text("a|one second of sound\n", encoding="utf-8")
+    return subprocess.run([sys.executable, "train.py", "--data", str(data), "--model", "tiny", *args],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
                           env=_no_hub_env(tmp_path, HF_ENDPOINT="http://127.0.0.1:9", CUDA_VISIBLE_DEVICES=""))
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+
+
+def test_check_data_on_audio_without_codec_or_hub_says_in_one_note_what_training_needs(tmp_path: Path) -> None:
+    """`--check-data` reads and measures the audio without the codec and says once what to get."""
+    checked = _train_without_codec_or_hub(tmp_path, "--check-data", "--output-dir", str(tmp_path / "runs" / "r1"))
+    assert checked.returncode == 0, checked.stderr
+    said = " ".join((checked.stdout + checked.stderr).split())   # the console wraps its notes
+    assert "Traceback" not in said and "Retrying" not in said
+    assert said.count("could not load the codec") == 1
+    note = said[said.index(f"could not load the codec `{DEFAULT_CODEC}`"):]
+    assert note.startswith(f"could not load the codec `{DEFAULT_CODEC}` (not in the local hub cache")
+    assert "hf download" in note and "--codec tiny" in note and "training needs it" in note
+
+
+@pytest.mark.slow
+def test_training_on_audio_without_codec_or_hub_stops_in_one_line(tmp_path: Path) -> None:
+    trained = _train_without_codec_or_hub(tmp_path, "--output-dir", str(tmp_path / "runs" / "r2"),
+                                          "--set", "training.max_steps=1")
+    assert trained.returncode == 2, trained.stderr
+    assert "Traceback" not in trained.stderr
+    (line,) = [l for l in trained.stderr.splitlines() if l.startswith("error:")]
     assert line.startswith(f"error: could not load the codec `{DEFAULT_CODEC}` (not in the local hub cache")
     assert "hf download" in line and "--codec tiny" in line
 
