@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     # reading files and audio
     {"reading", "audio", "replica"},
     # corpora, the codec, the model, the loss, batches
-    {"corpora", "codec", "xcodec2_convert", "codec_cache", "model", "loss", "batches"},
+    {"layouts", "corpora", "codec", "xcodec2_convert", "codec_cache", "model", "loss", "batches"},
     # the data set, speech, checkpoints, the plan and its ladder, what a run reports
     {"data", "generation", "checkpoint_checks", "checkpoints", "tuning.plan", "tuning.ladder", "model_card",
      "report", "scores", "scorers_tiny", "describe", "metrics", "tables"},
