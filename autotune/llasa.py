@@ -32,6 +32,8 @@ LLASA_SPECIALS = [
 USER_PREFIX = "Convert the text to speech:"
 _MARK = "\u2063TEXT\u2063"  # invisible separator: never in a real transcript
 _SPEAKER_MARK = "\u2063SPEAKER\u2063"
+# The date Llama 3.x's chat template writes when it cannot read the clock; ours always writes it.
+TEMPLATE_DATE = "26 Jul 2024"
 # Llasa was trained on sequences of at most 2,048 positions: prompt plus speech.
 MAX_POSITIONS = 2048
 
@@ -156,7 +158,12 @@ class PromptBuilder:
                                 "the original download (`hf download <its hub id>`)")
         messages = chat_messages(_MARK)
         messages[1]["content"] = _SPEAKER_MARK + messages[1]["content"]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        # Llama 3.x's template writes today's date into the system block: a prompt would change at
+        # midnight, and a run resumed the next day would train on other tokens than it began with.
+        # The template's own date for when it cannot read the clock fixes it, for training and
+        # synthesis alike (a template without a date ignores it).
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True,
+                                                 date_string=TEMPLATE_DATE)
         before, _, after = rendered.partition(_MARK)
         self.prefix_ids: list[int] = tokenizer(before, add_special_tokens=False)["input_ids"]
         self._suffix_template = after

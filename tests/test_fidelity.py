@@ -262,8 +262,9 @@ def test_the_replicas_llama32_template_gives_the_system_block_and_without_it_not
     tokenizer = replica.build_llasa_tokenizer()
     builder = PromptBuilder(tokenizer)
     prefix = tokenizer.decode(builder.prefix_ids)
+    # The date is the template's own fixed one, never today's: a prompt must not change at midnight.
     assert prefix.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
-                             "Date: December 2023\nToday Date: ")
+                             "Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")
     text_ids = builder.text_ids(["今日は"])[0]
     assert len(builder.prompt_ids("今日は")) - len(text_ids) == builder.overhead == 44
     bare = copy.copy(tokenizer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from autotune import replica  # noqa: E402
 from autotune.batches import LlasaCollator, build_example  # noqa: E402
 from autotune.reading import Sample  # noqa: E402
 from autotune.errors import AutotuneError  # noqa: E402
-from autotune.llasa import LLASA_SPECIALS, LlasaTokens, PromptBuilder  # noqa: E402
+from autotune.llasa import LLASA_SPECIALS, TEMPLATE_DATE, LlasaTokens, PromptBuilder  # noqa: E402
 
 JAPANESE = "こんにちは、今日はいい天気ですね。東京駅から新幹線で大阪まで二時間半。"
 TEXTS = [
@@ -159,7 +159,9 @@ def official_example(tokenizer, text: str, codes: list[int]) -> dict[str, list[i
     #    recipe ran on transformers 4, whose default was a plain list)
     chat = [{"role": "user", "content": "Convert the text to speech:<|TEXT_UNDERSTANDING_START|>"},
             {"role": "assistant", "content": "<|SPEECH_GENERATION_START|>"}]
-    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
+    # (The recipe's rows carry the date of the day it ran; ours carry the template's fixed date, so
+    # the recipe is run here as on that day: every other id must match.)
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False, date_string=TEMPLATE_DATE)
     # 4. each placeholder replaced by its sequence
     i = ids.index(text_start)
     ids = ids[:i] + text_ids + ids[i + 1:]
@@ -175,16 +177,10 @@ def official_example(tokenizer, text: str, codes: list[int]) -> dict[str, list[i
 
 
 def both_examples(tokenizer, text: str):
-    """Ours and the official row, rendered on the same day (the template holds today's date,
-    and PromptBuilder keeps the prompt it rendered when it was built)."""
-    for _ in range(2):
-        day = date.today()
-        builder = PromptBuilder(tokenizer)
-        ours = build_example(Sample(text=text, source="t", codes=np.array(CODES, dtype=np.int32)), builder)
-        official = official_example(tokenizer, text, CODES)
-        if date.today() == day:
-            return ours, official
-    raise AssertionError("the date changed twice while building one example")
+    """Ours and the official row, both with the template's fixed date (`llasa.TEMPLATE_DATE`)."""
+    builder = PromptBuilder(tokenizer)
+    ours = build_example(Sample(text=text, source="t", codes=np.array(CODES, dtype=np.int32)), builder)
+    return ours, official_example(tokenizer, text, CODES)
 
 
 @pytest.mark.parametrize("text", TEXTS)
