@@ -305,3 +305,14 @@ def test_the_runs_tab_lists_a_finished_and_an_interrupted_run_with_its_report(br
     link = finished.locator("a").get_attribute("href")
     report = page.request.get(page_url.rstrip("/") + link)
     assert report.status == 200 and "the report of voice-a" in report.text()
+
+
+def test_codec_round_trip_and_a_blank_voice_prompt_transcript_filled_by_asr(studio, tmp_path):
+    import soundfile as sf
+
+    clip = write_tone(tmp_path / "tone.wav", seconds=1.0)
+    path, info = studio.codec_round_trip(str(clip))
+    assert sf.info(path).frames == 50 * 320 and "50 codes" in info
+    clips, heard = studio.speak("voice-a", "adapter", None, "こんにちは", str(clip), "", SAMPLING)
+    assert heard and heard.strip(), "the tiny ASR model wrote the transcript"
+    assert len(clips) == 1 and sf.info(clips[0]["path"]).frames > 0
