@@ -130,6 +130,7 @@ def test_guarded_handlers_turn_every_error_into_one_gradio_message():
     assert "KeyError" in caught.value.message and "\n" not in caught.value.message
 
 
+@pytest.mark.slow
 def test_keeping_a_compared_checkpoint_makes_an_adapter_folder_synthesize_and_serve_use(studio, tmp_path, capsys):
     from autotune.adapters import read_adapter
     from autotune.runs import checkpoints

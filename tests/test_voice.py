@@ -55,6 +55,7 @@ def test_a_seed_is_reproducible_and_leaves_the_global_generator_alone(tiny):
     assert first.codes == again.codes and first.codes != other.codes
 
 
+@pytest.mark.slow
 def test_rows_never_pass_2048_positions(tiny):
     from autotune.generation import SpeechItem, generate_batch
     from autotune.llasa import MAX_POSITIONS
