@@ -43,37 +43,43 @@ def host_counts(labels: torch.Tensor, attention_tokens: int) -> dict[str, Any]:
     return {"num_tokens": int(attention_tokens), "num_labels": int(positions.numel()), "label_positions": positions}
 
 
-# Padded widths when the step is compiled: a few buckets bound the recompiles (one per
-# bucket and micro-batch size) where every width would be a new graph.
-COMPILE_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# A compiled step pads each micro-batch's length up to a multiple of this, so the graph sees a
+# few shapes (a bucket each) where every length would be a new one.
+BUCKET_TOKENS = 256
 
 
-def bucket_width(longest: int, multiple_of: int, buckets: tuple[int, ...] | None) -> int:
-    if buckets:
-        for width in buckets:
-            if width >= longest:
-                return width
-    return int(math.ceil(longest / multiple_of) * multiple_of)
+def bucket_width(longest: int, multiple_of: int, bucket_tokens: int | None = None) -> int:
+    step = bucket_tokens or multiple_of
+    return int(math.ceil(longest / step) * step)
 
 
 class LlasaCollator:
-    """Right-pads to a multiple of 8 (or to the next of `buckets`); padding is masked in
-    labels and attention.
+    """Right-pads to a multiple of 8 (or of `bucket_tokens`); padding is masked in labels and
+    attention.
 
     `hidden_ids` are also masked out of attention where they occur: the official recipe
     (LLaSA_training finetune_offline_lora.py) sets pad = eos = `<|eot_id|>` and masks
     `input_ids != pad`, so the `<|eot_id|>` closing the system and user turns is never
-    attended to, in Llasa's pretraining (train_tts.py) as in its fine-tuning."""
+    attended to, in Llasa's pretraining (train_tts.py) as in its fine-tuning.
+
+    The 2-D mask says which keys each row may attend to; the trainer turns it into the 4-D
+    causal mask itself (`attention_4d`), so the model never reads it back."""
+
+    packed = False
 
     def __init__(self, pad_id: int, multiple_of: int = 8, hidden_ids: tuple[int, ...] = (),
-                 buckets: tuple[int, ...] | None = None):
+                 bucket_tokens: int | None = None):
         self.pad_id = pad_id
         self.multiple_of = multiple_of
         self.hidden_ids = tuple(hidden_ids)
-        self.buckets = buckets
+        self.bucket_tokens = bucket_tokens
 
     def width(self, lengths: list[int]) -> int:
-        return bucket_width(max(lengths), self.multiple_of, self.buckets)
+        return bucket_width(max(lengths), self.multiple_of, self.bucket_tokens)
+
+    def cost(self, lengths: list[int]) -> int:
+        """Tokens a micro-batch of rows this long holds, padding included."""
+        return len(lengths) * self.width(lengths)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         width = self.width([len(f["input_ids"]) for f in features])
@@ -93,44 +99,132 @@ class LlasaCollator:
 
 
 class PackedCollator:
-    """Padding-free batches: concatenates samples into one row with position ids
-    restarting at each sample. transformers builds a block-diagonal mask from
-    the position ids when there is no attention mask and no cache (training with
-    `use_cache=False`), so attention does not cross samples; a test checks it."""
+    """Padding-free batches: the samples concatenated into one row, position ids restarting at
+    each sample, `sequence_ids` naming each token's sample and `key_mask` the keys it may see,
+    from which the trainer builds a block-diagonal causal mask (`with_4d_mask`): attention never
+    crosses samples, and inside its own sample a token attends to what it would in a padded row,
+    `hidden_ids` (the official `<|eot_id|>` rule) included. With `bucket_tokens` the row is
+    padded up to a multiple of it (a compiled step's few shapes); that padding is a block of its
+    own, out of every loss.
 
-    def __init__(self):
-        from transformers import DataCollatorWithFlattening
+    No `attention_mask`: given to a model as it is, a packed batch still keeps to its samples
+    (transformers finds them from the position ids), only without the `<|eot_id|>` rule."""
 
-        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    packed = True
+
+    def __init__(self, hidden_ids: tuple[int, ...] = (), bucket_tokens: int | None = None, pad_id: int = 0):
+        self.hidden_ids = tuple(hidden_ids)
+        self.bucket_tokens = bucket_tokens
+        self.pad_id = pad_id
+
+    def width(self, lengths: list[int]) -> int:
+        """The packed row of one sample this long (a token budget is this times the rows)."""
+        return bucket_width(max(lengths), 1, self.bucket_tokens)
+
+    def cost(self, lengths: list[int]) -> int:
+        return bucket_width(sum(lengths), 1, self.bucket_tokens)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.inner([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features], return_tensors="pt")
-        return {**batch, **host_counts(batch["labels"], batch["input_ids"].numel())}
+        lengths = [len(f["input_ids"]) for f in features]
+        real = sum(lengths)
+        width = self.cost(lengths)
+        input_ids = torch.full((1, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((1, width), dtype=torch.long)
+        sequences = torch.full((1, width), -1, dtype=torch.long)   # -1: the bucket's padding
+        start = 0
+        for i, f in enumerate(features):
+            stop = start + lengths[i]
+            input_ids[0, start:stop] = torch.as_tensor(f["input_ids"])
+            labels[0, start:stop] = torch.as_tensor(f["labels"])
+            labels[0, start] = IGNORE_INDEX   # nothing predicts a sample's first token
+            positions[0, start:stop] = torch.arange(lengths[i])
+            sequences[0, start:stop] = i
+            start = stop
+        positions[0, start:] = torch.arange(width - start)
+        # Keys each token may attend to (inside its own block): the padding's own tokens stay
+        # visible to each other, so no row of the mask is empty (an empty row gives NaN).
+        keys = torch.ones((1, width), dtype=torch.long)
+        if self.hidden_ids:
+            keys[torch.isin(input_ids, torch.tensor(self.hidden_ids)) & (sequences >= 0)] = 0
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "sequence_ids": sequences,
+                "key_mask": keys, **host_counts(labels, real)}
+
+
+def attention_4d(attention_mask: torch.Tensor | None, sequence_ids: torch.Tensor | None, length: int,
+                 device: Any, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The causal mask transformers would build from a 2-D `attention_mask` (keys each row may
+    attend to), made on the device from what is there: [batch, 1, query, key], True where a
+    query attends a key (`additive_dtype`: 0 there and the dtype's minimum elsewhere, what an
+    eager attention adds to its scores). `sequence_ids` (packed rows) also keep each token
+    inside its own sample. Given a 4-D mask, transformers uses it as it is and never reads the
+    2-D one back to decide whether a mask is needed at all, which makes the host wait."""
+    position = torch.arange(length, device=device)
+    allowed = (position[None, :] <= position[:, None])[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    if sequence_ids is not None:
+        sequence_ids = sequence_ids.to(device)
+        allowed = allowed & (sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :])
+    if additive_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=device).masked_fill_(
+        ~allowed, torch.finfo(additive_dtype).min)
+
+
+def with_4d_mask(inputs: dict[str, Any], additive_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A batch as the model takes it, with the 4-D mask built on the device (`attention_4d`)
+    from the padded rows' 2-D `attention_mask`, or from a packed row's `sequence_ids` and
+    `key_mask`, which are consumed."""
+    inputs = dict(inputs)
+    sequences = inputs.pop("sequence_ids", None)
+    keys = inputs.pop("key_mask", None)
+    mask = inputs.get("attention_mask") if sequences is None else keys
+    ids = inputs["input_ids"]
+    if mask is not None or sequences is not None:
+        inputs["attention_mask"] = attention_4d(mask, sequences, ids.shape[-1], ids.device, additive_dtype)
+    return inputs
+
+
+def without_mask_parts(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A batch for an attention that takes no 4-D mask (flash attention): the padded rows' 2-D
+    mask as it is, a packed row found from its position ids."""
+    return {k: v for k, v in inputs.items() if k not in ("sequence_ids", "key_mask")}
 
 
 class TokenBudgetCollator:
-    """One optimizer step's samples, split into micro-batches by tokens, not by count.
+    """One optimizer step's samples, split into micro-batches: by tokens (`budget_tokens`), or
+    by count (`micro_batch_size` rows each, in the order given) when there is no budget.
 
     The dry run measures a plan's micro-batch of `micro_batch_size` rows of the longest
     sample; that many padded tokens (`budget`) is what memory holds. Here the step's N
-    samples, sorted by length, fill each micro-batch up to that budget, so short rows share
-    a micro-batch and a step makes fewer, fuller calls. The step still sees exactly N
-    samples, and the loss is still summed over their labelled tokens and divided by their
-    count (`num_labels`), so nothing about the optimisation changes but the split."""
+    samples, sorted by length, fill each micro-batch up to that budget (padded rows, or one
+    packed row), so short rows share a micro-batch and a step makes fewer, fuller calls. The
+    step still sees exactly N samples, and the loss is still summed over their labelled
+    tokens and divided by their count (`num_labels`), so nothing about the optimisation
+    changes but the split."""
 
-    def __init__(self, rows: LlasaCollator, budget_tokens: int):
+    def __init__(self, rows: LlasaCollator | PackedCollator, budget_tokens: int | None,
+                 micro_batch_size: int | None = None):
+        if budget_tokens is None and not micro_batch_size:
+            raise ValueError("a token budget or a micro-batch size")
         self.rows = rows
-        self.budget = int(budget_tokens)
+        self.budget = int(budget_tokens) if budget_tokens is not None else None
+        self.micro_batch_size = micro_batch_size
 
     def split(self, lengths: list[int]) -> list[list[int]]:
-        """Indices of each micro-batch: sorted by length, each at most `budget` padded tokens
-        (a single row longer than the budget goes alone: the dry run measured the longest)."""
+        """Indices of each micro-batch. With a budget: sorted by length, each at most `budget`
+        tokens (a single row longer than the budget goes alone: the dry run measured the
+        longest). Without: `micro_batch_size` at a time."""
+        if self.budget is None:
+            size = int(self.micro_batch_size or 1)
+            return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
         order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
         groups: list[list[int]] = []
         for index in order:
             if groups:
                 trial = groups[-1] + [index]
-                if len(trial) * self.rows.width([lengths[i] for i in trial]) <= self.budget:
+                if self.rows.cost([lengths[i] for i in trial]) <= self.budget:
                     groups[-1] = trial
                     continue
             groups.append([index])
@@ -144,12 +238,12 @@ class TokenBudgetCollator:
 
 
 def make_collator(pad_id: int, packing: bool, hidden_ids: tuple[int, ...] = (), *, compiled: bool = False):
-    """Padded rows (a multiple of 8, or a few fixed widths when the step is compiled), or
-    padding-free packed rows with `data.packing` (which carry no attention mask, so
-    `hidden_ids` stay visible there: packing is ours, not the recipe's)."""
+    """Padded rows (a multiple of 8, or of `BUCKET_TOKENS` when the step is compiled), or
+    padding-free packed rows with `data.packing`; both hide `hidden_ids` from attention."""
+    bucket = BUCKET_TOKENS if compiled else None
     if packing:
-        return PackedCollator()
-    return LlasaCollator(pad_id, hidden_ids=hidden_ids, buckets=COMPILE_BUCKETS if compiled else None)
+        return PackedCollator(hidden_ids, bucket_tokens=bucket, pad_id=pad_id)
+    return LlasaCollator(pad_id, hidden_ids=hidden_ids, bucket_tokens=bucket)
 
 
 class ExampleDataset(torch.utils.data.Dataset):
@@ -166,29 +260,30 @@ class ExampleDataset(torch.utils.data.Dataset):
         return self.examples[index]
 
 
-class EpochLengthGroupedSampler(torch.utils.data.Sampler):
-    """HF's length grouping with its own generator seeded by (seed, epoch).
+class LengthGroupedOrder(torch.utils.data.Dataset):
+    """`dataset` in HF's length-grouped order, drawn from its own generator seeded by
+    (seed, epoch): samples of similar length share a step (little padding), and the order is a
+    function of the epoch alone, so a run resumed into a later epoch sees the data it would
+    have. The Trainer reads it in sequence; accelerate's dataloader calls `set_epoch` on a
+    dataset that has it at the start of each epoch."""
 
-    HF's `LengthGroupedSampler` draws its permutation from the global torch RNG
-    when an epoch starts, which a resumed run has in a different state: a resume
-    into a later epoch would see another data order. Seeding per epoch makes the
-    order a function of the epoch alone (the Trainer calls `set_epoch`)."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths = lengths
-        self.batch_size = batch_size
+    def __init__(self, dataset: ExampleDataset, group: int, seed: int):
+        self.dataset = dataset
+        self.group = group
         self.seed = seed
-        self.epoch = 0
+        self.lengths = dataset.lengths
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
+        self.epoch = epoch
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        generator.manual_seed(self.seed + epoch)
+        self.order = get_length_grouped_indices(self.lengths, self.group, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.dataset[self.order[index]]

@@ -208,7 +208,8 @@ class _RowSampler:
 
     Per row, in the order transformers' sampling applies them: repetition penalty over the
     row's own tokens (padding left out), temperature, top-k, top-p, then one draw. A row past
-    its budget is given END (which `generate` then pads)."""
+    its budget is given END (which `generate` then pads). The drawn token is set to +inf in the
+    scores, so greedy decoding's argmax picks it whatever the other scores are."""
 
     def __init__(self, items: Sequence[SpeechItem], pads: list[int], width: int, budgets: list[int], end_id: int,
                  device: Any, default_top_k: int):
@@ -225,7 +226,8 @@ class _RowSampler:
         import torch
 
         step = input_ids.shape[1] - self.width
-        logits = scores.float()
+        # transformers hands over a float32 copy of the logits: work in it (a half-precision one is widened).
+        logits = scores if scores.dtype == torch.float32 else scores.float()
         chosen = torch.full((scores.shape[0],), self.end_id, dtype=torch.long, device=scores.device)
         live = [row for row in range(len(self.items)) if step < self.budgets[row]]   # the rest get END
         for row in live:
@@ -255,8 +257,8 @@ class _RowSampler:
             for i, row in enumerate(rows):
                 pick = torch.multinomial(probs[i], 1, generator=self.generators[row])[0]
                 chosen[row] = pick if indices is None else indices[i, pick]
-        scores.fill_(float("-inf"))
-        scores.scatter_(1, chosen[:, None], 0.0)
+        # The drawn token alone at +inf: greedy's argmax takes exactly it (no pass over the rest).
+        scores.scatter_(1, chosen[:, None], float("inf"))
         return scores
 
 

@@ -272,10 +272,7 @@ def create_app(voice: Voice, models: Models, prompts: dict[str, VoicePrompt], se
                    "X-Speech-Ended": "true" if speech_out.spoken.ended else "false"}
         return Response(data, media_type=FORMATS[body.response_format], headers=headers)
 
-    @app.on_event("shutdown")
-    def stop_batcher() -> None:
-        batcher.close()
-
+    app.router.on_shutdown.append(batcher.close)
     return BodyLimit(app, MAX_BODY_BYTES)
 
 
@@ -283,15 +280,21 @@ def _prepare(voice: Voice, folder: Path, prompts: dict[str, VoicePrompt], body: 
     """Load the adapter (strictly, once) and turn the request into a checked SpeechItem."""
     try:
         adapter = voice.adapter(folder)
+    except AutotuneError as exc:
+        # The folder was served at start-up and broke since (or the base model differs): the server's side.
+        raise ApiError(503, exc.one_line(), type_="server_error", param="model", code="model_unavailable") from None
+    try:
         speaker, reference = _voice_of(voice, adapter, prompts, body.voice)
-        item = SpeechItem(body.input, reference_text=reference.transcript if reference else None,
-                          reference_codes=reference.codes if reference else None, speaker=speaker,
-                          temperature=body.temperature, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                          max_new_tokens=body.max_new_tokens or voice.default_max_new_tokens(), seed=body.seed)
+    except AutotuneError as exc:
+        raise ApiError(400, exc.one_line(), param="voice") from None
+    item = SpeechItem(body.input, reference_text=reference.transcript if reference else None,
+                      reference_codes=reference.codes if reference else None, speaker=speaker,
+                      temperature=body.temperature, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                      max_new_tokens=body.max_new_tokens or voice.default_max_new_tokens(), seed=body.seed)
+    try:
         voice.fits(adapter, item)
     except AutotuneError as exc:
-        param = "voice" if "voice" in str(exc) or "speaker" in str(exc) else "input"
-        raise ApiError(400, exc.one_line(), param=param) from None
+        raise ApiError(400, exc.one_line(), param="input") from None
     return adapter, item
 
 

@@ -13,7 +13,6 @@ import io
 import os
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -386,8 +385,3 @@ def _longest_fitting_prefix(text: str, fits: Callable[[str], bool]) -> int:
 
 def _shown(names: list[str]) -> str:
     return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-def normalized_name(name: str) -> str:
-    """A voice or model name as typed, compared without case or width differences."""
-    return unicodedata.normalize("NFKC", name).strip().casefold()

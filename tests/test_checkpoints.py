@@ -277,15 +277,24 @@ def test_a_verified_best_checkpoint_is_loaded_at_the_end(data_with_validation, t
 
 
 def test_a_damaged_best_checkpoint_is_not_loaded(data_with_validation, tmp_path, monkeypatch, capsys):
+    """Damaged after it was saved (here right after the run's last save): found before loading."""
+    from transformers import TrainerCallback
+
     from autotune.training import trainer as T
 
-    real = T.LlasaTrainer._load_best_model
+    class DamageBestAtTheEnd(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                torch.save({}, Path(state.best_model_checkpoint) / "optimizer.pt")
 
-    def damage_then_load(self):
-        torch.save({}, Path(self.state.best_model_checkpoint) / "optimizer.pt")
-        return real(self)
+    real = T.build_trainer
 
-    monkeypatch.setattr(T.LlasaTrainer, "_load_best_model", damage_then_load)
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(DamageBestAtTheEnd())   # after the publisher: the checkpoints are in place
+        return trainer
+
+    monkeypatch.setattr(T, "build_trainer", build)
     out = tmp_path / "out"
     capsys.readouterr()
     assert train(args_for(data_with_validation, out, *BEST_FIRST)) == 0
@@ -294,3 +303,33 @@ def test_a_damaged_best_checkpoint_is_not_loaded(data_with_validation, tmp_path,
     assert squeezed("keeping the final weights") in printed
     final, last = load_file(str(out / "adapter_model.safetensors")), load_file(str(out / "checkpoint-6" / "adapter_model.safetensors"))
     assert all(torch.equal(final[k], last[k]) for k in last)
+    summary = summary_of(out)
+    assert summary["best_checkpoint"] is None and summary["best_checkpoint_refused"].startswith("checkpoint-2: ")
+
+
+def test_a_non_finite_evaluation_is_never_the_best_and_every_checkpoint_verifies(data_with_validation, tmp_path,
+                                                                                 monkeypatch):
+    """The first evaluation NaN (no best yet), the second -inf (which a lower-is-better comparison
+    would take), the third finite: only the third is the best, and the checkpoints saved before
+    it record no best metric rather than an infinity (which `--resume` would take for damage)."""
+    from autotune.training import trainer as T
+
+    real = T.LlasaTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = real(self, model, inputs, return_outputs, num_items_in_batch)
+        bad = {2: float("nan"), 4: float("-inf")}.get(self.state.global_step)
+        if model.training or bad is None:
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        loss = loss * 0 + bad
+        return (loss, outputs) if return_outputs else loss
+
+    monkeypatch.setattr(T.LlasaTrainer, "compute_loss", compute_loss)
+    out = tmp_path / "out"
+    assert train(args_for(data_with_validation, out, *SHORT, "--set", "training.eval_strategy=steps",
+                          "--set", "training.eval_steps=2", "--set", "training.load_best_model_at_end=true")) == 0
+    assert Path(summary_of(out)["best_checkpoint"]).name == "checkpoint-6"
+    for step, best in ((2, None), (4, None)):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["best_metric"] is best and C.verify_checkpoint(out / f"checkpoint-{step}") is None

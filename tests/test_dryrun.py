@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from autotune.errors import AutotuneError
-from autotune.tuning.ladder import Measurement, faster_candidates, is_oom, next_rung, search
-from autotune.tuning.plan import Plan
+from autotune.memory import is_oom
+from autotune.plan import Plan, faster_candidates, next_rung
+from autotune.tuning.ladder import Measurement, search
 
 GIB = 2 ** 30
 
@@ -17,7 +18,8 @@ KEYS = {"per_device_train_batch_size": "training.per_device_train_batch_size",
         "gradient_checkpointing": "training.gradient_checkpointing", "lean_loss": "training.lean_loss",
         "optim": "training.optim", "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha",
         "load_in_4bit": "model.load_in_4bit", "max_length": "data.max_length",
-        "torch_compile": "training.torch_compile", "use_liger_kernel": "training.use_liger_kernel"}
+        "torch_compile": "training.torch_compile", "use_liger_kernel": "training.use_liger_kernel",
+        "packing": "data.packing"}
 
 
 def plan(precision: str = "bf16", **changes) -> Plan:
@@ -26,7 +28,7 @@ def plan(precision: str = "bf16", **changes) -> Plan:
               "training.gradient_checkpointing": False, "training.lean_loss": False,
               "training.optim": "adamw_torch_fused", "lora.r": 64, "lora.lora_alpha": 128,
               "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048,
-              "training.torch_compile": False, "training.use_liger_kernel": False}
+              "training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False}
     values.update({KEYS[name]: value for name, value in changes.items()})
     return Plan.of(values)
 
@@ -178,8 +180,9 @@ def test_ladder_rungs_are_pure_functions():
                   lean_loss=True, optim="adamw_8bit", lora_r=4, load_in_4bit=True, max_length=512)
     assert next_rung(lowest, set(), {"cuda": True, "bitsandbytes": True}) is None
     assert [name for name, _ in faster_candidates(plan(gradient_checkpointing=True), set())] == \
-        ["checkpointing off", "larger micro-batch"]
-    assert faster_candidates(plan(), {"training.per_device_train_batch_size", "training.gradient_checkpointing"}) == []
+        ["checkpointing off", "larger micro-batch", "packed rows"]
+    assert faster_candidates(plan(), {"training.per_device_train_batch_size", "training.gradient_checkpointing",
+                                      "data.packing"}) == []
 
 
 def test_plan_apply_round_trips_through_the_config():
@@ -199,7 +202,9 @@ def test_plan_apply_round_trips_through_the_config():
 
 
 def test_shorter_max_length_always_drops_the_longest_samples():
-    from autotune.tuning.ladder import _shorter
+    from autotune.plan import RUNGS
+
+    _shorter = dict((name, step) for name, _, step in RUNGS)["shorter max length (skips longer samples)"]
 
     p = plan(max_length=2048)
     assert get(_shorter(p, {"longest_tokens": 1400}), "max_length") == 1024
@@ -210,9 +215,11 @@ def test_shorter_max_length_always_drops_the_longest_samples():
 def test_compile_and_liger_are_tried_where_they_run_and_compile_time_counts_against_the_run():
     from autotune.tuning.ladder import Attempt, run_time
 
-    names = [name for name, _ in faster_candidates(plan(), set(), {"compile": True, "liger": True})]
-    assert names[-2:] == ["liger on", "compile on"]
-    assert [n for n, _ in faster_candidates(plan(), set(), {})] == ["larger micro-batch"]
+    candidates = faster_candidates(plan(), set(), {"compile": True, "liger": True})
+    assert [name for name, _ in candidates][-2:] == ["liger on", "compile on"]
+    assert get(candidates[-1][1], "packing"), "a compiled step packs its rows: few shapes"
+    assert not get(faster_candidates(plan(), {"data.packing"}, {"compile": True})[-1][1], "packing")
+    assert [n for n, _ in faster_candidates(plan(), set(), {})] == ["larger micro-batch", "packed rows"]
     assert faster_candidates(plan(), {"training.torch_compile"}, {"compile": True})[-1][0] != "compile on"
     eager = Attempt(plan(), "x", True, tokens_per_second=1000.0, overhead_seconds=1.0)
     compiled = Attempt(plan(torch_compile=True), "x", True, tokens_per_second=1500.0, overhead_seconds=60.0)

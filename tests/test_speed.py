@@ -5,51 +5,22 @@ and a compiled step gives the same loss with recompiles bounded by the padding b
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-from autotune.batches import COMPILE_BUCKETS, LlasaCollator, TokenBudgetCollator, build_examples, host_counts
+from autotune.batches import BUCKET_TOKENS, LlasaCollator, TokenBudgetCollator, build_examples, host_counts
 from autotune.llasa import PromptBuilder, build_tiny_model, build_tiny_tokenizer
 from autotune.reading import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 DATA = ROOT / "examples" / "tiny"
 FAST = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0",
         "--set", "training.eval_strategy=no", "--set", "training.report_to=none"]
-
-# What makes the host wait for the device: reading a value back.
-SYNCS = {"item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy", "nonzero", "__index__"}
-
-
-class CountSyncs(TorchFunctionMode):
-    """Reads of a tensor's value, by where they come from: transformers' own attention-mask
-    builder asks whether the padding mask is all ones (to skip building a mask) in every
-    forward; that is the model's, kept apart in `model`. The collator's reads are of the CPU
-    tensors it builds (no device involved) and are not counted. Everything else is ours or
-    the Trainer's (`calls`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self.model: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if name in SYNCS:
-            import traceback
-
-            frames = [f.filename for f in traceback.extract_stack(limit=12)]
-            if any(f.endswith("autotune/batches.py") for f in frames):
-                pass   # the collator: CPU tensors it builds itself, before anything reaches the device
-            elif any("transformers/masking_utils.py" in f for f in frames):
-                self.model.append(name)
-            else:
-                self.calls.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def train(*argv: str) -> int:
@@ -58,53 +29,28 @@ def train(*argv: str) -> int:
     return main([*FAST, *argv])
 
 
-def test_a_training_step_waits_for_the_device_only_at_logging_steps(tmp_path, monkeypatch):
-    from transformers import TrainerCallback
+def test_a_training_step_waits_for_the_device_only_at_logging_steps(tmp_path):
+    """bench/syncs.py's probe over the real pipeline: no read of a device value, no data-dependent
+    shape, no blocking host-to-device copy in a step that does not log (the CPU stands in for the
+    device: a collated batch is host memory). Steps that log read the loss and the NaN guard's
+    verdicts, on purpose."""
+    from bench.syncs import probe_pipeline
 
-    from autotune.training import trainer as T
-
-    per_step: dict[int, list[str]] = {}
-    in_model: dict[int, list[str]] = {}
-
-    class Watch(TrainerCallback):
-        """From one step's start to the next one's: the step, then what follows it (logging)."""
-
-        mode = None
-        step = 0
-
-        def close(self):
-            if self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                per_step[self.step], in_model[self.step] = self.mode.calls, self.mode.model
-                self.mode = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.close()
-            self.step = state.global_step + 1
-            self.mode = CountSyncs()
-            self.mode.__enter__()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.close()
-
-    real = T.build_trainer
-
-    def build(*args, **kwargs):
-        trainer = real(*args, **kwargs)
-        trainer.add_callback(Watch())
-        return trainer
-
-    monkeypatch.setattr(T, "build_trainer", build)
-    out = tmp_path / "run"
-    assert train("--output-dir", str(out), "--set", "training.max_steps=6", "--set", "training.logging_steps=3",
-                 "--set", "training.save_steps=6", "--set", "training.optim=adamw_torch_fused") == 0
-    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
-    # Step 1 builds the optimizer and step 3 and 6 log (the guard reads its verdicts there).
-    quiet = {step: calls for step, calls in per_step.items() if step in (2, 4, 5)}
-    assert quiet == {2: [], 4: [], 5: []}
-    assert any(per_step[step] for step in (3, 6)), "the check itself must see the logging steps' reads"
-    # The model's own mask check: at most two reads per forward (one micro-batch here, or two).
-    assert all(len(calls) <= 4 for calls in in_model.values())
+    steps = probe_pipeline([*FAST, "--output-dir", str(tmp_path / "run"), "--set", "training.max_steps=6",
+                            "--set", "training.logging_steps=3", "--set", "training.save_steps=6",
+                            "--set", "training.optim=adamw_torch_fused",
+                            # as a GPU profile has it (the CPU profile turns pinning off)
+                            "--set", "training.dataloader_pin_memory=true",
+                            "--set", "training.per_device_train_batch_size=2",
+                            "--set", "training.gradient_accumulation_steps=2"], "cpu")
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    # Step 1 builds the optimizer; steps 3 and 6 log (and 6 saves).
+    quiet = {s["step"]: s["sites"] for s in steps if s["step"] in (2, 4, 5)}
+    assert not any(s["logs"] for s in steps if s["step"] in (2, 4, 5))
+    assert quiet == {2: {}, 4: {}, 5: {}}
+    assert all(s["launches"] > 100 for s in steps), "the probe sees the step's kernels"
+    assert any(s["by_kind"].get("item") for s in steps if s["step"] in (3, 6)), \
+        "the check itself must see the logging steps' reads"
 
 
 def test_a_nan_step_is_skipped_on_the_device_and_rolled_back_after_patience(tmp_path, monkeypatch):
@@ -194,7 +140,7 @@ def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buck
     # A realistic mix: 1-20 s of speech at 50 codes per second, log-normal around 5 s.
     lengths = np.clip(rng.lognormal(np.log(250), 0.6, 24), 50, 1000).astype(int).tolist()
     examples = build_examples(samples(lengths), builder)
-    collator = LlasaCollator(builder.tokens.pad, buckets=COMPILE_BUCKETS)
+    collator = LlasaCollator(builder.tokens.pad, bucket_tokens=BUCKET_TOKENS)
     widths = set()
     for start in range(0, len(examples), 4):
         batch = collator(examples[start:start + 4])
@@ -202,7 +148,7 @@ def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buck
         eager_loss, _ = compute_lean_loss(model, batch)
         compiled_loss, _ = compute_lean_loss(compiled, batch)
         assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
-    assert widths <= set(COMPILE_BUCKETS)
+    assert all(w % BUCKET_TOKENS == 0 for w in widths)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 1 <= graphs <= len(widths), (graphs, widths)
     torch._dynamo.reset()

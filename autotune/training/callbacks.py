@@ -1,17 +1,24 @@
 """The training loop's callbacks: throughput, the progress line, early stopping's record,
-a log at the last step, the interrupt that saves and stops, and the NaN guard.
+a log at the last step, the interrupt that saves and stops, the NaN guard, and the
+publishing of checkpoints (whole, verified, never with NaN weights).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 
+from autotune import checkpoint_checks as C
+from autotune import checkpoints as K
 from autotune.config import Config
+from autotune.console import warn
 
 
 class ThroughputCallback(TrainerCallback):
@@ -318,3 +325,90 @@ def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
         return []
     device = tensors[0].device
     return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).cpu().tolist()
+
+
+# ------------------------------------------------------------- checkpoints ---
+
+class RefuseNonFiniteSaves(TrainerCallback):
+    """No checkpoint holds NaN or inf weights: a save that would is not made at all (the previous
+    checkpoints are kept), said in one line and listed in `trainer.refused_saves`. Registered
+    last, so it sees every other callback's wish to save (a step's end, an evaluation's, an
+    epoch's), which is the last moment before the Trainer writes."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def _check(self, state, control) -> None:
+        if not control.should_save:
+            return
+        bad = nonfinite_parameters(self.trainer.model)
+        if bad:
+            control.should_save = False
+            self.trainer.refused_saves.append(state.global_step)
+            warn(self.trainer.console, f"! not saving checkpoint-{state.global_step}: {len(bad)} adapter tensors hold "
+                                       f"NaN or inf (e.g. {bad[0]}); the previous checkpoints are kept")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check(state, control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._check(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._check(state, control)
+
+
+class PublishCheckpoints(TrainerCallback):
+    """Each checkpoint the Trainer wrote into the staging folder (`TrainingArguments.output_dir`,
+    hidden in the run folder) becomes the run's `checkpoint-N` only once whole: its
+    trainer_state.json names the published best checkpoint, the manifest of sizes and hashes is
+    written last (`checkpoint_checks.write_manifest`), and one rename publishes it after its
+    bytes reached the disk (`checkpoints.publish_checkpoint`). A kill at any moment leaves no
+    half checkpoint for `--resume` to pick, and later damage is found. Then the oldest are
+    rotated away, the best kept. At the end, a best checkpoint damaged since it was saved is not
+    loaded: the final weights are kept."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        staging_root, run_dir = Path(args.output_dir), trainer.run_dir
+        trainer.accelerator.wait_for_everyone()   # every process wrote its RNG state
+        if args.should_save:
+            name = f"{K.CHECKPOINT_PREFIX}{state.global_step}"
+            best = state.best_model_checkpoint
+            if best is not None and Path(best).parent == staging_root:
+                state.best_model_checkpoint = str(run_dir / Path(best).name)
+            forget_nonfinite_best(state)
+            state.save_to_json(str(staging_root / name / "trainer_state.json"))
+            C.write_manifest(staging_root / name, state.global_step)   # last: a manifest means the save finished
+            K.publish_checkpoint(staging_root / name, run_dir / name)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=args.save_total_limit,
+                               best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
+        trainer.accelerator.wait_for_everyone()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer's last log (its run's totals) comes right before it loads the best checkpoint.
+        if logs and "train_runtime" in logs and args.load_best_model_at_end and state.best_model_checkpoint:
+            best = Path(state.best_model_checkpoint)
+            problem = C.verify_checkpoint(best, self.trainer.checkpoint_expectations())
+            if problem:
+                self.trainer.best_refused = f"{best.name}: {problem}"
+                warn(self.trainer.console, f"! not loading the best checkpoint {best.name}: {problem}; "
+                                           "keeping the final weights")
+                state.best_model_checkpoint = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        forget_nonfinite_best(state)
+        if args.should_save:
+            shutil.rmtree(args.output_dir, ignore_errors=True)   # empty once every save was published
+
+
+def forget_nonfinite_best(state: Any) -> None:
+    """A best metric still at its starting infinity means no evaluation was best (each non-finite
+    one counted as the worst): none is recorded, as before any evaluation."""
+    if isinstance(state.best_metric, float) and not math.isfinite(state.best_metric):
+        state.best_metric = None

@@ -1,6 +1,10 @@
 """The HF Trainer that trains Llasa: its arguments from the config, and `LlasaTrainer`, whose
-step is the lean loss and whose checkpoints are written whole and verified on resume.
-The dry run measures plans with this same trainer."""
+step is the lean loss and whose checkpoints are published whole and verified on resume.
+The dry run measures plans with this same trainer.
+
+Built on what transformers documents (`compute_loss`, `training_step`, `get_batch_samples`,
+`evaluate`, `train`, `TrainingArguments`, callbacks); the one private method it overrides is
+named in `TRANSFORMERS_PRIVATE`, with why. transformers is pinned to the 5.25 series."""
 
 from __future__ import annotations
 
@@ -8,30 +12,37 @@ import contextlib
 import importlib.util
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from autotune import checkpoint_checks as C
 from autotune import checkpoints as K
-from autotune.training.callbacks import InterruptCallback, NonFiniteGuard, nonfinite_parameters
-from autotune.batches import EpochLengthGroupedSampler, ExampleDataset
+from autotune.batches import LengthGroupedOrder, TokenBudgetCollator, with_4d_mask, without_mask_parts
 from autotune.config import Config, config_rule_problems
 from autotune.console import say, warn
 from autotune.errors import AutotuneError
+from autotune.training.callbacks import (InterruptCallback, NonFiniteGuard, PublishCheckpoints,
+                                         RefuseNonFiniteSaves)
 
-
-# --------------------------------------------------------------- datasets ---
+# Pinning needs an accelerator; on a CPU the DataLoader says so and goes on unpinned, as it should.
+warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator", category=UserWarning)
 
 
 # -------------------------------------------------------------- arguments ---
 
 def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_cpu: bool,
-                       notes: list[str], sequential: bool = False, whole_steps: bool = False) -> TrainingArguments:
+                       notes: list[str], sequential: bool = False) -> TrainingArguments:
     """The config's `training` section as `TrainingArguments`, with the checks HF
-    would otherwise raise as a traceback turned into one-line errors."""
+    would otherwise raise as a traceback turned into one-line errors.
+
+    The dataloader hands over one optimizer step's samples at once and the collator splits
+    them into micro-batches (`batches.TokenBudgetCollator`): to the Trainer every step is one
+    batch of `per_device_train_batch_size x gradient_accumulation_steps` samples. Its order is
+    the dataset's (`batches.LengthGroupedOrder` when grouped by length), or random."""
     t = config.training
     eval_on = has_eval and t.eval_strategy != "no"
     if not has_eval and t.eval_strategy != "no":
@@ -53,20 +64,20 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
                                 f"`pip install {name}`, or `--set training.report_to=tensorboard`")
     _check_scheduler_kwargs(t.lr_scheduler_type, t.lr_scheduler_kwargs)
     optim = {"adamw_8bit": "adamw_bnb_8bit"}.get(t.optim, t.optim)
-    kwargs = dict(
+    pin = t.dataloader_pin_memory
+    checkpointing = t.gradient_checkpointing
+    return TrainingArguments(
         output_dir=str(output_dir),
-        # `whole_steps`: the dataloader hands over one optimizer step's samples at once and the
-        # token-budget collator splits them (batches.TokenBudgetCollator): the same samples per step.
-        per_device_train_batch_size=(t.per_device_train_batch_size * t.gradient_accumulation_steps if whole_steps
-                                     else t.per_device_train_batch_size),
+        per_device_train_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps,
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
-        gradient_accumulation_steps=1 if whole_steps else t.gradient_accumulation_steps,
+        gradient_accumulation_steps=1,
         # HF's NaN check reads every micro-step's loss on the host; the NaN guard decides instead.
         logging_nan_inf_filter=False,
         torch_compile=t.torch_compile,
         use_liger_kernel=t.use_liger_kernel,
         bf16=t.bf16, fp16=t.fp16,
-        **_checkpointing_args(t.gradient_checkpointing),
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         optim=optim,
         # transformers 5 reads a float below 1 in `warmup_steps` as the ratio.
         learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio,
@@ -82,9 +93,12 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         metric_for_best_model=t.metric_for_best_model if eval_on else None,
         greater_is_better=t.higher_is_better if eval_on else None,
         dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=t.dataloader_pin_memory and not use_cpu,
-        # `sequential`: the dry run feeds its rows in the order it measures them.
-        train_sampling_strategy="sequential" if sequential else "group_by_length" if t.group_by_length else "random",
+        # Pinned batches copied without blocking: the host queues the step while they travel. Asked for
+        # on a CPU too, where there is nothing to pin or copy, so a CPU run takes the path a GPU's does.
+        dataloader_pin_memory=pin,
+        accelerator_config={"non_blocking": pin},
+        # `sequential`: the dry run's rows, or a length-grouped order the dataset itself holds.
+        train_sampling_strategy="sequential" if sequential or t.group_by_length else "random",
         seed=t.seed, data_seed=t.seed,
         use_cpu=use_cpu,
         remove_unused_columns=False,
@@ -93,7 +107,6 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         # Every LoRA parameter is used in every forward: skip DDP's extra graph walk.
         ddp_find_unused_parameters=False,
     )
-    return TrainingArguments(**_for_this_transformers(kwargs))
 
 
 def _check_scheduler_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
@@ -112,52 +125,48 @@ def _check_scheduler_kwargs(kind: str, kwargs: dict[str, Any]) -> None:
                             f"`{kind}` does not take; it takes: {', '.join(allowed) or 'nothing'}")
 
 
-def _for_this_transformers(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Names moved within transformers 5.x: map ours onto what this version takes."""
-    import inspect
-
-    params = inspect.signature(TrainingArguments.__init__).parameters
-    out = dict(kwargs)
-    if "train_sampling_strategy" not in params:
-        # Older 5.x: no sequential sampler; the dry run then times rows in a random order.
-        out["group_by_length"] = out.pop("train_sampling_strategy") == "group_by_length"
-    if "warmup_ratio" in params and isinstance(out.get("warmup_steps"), float):
-        out["warmup_ratio"] = out.pop("warmup_steps")
-    return out
-
-
-def _checkpointing_args(enabled: bool) -> dict[str, Any]:
-    """transformers renamed gradient_checkpointing to activation_checkpointing in 5.x."""
-    import inspect
-
-    params = inspect.signature(TrainingArguments.__init__).parameters
-    name = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
 def tensorboard_dir(config: Config, output_dir: Path) -> Path:
     return Path(config.training.logging_dir) if config.training.logging_dir else output_dir / "logs"
 
 
 RESTORED = "optimizer, scheduler, RNG and data position restored"
 
+# Where the Trainer writes a checkpoint (`TrainingArguments.output_dir`): a hidden folder of the
+# run, so that transformers' own save never touches the run's `checkpoint-N` folders. Each
+# save is published from there, whole and verified (`callbacks.PublishCheckpoints`), and what
+# a kill leaves there is removed on `--resume` (`checkpoints.clean_staging`, by its prefix).
+STAGING_ROOT = K.STAGING_PREFIX + K.CHECKPOINT_PREFIX + "saves"
+
+# The one private `Trainer` method overridden here, with why. tests/test_transformers_internals.py
+# fails with a clear message when one changes signature (transformers is pinned to the 5.25 series).
+TRANSFORMERS_PRIVATE = {
+    "_clip_grad_norm": (("self", "model"), "hands the gradient norm the Trainer computes for clipping to the "
+                                           "NaN guard, which no public hook receives; computing it again "
+                                           "would reduce every gradient a second time each step"),
+}
+
 
 # ------------------------------------------------------------------ trainer ---
 
 class LlasaTrainer(Trainer):
-    """HF Trainer with the speech-only lean loss, a count of real (non-padding)
-    tokens, and the reliability guards: atomic checkpoints that never hold NaN
-    weights, a one-line error on a full disk, no non-finite best metric, a
-    seeded data order and the arguments' learning rate on resume."""
+    """HF Trainer with the speech-only lean loss, a count of real (non-padding) tokens, and
+    the reliability guards: checkpoints published whole and never with NaN weights, a
+    one-line error on a full disk, no non-finite best metric, a seeded data order and the
+    arguments' learning rate on resume. Everything but `_clip_grad_norm` goes through what
+    transformers documents: `compute_loss`, `training_step`, `get_batch_samples`,
+    `evaluate`, `train` and callbacks."""
 
     # The lean loss returns sum / num_items_in_batch: already normalised over the accumulated batch.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, lean_loss: bool = True, lean_chunk_size: int = 1024, console: Any = None,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, run_dir: Path, lean_loss: bool = True, lean_chunk_size: int = 1024,
+                 console: Any = None, mask_dtype: Any = None, build_mask: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.run_dir = Path(run_dir)
         self.lean_loss = lean_loss
         self.lean_chunk_size = lean_chunk_size
+        self.build_mask = build_mask      # the 4-D mask ourselves (sdpa, eager); flash attention takes the 2-D one
+        self.mask_dtype = mask_dtype      # eager attention adds its mask: 0 and the dtype's minimum
         self.tokens_seen = 0  # non-padding training tokens on this process
         self.console = console
         self.nonfinite: NonFiniteGuard | None = None   # set by add_guards
@@ -167,39 +176,46 @@ class LlasaTrainer(Trainer):
         self.micro_batch_size: int | None = None
         self.early: Any = None        # callbacks.EarlyStopRecorder, set by build_trainer
 
+    @property
+    def staging_root(self) -> Path:
+        return Path(self.args.output_dir)
+
     def add_guards(self, nan_patience: int) -> None:
-        """Register the NaN guard and the interrupt handling. Call it after adding
-        every other callback: both end a step, and callbacks that act on a stopping
-        step (the samples) must not take that for the end of training."""
+        """Register the NaN guard, the interrupt handling and the refusal of checkpoints with
+        NaN weights. Call it after adding every other callback: the first two end a step, and
+        callbacks that act on a stopping step (the samples) must not take that for the end of
+        training; the refusal must see every callback's wish to save."""
         # fp16's gradient scaler skips overflowing steps itself while it calibrates.
         scaler = getattr(self.accelerator, "scaler", None)
         self.nonfinite = NonFiniteGuard(nan_patience, judge_gradients=scaler is None)
         self.interrupt = InterruptCallback()
         self.add_callback(self.nonfinite)
         self.add_callback(self.interrupt)
+        self.add_callback(RefuseNonFiniteSaves(self))
 
-    # -- data order ---------------------------------------------------------
+    # -- a step -------------------------------------------------------------
 
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        grouped = (getattr(self.args, "train_sampling_strategy", None) == "group_by_length"
-                   or getattr(self.args, "group_by_length", None) is True)
-        if grouped and isinstance(dataset, ExampleDataset):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            group = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return EpochLengthGroupedSampler(dataset.lengths, group, seed=seed)
-        return super()._get_train_sampler(train_dataset)
-
-    # -- NaN/inf ------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The collator counted the labelled tokens on the host (`num_labels`): the loss divides by a
+        # host number, where the Trainer's own count would be a tensor made inside the step.
+        batches, counted = super().get_batch_samples(epoch_iterator, num_batches, device)
+        labelled = [b.get("num_labels") if isinstance(b, dict) else None for b in batches]
+        if not batches or any(n is None for n in labelled):
+            return batches, counted
+        total = sum(labelled)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # Every process divides by all processes' tokens: a collective, once per step.
+            total = self.accelerator.gather(torch.tensor(total, device=device)).sum()
+        return batches, total
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         parts = inputs.get("micro_batches") if isinstance(inputs, dict) else None
         if parts is None:
             loss = super().training_step(model, inputs, num_items_in_batch)
         else:
-            # One optimizer step's samples split by tokens (batches.TokenBudgetCollator): each part
-            # is forward and backward on its own, so memory holds one part at a time; their losses
-            # are sums over `num_items_in_batch` labelled tokens, so the gradients add up exactly.
+            # One optimizer step's samples split into micro-batches (batches.TokenBudgetCollator): each
+            # is forward and backward on its own, so memory holds one at a time; their losses are sums
+            # over `num_items_in_batch` labelled tokens, so the gradients add up exactly.
             loss = None
             for j, part in enumerate(parts):
                 last = j == len(parts) - 1
@@ -212,32 +228,8 @@ class LlasaTrainer(Trainer):
             self.nonfinite.note_loss(loss)
         return loss
 
-    def evaluate(self, *args, **kwargs):
-        # Evaluation batches are plain rows: the token budget splits a training step only.
-        from autotune.batches import TokenBudgetCollator
-
-        collator = self.data_collator
-        if isinstance(collator, TokenBudgetCollator):
-            self.data_collator = collator.rows
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            self.data_collator = collator
-
-    def _get_num_items_in_batch(self, batch_samples, device):
-        # Private, because HF counts labelled tokens from a top-level `labels` that a
-        # token-budget step (a list of micro-batches) does not have; the collator counted them
-        # on the host, so nothing waits for the device either.
-        if batch_samples and isinstance(batch_samples[0], dict) and "micro_batches" in batch_samples[0]:
-            count = torch.tensor(sum(b["num_labels"] for b in batch_samples), device=device)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                count = self.accelerator.gather(count).sum()
-            return count
-        return super()._get_num_items_in_batch(batch_samples, device)
-
     def _clip_grad_norm(self, model):
-        # Private, because the public API does not hand the gradient norm to callbacks: the
-        # NaN guard reads it (a device tensor) instead of reducing every gradient again.
+        # Private: see TRANSFORMERS_PRIVATE. The NaN guard reads the norm (a device tensor).
         norm = super()._clip_grad_norm(model)
         if self.nonfinite is not None:
             self.nonfinite.grad_norm = norm
@@ -249,90 +241,48 @@ class LlasaTrainer(Trainer):
             return super().floating_point_ops(inputs)
         return sum(super(LlasaTrainer, self).floating_point_ops(part) for part in parts)
 
-    def _determine_best_metric(self, metrics, trial):
-        # np.less(nan, best) is False, but -inf would win: a non-finite metric is never the best.
-        name = self.args.metric_for_best_model
-        if name is not None:
-            value = metrics.get(name if name.startswith("eval_") else f"eval_{name}")
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                return False
-        return super()._determine_best_metric(metrics, trial)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        # Counted by the collator on the host (batches.host_counts): no device sync per step.
+        tokens = inputs.pop("num_tokens", None)
+        inputs.pop("num_labels", None)
+        positions = inputs.pop("label_positions", None)
+        if model.training:
+            if tokens is None:
+                mask = inputs.get("attention_mask")
+                tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.tokens_seen += int(tokens)
+        # The 4-D mask made here: transformers would read a 2-D one back to decide whether it needs one.
+        inputs = with_4d_mask(inputs, self.mask_dtype) if self.build_mask else without_mask_parts(inputs)
+        if not self.lean_loss:
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from autotune.loss import compute_lean_loss
 
-    # -- resume -------------------------------------------------------------
+        loss, _count = compute_lean_loss(model, {**inputs, "label_positions": positions},
+                                         chunk_size=self.lean_chunk_size, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:
+            # A mean over this micro-batch: the Trainer must still divide by accumulation.
+            self.loss_is_scaled_for_ga = False
+        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"loss": loss}) if return_outputs else loss
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.lr_scheduler is not None:
-            retarget_learning_rate(self.optimizer, self.lr_scheduler, self.args.learning_rate)
-
-    # -- checkpoints ----------------------------------------------------------
-
-    def _save_checkpoint(self, model, trial):
-        """HF's save, written into `.tmp-checkpoint-N` and renamed into place once
-        complete (weights, optimizer, scheduler, RNG, trainer_state.json, then the
-        manifest of sizes and hashes), so a kill at any moment leaves no half
-        checkpoint for `--resume` to pick, and later damage is found."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        step = self.state.global_step
-        run_dir = Path(self._get_output_dir(trial=trial))
-        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        bad = nonfinite_parameters(self.model)
-        if bad:
-            self.refused_saves.append(step)
-            warn(self.console, f"! not saving {final.name}: {len(bad)} adapter tensors hold NaN or inf "
-                                f"(e.g. {bad[0]}); the previous checkpoints are kept")
-            return
-        staging = K.staging_dir(final)
+    def evaluate(self, *args, **kwargs):
+        # Evaluation batches are plain rows: the token budget splits a training step only.
+        collator = self.data_collator
+        if isinstance(collator, TokenBudgetCollator):
+            self.data_collator = collator.rows
         try:
-            self._write_checkpoint(trial, run_dir, staging, final)
-        except Exception as exc:
-            free = K.free_bytes(run_dir)
-            if not K.is_disk_full(exc, free):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            previous, _ = K.scan_checkpoints(run_dir)
-            raise AutotuneError(K.disk_full_message(final.name, run_dir, free, previous)) from exc
+            metrics = super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+        # What picks the best checkpoint (and early stopping, and the schedule) reads these after the
+        # loggers did: a non-finite value becomes the worst one, so it is never the best.
+        return worst_if_nonfinite(metrics, self.args.metric_for_best_model, bool(self.args.greater_is_better))
 
-    def _write_checkpoint(self, trial, run_dir: Path, staging: Path, final: Path) -> None:
-        # Follows transformers' Trainer._save_checkpoint (5.x) with the folder swapped; no push to the hub.
-        from transformers.trainer_callback import ExportableState
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        main = self.args.should_save
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)  # a save of this step a kill cut short
-        self.accelerator.wait_for_everyone()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(str(staging), _internal_call=True)
-        if self.state.best_global_step:
-            self.accelerator.wait_for_everyone()
-            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
-            if best == final or best.exists():   # `final` appears only at the rename below
-                self.state.best_model_checkpoint = str(best)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(staging))
-            self._save_scaler(str(staging))
-            self._save_rng_state(str(staging))
-        if main:
-            for cb in [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]:
-                name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks[name], list):
-                    self.state.stateful_callbacks[name].append(cb.state())
-                else:
-                    self.state.stateful_callbacks[name] = cb.state()
-            self.state.save_to_json(str(staging / "trainer_state.json"))
-        self.accelerator.wait_for_everyone()  # every process wrote its RNG state into `staging`
-        if main:
-            C.write_manifest(staging, self.state.global_step)   # last: a manifest means the save finished
-            K.publish_checkpoint(staging, final)
-        self.accelerator.wait_for_everyone()
-        if main:
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    # -- verified resume and best model --------------------------------------
+    # -- a run ----------------------------------------------------------------
 
     # False for a checkpoint the user named (`--resume checkpoint-N`): one that does not
     # fit is an error, not a fall back to an older one.
@@ -342,17 +292,29 @@ class LlasaTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         if resume_from_checkpoint:
             resume_from_checkpoint = self.verified_resume(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.args.should_save:
+            shutil.rmtree(self.staging_root, ignore_errors=True)   # what an earlier attempt left half-written
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        except Exception as exc:
+            free = K.free_bytes(self.run_dir)
+            if not K.is_disk_full(exc, free):
+                raise
+            saving = sorted(p.name for p in self.staging_root.glob(f"{K.CHECKPOINT_PREFIX}*"))
+            shutil.rmtree(self.staging_root, ignore_errors=True)
+            previous, _ = K.scan_checkpoints(self.run_dir)
+            what = saving[-1] if saving else f"the outputs of step {self.state.global_step}"
+            raise AutotuneError(K.disk_full_message(what, self.run_dir, free, previous)) from exc
 
     def verified_resume(self, checkpoint: str | bool) -> str | None:
         """`checkpoint` if it verifies against this model and trainer, else (with one
         line per checkpoint skipped) the newest older one in its folder that does, else
         None: training starts from step 0. With `resume_fallback` off, a checkpoint that
-        does not verify is an error. `True` means the newest in the output folder."""
+        does not verify is an error. `True` means the newest in the run folder."""
         expected = self.checkpoint_expectations()
         if checkpoint is True:
-            found, skipped = C.newest_verified_checkpoint(Path(self.args.output_dir), expected)
-            folder = Path(self.args.output_dir)
+            folder = Path(self.run_dir)
+            found, skipped = C.newest_verified_checkpoint(folder, expected)
         else:
             path = Path(checkpoint)
             problem = C.verify_checkpoint(path, expected)
@@ -395,51 +357,20 @@ class LlasaTrainer(Trainer):
                                           micro_batch_size=a.per_device_train_batch_size,
                                           accumulation=a.gradient_accumulation_steps, epochs=a.num_train_epochs))
 
-    def _load_best_model(self):
-        # A best checkpoint damaged since it was saved would load wrong weights, or fail at the very end.
-        best = Path(self.state.best_model_checkpoint)
-        problem = C.verify_checkpoint(best, self.checkpoint_expectations())
-        if problem:
-            self.best_refused = f"{best.name}: {problem}"
-            warn(self.console, f"! not loading the best checkpoint {best.name}: {problem}; keeping the final weights")
-            return
-        super()._load_best_model()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        # Counted by the collator on the host (batches.host_counts): no device sync per step.
-        tokens = inputs.pop("num_tokens", None)
-        inputs.pop("num_labels", None)
-        positions = inputs.pop("label_positions", None)
-        if model.training:
-            if tokens is None:
-                mask = inputs.get("attention_mask")
-                tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.tokens_seen += int(tokens)
-        if not self.lean_loss:
-            self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.model_accepts_loss_kwargs
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from autotune.loss import compute_lean_loss
-
-        loss, _count = compute_lean_loss(model, {**inputs, "label_positions": positions},
-                                         chunk_size=self.lean_chunk_size, num_items_in_batch=num_items_in_batch)
-        if num_items_in_batch is None:
-            # A mean over this micro-batch: the Trainer must still divide by accumulation.
-            self.loss_is_scaled_for_ga = False
-        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            # num_items_in_batch counts every process's tokens; DDP averages the gradients.
-            loss = loss * self.accelerator.num_processes
-        return (loss, {"loss": loss}) if return_outputs else loss
+def worst_if_nonfinite(metrics: dict[str, Any], metric: str | None, greater_is_better: bool) -> dict[str, Any]:
+    """`metrics` with the best-model metric replaced by the worst value for its direction when it
+    is NaN or infinite: np.less(nan, best) is False, but -inf would win."""
+    if metric is None:
+        return metrics
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"
+    value = metrics.get(key)
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        metrics[key] = -math.inf if greater_is_better else math.inf
+    return metrics
 
 
-# ---------------------------------------------------------------- callbacks ---
-
-
-# ---------------------------------------------------------------- diagnosis ---
-
-
-# ------------------------------------------------------------------ outputs ---
-
+# ------------------------------------------------------------------ resume ---
 
 def retarget_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
     """On resume the checkpoint restores the old peak learning rate into the
@@ -457,6 +388,15 @@ def retarget_learning_rate(optimizer, scheduler, learning_rate: float) -> None:
     scheduler._last_lr = values
 
 
+class ResumeLearningRate(TrainerCallback):
+    """On a resume, the arguments' learning rate at the checkpoint's position in the schedule:
+    training begins after the checkpoint's optimizer and scheduler are loaded."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is not None and lr_scheduler is not None:
+            retarget_learning_rate(optimizer, lr_scheduler, args.learning_rate)
+
+
 # ----------------------------------------------------------------- building ---
 
 def build_trainer(config: Config, model, *, train_set, val_set, collator, output_dir: Path, use_cpu: bool,
@@ -464,36 +404,48 @@ def build_trainer(config: Config, model, *, train_set, val_set, collator, output
                   progress: bool = True, sequential: bool = False) -> LlasaTrainer:
     """The one trainer every fit uses, training and the dry run alike: its arguments from the
     config, the lean loss, and the standard callbacks. The throughput callback goes first, so
-    that the loggers (TensorBoard) see the `tokens_per_second` it adds to each log."""
+    that the loggers (TensorBoard) see the `tokens_per_second` it adds to each log.
+
+    `collator` makes one micro-batch (`batches.make_collator`); each step's samples are split
+    into micro-batches by tokens (`data.token_budget`: as many rows as fit the padded tokens of
+    `per_device_train_batch_size` rows of the longest sample, what the dry run measured) or by
+    count. Checkpoints are written under the run's staging folder and published whole."""
     from transformers.trainer_callback import PrinterCallback
 
     from autotune.training.callbacks import (EarlyStopRecorder, RichProgressCallback, ThroughputCallback,
                                              callbacks_for)
 
-    from autotune.batches import LlasaCollator, TokenBudgetCollator
-
     t = config.training
-    whole_steps = (config.data.token_budget and isinstance(collator, LlasaCollator) and t.gradient_accumulation_steps > 1
-                   and len(train_set) > 0)
-    if whole_steps:
-        # What the dry run measured: micro-batch rows of the longest sample, in padded tokens.
-        collator = TokenBudgetCollator(collator, t.per_device_train_batch_size * collator.width([max(train_set.lengths)]))
-    args = training_arguments(config, output_dir, has_eval=val_set is not None and len(val_set) > 0,
-                              use_cpu=use_cpu, notes=notes if notes is not None else [], sequential=sequential,
-                              whole_steps=whole_steps)
+    micro = t.per_device_train_batch_size
+    budget = (micro * collator.width([max(train_set.lengths)])
+              if config.data.token_budget and len(train_set) > 0 else None)
+    step_collator = TokenBudgetCollator(collator, budget, micro)
+    if t.group_by_length and not sequential and len(train_set) > 0:
+        train_set = LengthGroupedOrder(train_set, micro * t.gradient_accumulation_steps, seed=t.seed)
+    args = training_arguments(config, Path(output_dir) / STAGING_ROOT, has_eval=val_set is not None and len(val_set) > 0,
+                              use_cpu=use_cpu, notes=notes if notes is not None else [], sequential=sequential)
+    attention = config.model.attn_implementation
     trainer = LlasaTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                           data_collator=collator, callbacks=callbacks_for(config, args.eval_strategy != "no"),
-                           lean_loss=config.training.lean_loss, lean_chunk_size=config.training.lean_loss_chunk_size,
-                           console=console)
-    trainer.micro_batch_size = t.per_device_train_batch_size   # the plan's, whatever the dataloader hands over
+                           data_collator=step_collator, callbacks=callbacks_for(config, args.eval_strategy != "no"),
+                           run_dir=Path(output_dir), lean_loss=t.lean_loss, lean_chunk_size=t.lean_loss_chunk_size,
+                           console=console, build_mask=attention != "flash_attention_2",
+                           mask_dtype=_input_dtype(model) if attention == "eager" else None)
+    trainer.micro_batch_size = micro   # the plan's, whatever the dataloader hands over
     trainer.throughput = ThroughputCallback(trainer, processes)
     trainer.early = EarlyStopRecorder()
     trainer.remove_callback(PrinterCallback)  # the progress line shows the same, on one line
     trainer.callback_handler.callbacks.insert(0, trainer.throughput)
     trainer.add_callback(trainer.early)
+    trainer.add_callback(ResumeLearningRate())
+    trainer.add_callback(PublishCheckpoints(trainer))
     if progress and console is not None:
         trainer.add_callback(RichProgressCallback(console))
     return trainer
+
+
+def _input_dtype(model) -> torch.dtype:
+    """The dtype of what enters the attention (the embeddings'): transformers' eager mask is in it."""
+    return model.get_input_embeddings().weight.dtype
 
 
 def stop_progress(trainer: LlasaTrainer) -> None:

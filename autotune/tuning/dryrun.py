@@ -3,7 +3,8 @@
 Each attempt trains the plan with the same `build_trainer` training uses (optimizer
 construction, loss, collator, callbacks), for `autotune.dry_run_steps` optimizer steps: the
 first on the longest rows the data holds (what decides the peak), the rest on rows of median
-length (what a step costs in steady state, timed). Then one evaluation on the longest
+length (what a step costs in steady state, timed), and one more median step whose kernel
+launches are counted (`autotune.launches`; that step is not timed). Then one evaluation on the longest
 validation rows and one short sample generation, because training does both and they count
 towards its peak. The measured peak is then the training's peak.
 
@@ -23,12 +24,48 @@ from typing import Any, Callable
 from autotune.batches import ExampleDataset
 from autotune.config import Config
 from autotune.errors import AutotuneError
-from autotune.tuning.ladder import DryRunResult, Measurement, free_memory, search
-from autotune.tuning.plan import Plan
+from autotune.memory import free_memory
+from autotune.plan import Plan
+from autotune.tuning.ladder import DryRunResult, Measurement, search
 
 # A sample's speech in the dry run: enough new tokens to hold the generation's cache and
 # logits on the device, few enough to cost a second.
 SAMPLE_TOKENS = 8
+
+
+class LaunchCount:
+    """Kernel launches of the dry run's last step and the tokens it trained, from a TrainerCallback
+    (`autotune.launches`): that step is counted, not timed."""
+
+    def __init__(self, trainer: Any, device: str, step: int):
+        from autotune.launches import launch_counter
+
+        self.trainer = trainer
+        self.step = step
+        self.counter = launch_counter(device)
+        self.tokens = 0
+        self._tokens_before = 0
+
+    def per_1000_tokens(self) -> float | None:
+        return round(1000 * self.counter.launches / self.tokens, 1) if self.tokens else None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        count = self
+
+        class _Count(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == count.step:
+                    count._tokens_before = count.trainer.tokens_seen
+                    count.counter.start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == count.step:
+                    count.counter.stop()
+                    count.tokens = count.trainer.tokens_seen - count._tokens_before
+
+        return _Count()
 
 
 @dataclass
@@ -124,7 +161,8 @@ class TrainerMeasure:
         from autotune.training.trainer import build_trainer
 
         steps = max(1, self.config.autotune.dry_run_steps)
-        config = self.config_for(plan, steps)
+        counted = steps + 1   # one more median step, for its kernel launches
+        config = self.config_for(plan, counted)
         base = self.base(plan)
         cuda = self.device.startswith("cuda")
         if cuda:
@@ -136,7 +174,7 @@ class TrainerMeasure:
                            gradient_checkpointing=config.training.gradient_checkpointing, quantized=plan.load_in_4bit)
         trainer = None
         try:
-            rows = self.rows(plan, steps)
+            rows = self.rows(plan, counted)
             evaluation = [e for e in self.val_examples if len(e["input_ids"]) <= plan.max_length]
             per_eval = config.training.per_device_eval_batch_size or plan.micro_batch_size
             with tempfile.TemporaryDirectory(dir=self.workdir, prefix=".dry-run-") as folder:
@@ -146,6 +184,8 @@ class TrainerMeasure:
                                         progress=False, sequential=True)
                 timer = StepTimer(cuda)
                 trainer.add_callback(timer.callback())
+                launches = LaunchCount(trainer, self.device, counted)
+                trainer.add_callback(launches.callback())
                 started = time.perf_counter()
                 trainer.train()
                 if evaluation:
@@ -154,13 +194,15 @@ class TrainerMeasure:
                     generate_codes(model, self.tokenizer, self.sample_text, max_new_tokens=SAMPLE_TOKENS, seed=0)
                 seconds = time.perf_counter() - started
             peak = torch.cuda.max_memory_allocated() if cuda else None
+            timer.seconds = timer.seconds[:steps]             # the counted step's time is the probe's
             timed = timer.seconds[1:] or timer.seconds       # the first step warms up
             median_rows = rows[-plan.micro_batch_size * plan.accumulation_steps:]
             tokens = sum(len(e["input_ids"]) for e in median_rows)
             step = statistics.median(timed) if timed else 0.0
             # The first step's extra time (compilation, above all) is paid once per run.
             overhead = max(0.0, timer.seconds[0] - step) if timer.seconds else 0.0
-            return Measurement(peak, tokens / step if step > 0 else 0.0, seconds, overhead_seconds=overhead)
+            return Measurement(peak, tokens / step if step > 0 else 0.0, seconds, overhead_seconds=overhead,
+                               launches_per_1000_tokens=launches.per_1000_tokens())
         finally:
             del trainer
             set_gradient_checkpointing(model, False)
