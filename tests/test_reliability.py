@@ -307,14 +307,14 @@ def test_nan_remedies():
 
 
 def test_a_non_finite_eval_loss_never_becomes_the_best():
-    from types import SimpleNamespace
+    import numpy as np
 
-    from autotune.training.trainer import LlasaTrainer
+    from autotune.training.trainer import worst_if_nonfinite
 
-    fake = SimpleNamespace(args=SimpleNamespace(metric_for_best_model="eval_loss"), state=SimpleNamespace(best_metric=1.0))
-    for value in (float("nan"), float("-inf"), float("inf")):
-        assert LlasaTrainer._determine_best_metric(fake, {"eval_loss": value}, None) is False
-    assert fake.state.best_metric == 1.0
+    for higher in (False, True):
+        for value in (float("nan"), float("-inf"), float("inf")):
+            metric = worst_if_nonfinite({"eval_loss": value}, "eval_loss", higher)["eval_loss"]
+            assert not (np.greater if higher else np.less)(metric, 1.0)
 
 
 def test_resume_takes_the_arguments_learning_rate_at_the_checkpoint_position():

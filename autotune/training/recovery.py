@@ -19,9 +19,9 @@ from autotune.batches import ExampleDataset, build_examples, make_collator
 from autotune.config import Config
 from autotune.data import DataReport, drop_too_long, split_record
 from autotune.errors import AutotuneError
+from autotune.memory import free_memory, is_oom
+from autotune.plan import Plan, next_rung
 from autotune.rundir import RUN_CONFIG, SPLIT_RECORD, path_text, write_failure, write_json
-from autotune.tuning.ladder import free_memory, is_oom, next_rung
-from autotune.tuning.plan import Plan
 
 MAX_NAN_ROLLBACKS = 2
 # What a checkpoint's adapter and optimizer state fix: resuming with other values cannot load it.

@@ -20,7 +20,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 
 from autotune.errors import AutotuneError
 from autotune.generation import generate_codes
-from autotune.tuning.ladder import free_memory
+from autotune.memory import free_memory
 
 
 # --------------------------------------------------------------- callback ---
