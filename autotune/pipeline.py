@@ -9,7 +9,6 @@ Each step is a function here with what it needs passed in; the work lives one le
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,9 +23,11 @@ from autotune.config import Config, config_rule_problems, dump_yaml
 from autotune.config_yaml import load_yaml_file
 from autotune.errors import AutotuneError
 from autotune.request import RunRequest
+from autotune.signals import RunInterrupted, RunSignals, process_signals
 from autotune.rundir import (AUTOTUNE_RECORD, RESOLVED_CONFIG, RUN_CONFIG, RUN_SUMMARY, RunFolder, finished_run,
                              nested_problem, path_text, write_json, write_text)
-from autotune.training.scoring import report_info, scoring_on, time_scorers
+from autotune.run_summary import run_summary
+from autotune.training.scoring import LoadedScorers, report_info, scoring_on, time_scorers
 from autotune.tuning.plan import Plan
 
 # PEFT looks up `tiny` on the hub when saving an adapter; the lookup is harmless
@@ -39,20 +40,20 @@ warnings.filterwarnings("ignore", message=".*checkpointing.* is deprecated and w
 
 @dataclass
 class Context:
+    """What every step of one run shares: the request, where it writes, how it speaks, which
+    process it is. What one step hands the next is passed as a value, not kept here."""
+
     request: RunRequest
     console: Console
     output_dir: Path
+    signals: RunSignals              # the process's one signal policy
     is_main: bool = True
     processes: int = 1
     local_rank: int = 0
     notes: list[str] = field(default_factory=list)
     codec_cache: Path | None = None  # default: <output>/../.codec-cache; a sweep shares its parent's
-    signals: Any = None              # signals.RunSignals, installed for the whole run
     folder: RunFolder | None = None  # once claimed
     resume_changes: list[dict[str, Any]] = field(default_factory=list)   # accepted by --allow-changes
-    scorer: Any = None               # scores.Scorer the dry run loaded and timed, reused by the training
-    scorer_timing: dict[str, Any] | None = None
-    keeper: Any = None               # scoring.ScoreKeeper of the training, when scores are on
 
     def warn(self, message: str) -> None:
         # soft_wrap: a path or a command in the message stays whole to copy (the terminal wraps it).
@@ -69,8 +70,8 @@ def make_context(request: RunRequest) -> Context:
     processes, rank, local_rank = distributed.world()
     console = Console(stderr=request.json, quiet=rank != 0)
     output = Path(request.output_dir) if request.output_dir else default_output_dir(request.data)
-    return Context(request, console, output, is_main=rank == 0, processes=processes, local_rank=local_rank,
-                   codec_cache=Path(request.codec_cache) if request.codec_cache else None)
+    return Context(request, console, output, process_signals(), is_main=rank == 0, processes=processes,
+                   local_rank=local_rank, codec_cache=Path(request.codec_cache) if request.codec_cache else None)
 
 
 def default_output_dir(data: str | None) -> Path:
@@ -100,10 +101,7 @@ def user_inputs(request: RunRequest) -> dict[str, Path]:
 def run(request: RunRequest, *, plan_cache: dict | None = None) -> int:
     """One whole run. `plan_cache` (the sweep's) maps a memory shape to a dry-run result, so
     trials that differ only in e.g. the learning rate share one."""
-    from autotune.signals import RunInterrupted, process_signals
-
     ctx = make_context(request)
-    ctx.signals = process_signals()
     ctx.signals.install()
     ctx.signals.start_run()
     try:
@@ -164,10 +162,10 @@ def _run(ctx: Context, plan_cache: dict | None) -> int:
     tables.first_screen(ctx.console, rec, data.summary(), ctx.notes,
                         " (the dry run may change it)" if request.auto else
                         " (`--plan` replaces it)" if request.plan else "")
-    plan, dry = choose_plan(ctx, rec, data, tokenizer, builder, given, plan_cache)
+    plan, dry, scorers = choose_plan(ctx, rec, data, tokenizer, builder, given, plan_cache)
     if request.dry_run:
         return 0
-    return train(ctx, rec, plan, dry, data, tokenizer, builder)
+    return train(ctx, rec, plan, dry, scorers, data, tokenizer, builder)
 
 
 # ------------------------------------------------------------- the folder ---
@@ -364,24 +362,24 @@ def report_data(ctx: Context, data) -> int:
 
 def choose_plan(ctx: Context, rec, data, tokenizer, builder, given, plan_cache: dict | None):
     """The plan to train with: a `--plan` file's, a dry run's (`--auto`, `--dry-run`), or the
-    profile's as it is."""
+    profile's as it is -> (plan, the dry run or None, the scorers it loaded and timed or None)."""
     from autotune.tuning.plan import memory_shape
 
     config = rec.config
     plan = Plan.from_config(config, ctx.processes)
     if given is not None:
-        return check_given_plan(ctx, rec, *given), None
+        return check_given_plan(ctx, rec, *given), None, None
     if not (ctx.request.auto or ctx.request.dry_run):
-        return plan, None
+        return plan, None, None
     key = memory_shape(plan, config)
     if plan_cache is not None and key in plan_cache:
         dry = plan_cache[key]
         ctx.console.print(f"dry run: reusing the plan measured for the same memory shape ({dry.plan.label()})")
-        return dry.plan, dry
-    dry = dry_run(ctx, rec, data, tokenizer, builder, plan)
+        return dry.plan, dry, None
+    dry, scorers = dry_run(ctx, rec, data, tokenizer, builder, plan)
     if plan_cache is not None:
         plan_cache[key] = dry
-    return dry.plan, dry
+    return dry.plan, dry, scorers
 
 
 def check_given_plan(ctx: Context, rec, plan: Plan, measured: dict[str, Any]) -> Plan:
@@ -405,7 +403,8 @@ def _optimizer_runs_here(optim: str, rec) -> bool:
     return adapted["training"]["optim"] == optim
 
 
-def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
+def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan) -> tuple[Any, LoadedScorers | None]:
+    """The dry run, and the scorers it loaded and timed (reused by the training)."""
     from autotune import tables
     from autotune.batches import build_examples, make_collator
     from autotune.tuning import dryrun
@@ -443,15 +442,16 @@ def dry_run(ctx: Context, rec, data, tokenizer, builder, start: Plan):
     record = result.to_dict()
     record["device"] = device
     record["measured_with"] = measured_with(config)
+    scorers = None
     if ctx.is_main and scoring_on(config):
-        ctx.scorer, record["scores"] = time_scorers(config, warn=ctx.warn, say=ctx.console.print)
-        ctx.scorer_timing = record["scores"]
+        scorer, record["scores"] = time_scorers(config, warn=ctx.warn, say=ctx.console.print)
+        scorers = LoadedScorers(scorer, record["scores"])
     if ctx.request.json and ctx.request.dry_run:
         print(json.dumps(record, indent=2))
     tables.attempts_table(ctx.console, result)
     if ctx.is_main:
         write_json(ctx.output_dir / AUTOTUNE_RECORD, record)
-    return result
+    return result, scorers
 
 
 def run_tokens(config: Config, data) -> float:
@@ -466,7 +466,7 @@ def run_tokens(config: Config, data) -> float:
 
 # ------------------------------------------------------------------ train ---
 
-def train(ctx: Context, rec, plan: Plan, dry, data, tokenizer, builder) -> int:
+def train(ctx: Context, rec, plan: Plan, dry, scorers: LoadedScorers | None, data, tokenizer, builder) -> int:
     from autotune.training import recovery
     from autotune.tuning.dryrun import apply_vram_limit
 
@@ -478,21 +478,22 @@ def train(ctx: Context, rec, plan: Plan, dry, data, tokenizer, builder) -> int:
         tokenizer=tokenizer, builder=builder, pinned=rec.resolved.pinned, is_main=ctx.is_main,
         processes=ctx.processes, notes=ctx.notes, named_checkpoint=ctx.request.resume not in (None, "latest"),
         on_training_started=(ctx.folder.training_started if ctx.folder is not None else lambda: None),
-        write_config=lambda config: write_run_config(ctx, config), keeper=make_keeper(ctx, rec, plan, device))
-    ctx.keeper = setting.keeper
+        write_config=lambda config: write_run_config(ctx, config), keeper=make_keeper(ctx, rec, plan, device, scorers))
     result = recovery.fit(rec.config, plan, setting, resume_from)
-    return finish(ctx, rec, dry, data, tokenizer, result)
+    return finish(ctx, rec, dry, data, tokenizer, result, setting.keeper)
 
 
-def make_keeper(ctx: Context, rec, plan: Plan, device: str):
-    """The run's `ScoreKeeper` when scores are on (on every process: all take part in choosing the best)."""
+def make_keeper(ctx: Context, rec, plan: Plan, device: str, scorers: LoadedScorers | None):
+    """The run's `ScoreKeeper` when scores are on (on every process: all take part in choosing the
+    best), with the scorers the dry run loaded when it did."""
     if not scoring_on(rec.config):
         return None
     from autotune.training.scoring import ScoreKeeper
 
     keeper = ScoreKeeper(rec.config, ctx.output_dir, training_device=device, console=ctx.console,
-                         report_info=report_info(ctx.output_dir, rec, plan), scorer=ctx.scorer, warn=ctx.warn)
-    keeper.timing = ctx.scorer_timing
+                         report_info=report_info(ctx.output_dir, rec, plan),
+                         scorer=scorers.scorer if scorers else None, warn=ctx.warn)
+    keeper.timing = scorers.timing if scorers else None
     if ctx.request.resume:
         keeper.restore()
     return keeper
@@ -500,7 +501,7 @@ def make_keeper(ctx: Context, rec, plan: Plan, device: str):
 
 # ----------------------------------------------------------------- finish ---
 
-def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
+def finish(ctx: Context, rec, dry, data, tokenizer, result, keeper) -> int:
     """The summary, the adapter and its model card, the plots; the resume hint when stopped."""
     from autotune import signals, tables
     from autotune.checkpoints import newest_checkpoint
@@ -514,7 +515,8 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
     history = trainer.state.log_history
     out = ctx.output_dir
     findings = diagnose(history, config)
-    summary = run_summary(ctx, rec, dry, data, result, findings)
+    summary = run_summary(rec, dry, data, result, findings, keeper=keeper, plan_from=ctx.request.plan,
+                          resume_changes=ctx.resume_changes, notes=ctx.notes)
     summary["adapter_saved"] = False
     if ctx.is_main:
         # A signal now waits for these files to be whole: a run stopped here is still complete.
@@ -533,7 +535,7 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
                 write_model_card(out, summary, config.to_dict(), data.summary())
             summary["signal_after_last_step"] = ctx.signals.received if not interrupted else None
             write_json(out / RUN_SUMMARY, summary)
-            write_final_report(ctx, rec, result, summary)
+            write_final_report(ctx, rec, result, summary, keeper)
     if interrupted:
         newest = newest_checkpoint(out)
         argv, program = signals.command_line(ctx.request)
@@ -551,73 +553,11 @@ def finish(ctx: Context, rec, dry, data, tokenizer, result) -> int:
     return 0
 
 
-def write_final_report(ctx: Context, rec, result, summary: dict[str, Any]) -> None:
+def write_final_report(ctx: Context, rec, result, summary: dict[str, Any], keeper) -> None:
     """report.html as the run ended (with or without scores): the headline, the curves, the clips."""
     from autotune.training.scoring import headline, write_run_report
 
-    trainer, keeper = result.outcome.trainer, ctx.keeper
+    trainer = result.outcome.trainer
     write_run_report(ctx.output_dir, report_info(ctx.output_dir, rec, result.plan), trainer.state,
                      keeper.evaluations if keeper is not None else [], trainer.args.metric_for_best_model or "eval_loss",
                      summary=headline(summary), warn=ctx.warn)
-
-
-def run_summary(ctx: Context, rec, dry, data, result, findings) -> dict[str, Any]:
-    """run_summary.json: what the run was, what it measured and what happened."""
-    import torch
-
-    trainer = result.outcome.trainer
-    history = trainer.state.log_history
-    train_losses = [h["loss"] for h in history if "loss" in h]
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    interrupted = trainer.interrupt.requested if result.outcome.interrupted else None
-    metric = (trainer.args.metric_for_best_model or "eval_loss").removeprefix("eval_")
-    by_loss = metric in ("loss", "eval_loss")
-    return {
-        "profile": {"name": rec.profile.name, "title": rec.profile.title},
-        "gpus": [g.to_dict() for g in rec.gpus],
-        "plan": result.plan.to_dict(),
-        "dry_run": dry.to_dict() if dry else None,
-        "plan_from": str(ctx.request.plan) if ctx.request.plan else None,
-        "steps": trainer.state.global_step,
-        "max_steps": trainer.state.max_steps,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "best_eval_loss": trainer.state.best_metric if by_loss else (min(eval_losses) if eval_losses else None),
-        "metric_for_best_model": "eval_loss" if by_loss else metric,
-        "best_metric": _finite_or_none(trainer.state.best_metric),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_checkpoint_refused": trainer.best_refused,
-        "stopped_early_at": trainer.early.stopped_early_at,
-        "tokens_per_second": trainer.throughput.overall(),
-        **dict(zip(("steady_tokens_per_second", "steady_timed_steps"), trainer.throughput.steady())),
-        "throughput_marks": trainer.throughput.marks_since_start(),
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "wall_seconds": round(result.wall_seconds, 2),
-        "oom_recoveries": result.recoveries,
-        "interrupted": interrupted,
-        "nan_rollbacks": result.nan_rollbacks,
-        "nonfinite_steps_skipped": result.nonfinite_steps,
-        "checkpoints_refused": trainer.refused_saves,
-        "diagnosis": [f.to_dict() for f in findings],
-        "resume_changes": ctx.resume_changes,
-        "speakers": data.speakers(),
-        "speaker_conditioning": data.speaker_conditioning,
-        "scores": ctx.keeper.summary(adapter_step(trainer)) if ctx.keeper is not None else None,
-        "notes": ctx.notes,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def adapter_step(trainer) -> int:
-    """The step of the adapter the run saves: the best checkpoint's when it is loaded at the end."""
-    best = trainer.state.best_model_checkpoint
-    if trainer.args.load_best_model_at_end and best:
-        return int(Path(best).name.rsplit("-", 1)[-1])
-    return int(trainer.state.global_step)
-
-
-def _finite_or_none(value: Any) -> Any:
-    # An evaluation that could not be scored counts as +-inf; JSON holds no infinity.
-    import math
-
-    return value if not isinstance(value, float) or math.isfinite(value) else None

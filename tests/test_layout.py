@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     # the dry run measures with the training's trainer
     {"tuning.dryrun"},
     # the driver
-    {"resuming", "pipeline"},
+    {"resuming", "run_summary", "pipeline"},
     # sweeps run the driver per trial
     {"sweep.grid", "sweep.children", "sweep.sharing", "sweep.pool", "sweep.local"},
     # the command lines

@@ -15,6 +15,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,14 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
                       "scores_of_adapter": scores.get("adapter"), "scores_device": scores.get("device"),
                       "scoring_seconds_per_evaluation": scores.get("median_seconds_per_evaluation")})
     return shown
+
+
+@dataclass
+class LoadedScorers:
+    """The scorers the dry run loaded and timed, handed to the training so it loads them once."""
+
+    scorer: Scorer
+    timing: dict[str, Any]
 
 
 def time_scorers(config: Config, warn: Callable[[str], None] | None = None,
