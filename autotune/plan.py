@@ -19,8 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from autotune.config import EIGHT_BIT_OPTIMIZERS, Config, precision_of, precision_settings, validate
+from autotune.config import EIGHT_BIT_OPTIMIZERS, Config, TrainingSection, precision_of, precision_settings, validate
 from autotune.dotted import get_dotted, set_dotted
+
+# `torch.compile`'s mode: "reduce-overhead" replays the compiled step as CUDA graphs, which pays
+# once the shapes are few (packed rows padded to buckets). A plan key once the config schema has
+# `training.torch_compile_mode` (None: the default mode, or "reduce-overhead"); until then
+# compiled plans use the default mode and the tuner does not offer it.
+COMPILE_MODE = "training.torch_compile_mode"
+HAS_COMPILE_MODE = "torch_compile_mode" in TrainingSection.model_fields
 
 # The keys the tuner owns (unless the user pinned them): what decides memory and speed.
 PLAN_KEYS: tuple[str, ...] = (
@@ -28,7 +35,7 @@ PLAN_KEYS: tuple[str, ...] = (
     "training.bf16", "training.fp16", "training.gradient_checkpointing", "training.lean_loss", "training.optim",
     "lora.r", "lora.lora_alpha", "lora.target_modules", "model.load_in_4bit", "data.max_length",
     "training.torch_compile", "training.use_liger_kernel", "data.packing",
-)
+) + ((COMPILE_MODE,) if HAS_COMPILE_MODE else ())
 MICRO_BATCH = "training.per_device_train_batch_size"
 ACCUMULATION = "training.gradient_accumulation_steps"
 
@@ -113,7 +120,7 @@ class Plan:
         if self.load_in_4bit:
             parts.append("4bit")
         if v["training.torch_compile"]:
-            parts.append("compiled")
+            parts.append(f"compiled ({v[COMPILE_MODE]})" if v.get(COMPILE_MODE) else "compiled")
         if v["training.use_liger_kernel"]:
             parts.append("liger")
         if v["data.packing"]:
@@ -143,7 +150,7 @@ class Plan:
             raise ValueError("not a recorded plan")
         # Keys that came later (compile, liger, packing) were off when an older plan was measured.
         values = {"training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False,
-                  **values}
+                  **({COMPILE_MODE: None} if HAS_COMPILE_MODE else {}), **values}
         if set(values) != set(PLAN_KEYS):
             raise ValueError("not a recorded plan")
         tree: dict[str, Any] = {}
@@ -283,6 +290,11 @@ def faster_candidates(plan: Plan, pinned: set[str], ctx: dict | None = None) -> 
     if ctx.get("compile") and not plan["training.torch_compile"] and "training.torch_compile" not in pinned:
         packed = {} if "data.packing" in pinned else {"data.packing": True}
         out.append(("compile on", plan.with_values({"training.torch_compile": True, **packed})))
+    # CUDA graphs replay one recorded step per shape: offered once a compiled step's shapes are the
+    # few buckets of packed rows, and measured with its warm-up (the recordings) like the rest.
+    if (ctx.get("cuda_graphs") and HAS_COMPILE_MODE and plan["training.torch_compile"] and plan["data.packing"]
+            and plan[COMPILE_MODE] != "reduce-overhead" and COMPILE_MODE not in pinned):
+        out.append(("CUDA graphs", plan.with_values({COMPILE_MODE: "reduce-overhead"})))
     return out
 
 

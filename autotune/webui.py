@@ -24,7 +24,7 @@ from autotune.errors import AutotuneError
 from autotune.generation import SpeechItem
 from autotune.llasa import CODES_PER_SECOND, SAMPLING_RATE
 from autotune.rundir import path_text
-from autotune.runs import (RunEntry, checkpoints, is_adapter, keep, list_runs, reference_clips, run_settings,
+from autotune.runs import (RunEntry, is_adapter, keep, list_runs, reference_clips, run_settings,
                            trained_speakers)
 from autotune.voice import Voice, read_clip
 

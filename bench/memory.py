@@ -49,7 +49,8 @@ import transformers  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from autotune.loss import compute_lean_loss, liger_available  # noqa: E402
 
@@ -127,6 +128,7 @@ def build_model(
     seq: int,
     random_lora_b: bool = False,
     emulate_4bit: bool = False,
+    attention: str = "sdpa",
 ) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -134,7 +136,7 @@ def build_model(
         tie_word_embeddings=True,
         max_position_embeddings=max(seq, 2048),
         use_cache=False,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     # Build directly on the device: a 3B model initialised on the host takes minutes.
     with torch.device(device):
@@ -233,6 +235,17 @@ def make_batch(
     return {k: v.to(device) for k, v in out.items()}
 
 
+# transformers' own SDPA attention under a name its mask builder does not know, so the model hands
+# it no mask at all (`create_causal_mask` returns None for such names): causal attention, keys
+# and values shared by their query groups. It is what SDPA gets on a GPU for rows without
+# padding, where transformers reads the all-ones mask back and drops it; fake tensors cannot be
+# read back, so through plain "sdpa" they would take the masked path instead (a 4-D mask, an
+# additive copy of it saved in every layer, keys and values repeated to every head: +1.25 GiB at
+# 4 x 2,048 on Llasa-1B that no GPU allocates).
+UNMASKED_SDPA = "sdpa_without_mask"
+AttentionInterface.register(UNMASKED_SDPA, sdpa_attention_forward)
+
+
 def backward_step(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, chunk_size: int,
     use_liger: bool | None,
@@ -263,8 +276,10 @@ def phases(
     forward_live, forward_peak = current() - before, peak() - before
     loss.backward()
     del loss
+    step_peak = peak() - before
     return {"forward_live_gib": round(forward_live / GIB, 3), "forward_peak_gib": round(forward_peak / GIB, 3),
-            "step_peak_gib": round((peak() - before) / GIB, 3)}
+            "step_peak_gib": round(step_peak / GIB, 3),
+            "bytes": {"forward_live": forward_live, "forward_peak": forward_peak, "step_peak": step_peak}}
 
 
 def step(
@@ -425,7 +440,9 @@ def fake_tensors(labelled_rows: int, flat_label_numel: int) -> Iterator[PeakTrac
 def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     """Peak allocated bytes of one forward+backward per mode, from fake tensors."""
     vocab = SHAPES[shape]["vocab_size"]
-    real_labels = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))["labels"]
+    real = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))
+    real_labels, masks_nothing = real["labels"], bool(real["attention_mask"].all())
+    attention = UNMASKED_SDPA if masks_nothing else "sdpa"
     labelled_rows = int((real_labels[:, 1:] != -100).sum())
     entry: dict[str, Any] = {
         "batch": args.batch, "seq": args.seq, "dtype": "bfloat16", "lora_r": args.lora_r,
@@ -439,9 +456,11 @@ def estimate_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             model = build_model(
                 shape, torch.device("cpu"), torch.bfloat16, lora_r=args.lora_r,
                 targets=args.lora_targets, checkpointing=args.checkpointing, seq=args.seq,
-                emulate_4bit=args.load_in_4bit,
+                emulate_4bit=args.load_in_4bit, attention=attention,
             )
             batch = make_batch(args.batch, args.seq, vocab, torch.device("cpu"))
+            if masks_nothing:
+                del batch["attention_mask"]   # transformers drops it on a GPU (see UNMASKED_SDPA)
             resident = tracker.current_bytes
             tracker.reset_peak()
             parts = phases(model, batch, mode, args.chunk_size, False, lambda: tracker.current_bytes,

@@ -7,7 +7,7 @@ import torch
 
 from autotune.errors import AutotuneError
 from autotune.memory import is_oom
-from autotune.plan import Plan, faster_candidates, next_rung
+from autotune.plan import COMPILE_MODE, HAS_COMPILE_MODE, PLAN_KEYS, Plan, faster_candidates, next_rung
 from autotune.tuning.ladder import Measurement, search
 
 GIB = 2 ** 30
@@ -28,7 +28,8 @@ def plan(precision: str = "bf16", **changes) -> Plan:
               "training.gradient_checkpointing": False, "training.lean_loss": False,
               "training.optim": "adamw_torch_fused", "lora.r": 64, "lora.lora_alpha": 128,
               "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048,
-              "training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False}
+              "training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False,
+              **({COMPILE_MODE: None} if HAS_COMPILE_MODE else {})}
     values.update({KEYS[name]: value for name, value in changes.items()})
     return Plan.of(values)
 
@@ -247,3 +248,22 @@ def test_a_plan_is_applied_as_set_would_be_and_its_values_are_validated():
     with pytest.raises(AutotuneError) as caught:
         plan(lora_r=0).apply(config)   # the schema's own check, as for `--set lora.r=0`
     assert any("`lora.r`" in d for d in caught.value.details)
+
+
+def test_cuda_graphs_are_offered_once_a_compiled_step_packs_its_rows():
+    """reduce-overhead replays one recorded graph per shape: only for packed rows (a few bucketed
+    shapes), on CUDA, and only where the config has the key."""
+    def names(p, ctx):
+        return [n for n, _ in faster_candidates(p, set(), ctx)]
+
+    packed_compiled = plan(torch_compile=True, packing=True)
+    if not HAS_COMPILE_MODE:
+        assert COMPILE_MODE not in PLAN_KEYS and "CUDA graphs" not in names(packed_compiled, {"cuda_graphs": True})
+        return
+    assert "CUDA graphs" in names(packed_compiled, {"cuda_graphs": True})
+    assert "CUDA graphs" not in names(plan(torch_compile=True), {"cuda_graphs": True})   # padded rows: many shapes
+    assert "CUDA graphs" not in names(packed_compiled, {})                            # no CUDA here
+    graphs = dict(faster_candidates(packed_compiled, set(), {"cuda_graphs": True}))["CUDA graphs"]
+    assert graphs[COMPILE_MODE] == "reduce-overhead" and "compiled (reduce-overhead)" in graphs.label()
+    pinned = [n for n, _ in faster_candidates(packed_compiled, {COMPILE_MODE}, {"cuda_graphs": True})]
+    assert "CUDA graphs" not in pinned

@@ -26,10 +26,10 @@ MEMORY_FRACTION = 0.9  # autotune.memory_fraction's default
 
 
 def _args(shape: str, *, batch: int, seq: int = 2048, load_in_4bit: bool = False,
-          modes: tuple[str, ...] = ("stock", "lean")) -> Namespace:
+          modes: tuple[str, ...] = ("stock", "lean"), checkpointing: bool = True) -> Namespace:
     return bench_memory.parse_args(
         ["--estimate", "--model-shape", shape, "--batch", str(batch), "--seq", str(seq), "--modes", *modes]
-        + (["--load-in-4bit"] if load_in_4bit else [])
+        + (["--load-in-4bit"] if load_in_4bit else []) + ([] if checkpointing else ["--no-checkpointing"])
     )
 
 
@@ -55,6 +55,33 @@ def test_fake_estimate_equals_real_tensors_on_the_tiny_shape(mode):
     assert torch.isfinite(loss)
     assert tracker.peak_bytes > resident > 0
     assert estimate["peak_bytes"] == pytest.approx(tracker.peak_bytes, rel=0.01)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
+def test_each_phase_of_the_estimate_is_what_real_tensors_hold(padded, monkeypatch):
+    """Forward-live, forward-peak and step-peak bytes, fake against real, where the attention's
+    path matters (a long row next to a small vocabulary): without padding transformers reads the
+    all-ones mask back and drops it (causal SDPA, keys shared by query groups), which fake tensors
+    cannot read, so the estimate must take that path itself; with padding both build the mask."""
+    args = _args("tiny", batch=4, seq=512, modes=("stock",), checkpointing=False)
+    pad = 9 if padded else 0
+    real_batch = bench_memory.make_batch(4, 512, bench_memory.SHAPES["tiny"]["vocab_size"], torch.device("cpu"),
+                                         pad_last_row=pad)
+    original = bench_memory.make_batch
+    monkeypatch.setattr(bench_memory, "make_batch", lambda *a, **k: original(*a, **{**k, "pad_last_row": pad}))
+    estimate = bench_memory.estimate_shape("tiny", args)["stock"]["phases"]["bytes"]
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with bench_memory.PeakTracker() as tracker:
+            model = bench_memory.build_model("tiny", torch.device("cpu"), torch.bfloat16, lora_r=args.lora_r,
+                                             targets=args.lora_targets, checkpointing=False, seq=512)
+            real = bench_memory.phases(model, real_batch, "stock", args.chunk_size, False,
+                                       lambda: tracker.current_bytes, lambda: tracker.peak_bytes, tracker.reset_peak)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for phase in ("forward_live", "forward_peak", "step_peak"):
+        assert estimate[phase] == pytest.approx(real["bytes"][phase], rel=1e-3), phase
 
 
 def test_lean_peak_is_at_most_a_quarter_of_stock_at_batch_16():
@@ -98,3 +125,23 @@ def test_estimate_flags_are_checked(capsys):
         bench_memory.parse_args(["--load-in-4bit"])
     assert exc.value.code == 2
     assert "--estimate" in capsys.readouterr().err
+
+
+# DESIGN.md's H200 peaks (random-init Llasa-1B, LoRA r64 on all seven projections, bf16, 2,048
+# tokens a row, a plain loop with AdamW), held out from the estimator: nothing was fitted to them.
+DESIGN_PEAKS = [
+    pytest.param(16, True, 76.3, 0.02, id="b16-ckpt-76.3", marks=pytest.mark.slow),
+    pytest.param(4, False, 37.9, 0.05, id="b4-nockpt-37.9", marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="+6.3%: what no-checkpointing activations hold on a GPU waits for bench/gpu_checks.sh's "
+                            "measured phases (memory-b4-nockpt.json against estimate-b4-nockpt.json)")]),
+    pytest.param(8, False, 72.6, 0.05, id="b8-nockpt-72.6", marks=[pytest.mark.slow, pytest.mark.xfail(
+        strict=True, reason="+6.8%: as batch 4")]),
+]
+
+
+@pytest.mark.parametrize("batch, checkpointing, measured_gib, band", DESIGN_PEAKS)
+def test_the_estimate_lands_on_the_measured_h200_peaks(batch, checkpointing, measured_gib, band):
+    args = bench_memory.parse_args(["--estimate", "--model-shape", "llasa-1b", "--batch", str(batch), "--lora-r", "64",
+                                    "--modes", "stock"] + ([] if checkpointing else ["--no-checkpointing"]))
+    estimate = bench_memory.estimate_shape("llasa-1b", args)["stock"]["peak_with_adamw_gib"]
+    assert estimate == pytest.approx(measured_gib, rel=band)

@@ -61,6 +61,9 @@ def studio_from(args):
 
 def launch(args, *, block: bool = True):
     """Build and start the page; returns (page, url). With `block=False` it serves in a thread."""
+    from autotune.commands.serve import require
+
+    require("gradio")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from autotune.webui import CSS, build
 

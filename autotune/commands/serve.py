@@ -108,9 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def require(*modules: str) -> None:
+    """The optional packages a command needs, or one line saying how to install them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AutotuneError(f"this needs {', '.join(missing)}, which is not installed: "
+                            "`pip install -e \".[ui]\"` (gradio, fastapi, uvicorn)")
+
+
 def prepare(argv: list[str] | None = None):
     """Everything but serving: (the ASGI app, its bound socket, the settings); errors are one line."""
     args = build_parser().parse_args(argv)
+    require("fastapi", "uvicorn")
     from autotune.adapters import read_adapter
     from autotune.speech_api import Models, ServerSettings, api_key_from, create_app, read_voice_prompts
 

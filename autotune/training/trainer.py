@@ -74,6 +74,8 @@ def training_arguments(config: Config, output_dir: Path, *, has_eval: bool, use_
         # HF's NaN check reads every micro-step's loss on the host; the NaN guard decides instead.
         logging_nan_inf_filter=False,
         torch_compile=t.torch_compile,
+        # None (the default mode) until the schema has the key (plan.COMPILE_MODE)
+        torch_compile_mode=getattr(t, "torch_compile_mode", None) if t.torch_compile else None,
         use_liger_kernel=t.use_liger_kernel,
         bf16=t.bf16, fp16=t.fp16,
         activation_checkpointing=checkpointing,

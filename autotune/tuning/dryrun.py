@@ -262,7 +262,8 @@ def dry_run(config: Config, start: Plan, *, pinned: set[str], examples, val_exam
                       time_plans=config.autotune.time_plans and cuda,
                       ctx={"cuda": cuda, "bitsandbytes": cuda and bitsandbytes_installed(), "longest_tokens": longest,
                            # compiling pays on a GPU over a run; on a CPU it costs minutes for little
-                           "compile": cuda, "liger": cuda and liger_available(), "run_tokens": run_tokens},
+                           "compile": cuda, "cuda_graphs": cuda, "liger": cuda and liger_available(),
+                           "run_tokens": run_tokens},
                       budget_bytes=budget, log=log)
     finally:
         del measure
