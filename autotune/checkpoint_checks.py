@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-CHECKPOINT_PREFIX = "checkpoint-"
+from autotune.rundir import CHECKPOINT_PREFIX, checkpoint_step  # noqa: F401 - checkpoint_step: callers name it here
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
@@ -216,11 +217,6 @@ def newest_verified_checkpoint(output_dir: Path, expected: Expected | None = Non
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
-
-
-def checkpoint_step(path: Path) -> int | None:
-    suffix = path.name[len(CHECKPOINT_PREFIX):] if path.name.startswith(CHECKPOINT_PREFIX) else ""
-    return int(suffix) if suffix.isdigit() else None
 
 
 def _step_problem(path: Path, step: int, manifest: dict | None, max_steps: int | None) -> str | None:

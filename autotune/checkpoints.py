@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from autotune import checkpoint_checks as C
+from autotune.rundir import CHECKPOINT_PREFIX
 
 
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 STAGING_PREFIX = ".tmp-"     # `.tmp-checkpoint-N`: a save in progress, never resumed from

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
+
+from autotune.rundir import checkpoint_step
 
 
 def run_summary(rec, dry, data, result, findings, *, keeper, plan_from: str | None,
@@ -62,7 +63,7 @@ def adapter_step(trainer) -> int:
     """The step of the adapter the run saves: the best checkpoint's when it is loaded at the end."""
     best = trainer.state.best_model_checkpoint
     if trainer.args.load_best_model_at_end and best:
-        return int(Path(best).name.rsplit("-", 1)[-1])
+        return checkpoint_step(best) or int(trainer.state.global_step)
     return int(trainer.state.global_step)
 
 

@@ -45,8 +45,16 @@ MERGED_DIR = "merged"
 FAILED_RECORD = "failed.json"         # a sweep trial that failed
 SWEEP_RECORD = "sweep.json"           # a sweep's trials and ranking: the folder is a sweep
 REPLACED_PREFIX = ".replaced-"        # an old run moved aside by --overwrite
+CHECKPOINT_PREFIX = "checkpoint-"     # checkpoint-N: the state after optimizer step N
 
 CHECKPOINT_HEADROOM_BYTES = 512 * 1024 ** 2
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
+    """N of a `checkpoint-N` folder; None for any other name."""
+    name = Path(path).name
+    suffix = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() else None
 
 
 def samples_dir(output_dir: Path, step: int) -> Path:

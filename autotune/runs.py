@@ -25,15 +25,14 @@ from typing import Any
 
 from autotune.errors import AutotuneError
 from autotune.files import CONFIG_LIMIT_BYTES, read_user_json, read_user_text
-from autotune.rundir import (MARKER, REPORT, RESOLVED_CONFIG, RUN_CONFIG, RUN_SUMMARY, SAMPLES_DIR, SWEEP_RECORD,
-                             holder_of, path_text, write_json)
+from autotune.rundir import (FAILED_RECORD, MARKER, REPORT, RESOLVED_CONFIG, RUN_CONFIG, RUN_SUMMARY, SAMPLES_DIR,
+                             SWEEP_RECORD, holder_of, path_text, write_json)
 from autotune.textnorm import AUTO, NORMALIZATIONS, resolve
 
 CONFIG_FILES = (RESOLVED_CONFIG, RUN_CONFIG)
 ADAPTER_FILE_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 KEPT_PREFIX = "kept-"
 KEPT_RECORD = "kept.json"
-FAILED_RECORD = "failed.json"
 REFERENCES = "references"
 MAX_REFERENCES = 3
 MAX_RUNS_LISTED = 500

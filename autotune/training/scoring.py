@@ -21,6 +21,7 @@ from typing import Any
 
 from autotune.config import SCORE_METRICS, Config
 from autotune.describe import scores_in_words
+from autotune.rundir import checkpoint_step
 from autotune.scores import NONE, TINY, Scorer, write_scores
 
 # The Trainer's metric names for each mean of `Scorer.score`.
@@ -329,7 +330,7 @@ def write_run_report(output_dir: Path, info: dict[str, Any], state: Any, evaluat
     best = None
     checkpoint = getattr(state, "best_model_checkpoint", None) if state is not None else None
     if checkpoint:
-        step = int(Path(checkpoint).name.rsplit("-", 1)[-1])
+        step = checkpoint_step(checkpoint)
         best = {"step": step, "metric": metric, "value": getattr(state, "best_metric", None),
                 "checkpoint": Path(checkpoint).name,
                 "why": f"the best {metric} of the evaluations so far; the adapter loads it at the end"}
