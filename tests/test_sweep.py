@@ -409,12 +409,14 @@ def test_names_and_set_lines_round_trip():
 
 
 def test_a_trial_stopped_by_a_signal_is_not_finished(tmp_path):
-    from autotune.sweep.grid import _finished
+    from autotune.rundir import RUN_SUMMARY, finished_run
 
-    done, stopped = tmp_path / "done.json", tmp_path / "stopped.json"
-    done.write_text(json.dumps({"interrupted": None, "final_eval_loss": 1.0}))
-    stopped.write_text(json.dumps({"interrupted": "SIGINT"}))
-    assert _finished(done) and not _finished(stopped) and not _finished(tmp_path / "missing.json")
+    done, stopped, missing = tmp_path / "done", tmp_path / "stopped", tmp_path / "missing"
+    for folder in (done, stopped, missing):
+        folder.mkdir()
+    (done / RUN_SUMMARY).write_text(json.dumps({"interrupted": None, "final_eval_loss": 1.0}))
+    (stopped / RUN_SUMMARY).write_text(json.dumps({"interrupted": "SIGINT"}))
+    assert finished_run(done) and finished_run(stopped) is None and finished_run(missing) is None
 
 
 # ------------------------------------------- several GPUs: one trial per GPU ---

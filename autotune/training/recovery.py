@@ -178,7 +178,7 @@ def fit_once(config: Config, plan: Plan, setting: FitSetting, train_set, val_set
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except Exception as exc:
         if not is_oom(exc):
-            unwritable = write_failure(exc)
+            unwritable = None if isinstance(exc, AutotuneError) else write_failure(exc)
             if unwritable is None:
                 raise
             previous = K.newest_checkpoint(setting.output_dir)
