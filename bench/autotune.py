@@ -220,7 +220,9 @@ def auto_find_batch_size(model_name: str, data: Path, args, device: str, tmp: Pa
                                             "training.report_to=none", "training.save_strategy=no",
                                             f"training.max_steps={steps}", f"training.logging_steps={log_every(args)}",
                                             "training.lean_loss=false", "training.group_by_length=false",
-                                            "data.token_budget=false", *args.sets])
+                                            "data.token_budget=false",
+                                            f"training.per_device_train_batch_size={args.afbs_start}",
+                                            "training.gradient_accumulation_steps=1", *args.sets])
     config = rec.config
     tokenizer = load_tokenizer(model_name)
     builder = PromptBuilder(tokenizer)
@@ -234,17 +236,17 @@ def auto_find_batch_size(model_name: str, data: Path, args, device: str, tmp: Pa
     trainer = build_trainer(config, model, train_set=ExampleDataset(build_examples(samples, builder)), val_set=None,
                             collator=LlasaCollator(builder.tokens.pad), output_dir=tmp / "afbs",
                             use_cpu=not device.startswith("cuda"), progress=False)
+    # No accumulation: the Trainer's dataloader batch (a whole step) is the micro-batch, and
+    # auto_find_batch_size halves it on each out-of-memory error as it does stock.
     trainer.args.auto_find_batch_size = True
-    trainer.args.per_device_train_batch_size = args.afbs_start
-    trainer._train_batch_size = args.afbs_start   # what find_executable_batch_size starts from
     entry = {"run": "stock-auto-find-batch-size", "start_batch": args.afbs_start, "profile": rec.profile.name}
     started = time.perf_counter()
     try:
         trainer.train()
         rate, timed = trainer.throughput.steady(args.warmup)
-        entry.update(chosen_batch=trainer._train_batch_size, seconds=round(time.perf_counter() - started, 1),
+        entry.update(chosen_batch=trainer.state.train_batch_size, seconds=round(time.perf_counter() - started, 1),
                      nonpad_tokens_per_second=_round(rate), timed_steps=timed,
-                     effective_batch_size=trainer._train_batch_size * trainer.args.gradient_accumulation_steps,
+                     effective_batch_size=trainer.state.train_batch_size,
                      peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None)
     except Exception as exc:
         entry.update(error=f"{type(exc).__name__}: {exc}"[:300])

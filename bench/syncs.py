@@ -3,6 +3,7 @@
 the real pipeline (`autotune.pipeline.run`, as `train.py` runs it). Prints one JSON object.
 
     python bench/syncs.py --out syncs-cpu.json                     # CPU: tiny width, Llasa-1B's 16 layers
+    python bench/syncs.py --layers 2 --precision fp32 --steps 4    # the plumbing in a minute (CI's rehearsal)
     python bench/syncs.py --device cuda --shape llasa-1b --out syncs-h100.json
 
 The plan is the tuning guide's A100/H100-80 setting (micro-batch 4, accumulation 2, LoRA r64
@@ -44,7 +45,7 @@ write_dataset = _bench.write_dataset
 
 # The tuning guide's A100 / H100 (80 GB) profile, pinned so every machine measures the same plan.
 GUIDE = ["training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=2", "lora.r=64",
-         "lora.lora_alpha=128", "training.gradient_checkpointing=false", "training.lean_loss=true",
+         "lora.lora_alpha=128", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "training.gradient_checkpointing=false", "training.lean_loss=true",
          "training.optim=adamw_torch_fused", "training.dataloader_pin_memory=true"]
 
 
@@ -67,6 +68,31 @@ def tiny_deep_model(folder: Path, layers: int) -> Path:
     return folder
 
 
+class _HostLoader:
+    """The base DataLoader under accelerate's wrapper, its iteration the host's own work (the
+    sampler, the collator, an epoch's new order); accelerate's copy to the device stays outside."""
+
+    def __init__(self, loader: Any, probe: Any):
+        self.loader, self.probe = loader, probe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        with self.probe.host_work():
+            inner = iter(self.loader)
+        while True:
+            with self.probe.host_work():
+                try:
+                    batch = next(inner)
+                except StopIteration:
+                    return
+            yield batch
+
+
 class ProbeSteps:
     """A TrainerCallback-shaped recorder: per optimizer step, the probe's counts from the step's
     start to the next one's, the non-padding tokens it trained, and whether it logged."""
@@ -84,6 +110,21 @@ class ProbeSteps:
         recorder = self
 
         class _Probe(TrainerCallback):
+            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+                # On the CPU every tensor is the "device's" unless marked: the data pipeline's own
+                # tensors (a sampler's permutation, an epoch's new order) are host memory on a GPU too.
+                if getattr(train_dataloader, "base_dataloader", None) is not None:
+                    train_dataloader.base_dataloader = _HostLoader(train_dataloader.base_dataloader, recorder.probe)
+                dataset = getattr(train_dataloader, "dataset", None)
+                if hasattr(dataset, "set_epoch"):
+                    set_epoch = dataset.set_epoch
+
+                    def host_set_epoch(epoch: int) -> None:
+                        with recorder.probe.host_work():
+                            set_epoch(epoch)
+
+                    dataset.set_epoch = host_set_epoch
+
             def on_step_begin(self, args, state, control, **kwargs):
                 recorder.close()
                 recorder.probe.reset()
@@ -222,8 +263,9 @@ def count_recompiles(micro_batches: int, *, micro_batch_size: int = 4, accumulat
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--shape", default="tiny16", choices=["tiny16", "llasa-1b"],
-                    help="tiny16: the tiny model's width at Llasa-1B's 16 layers (default); llasa-1b: the random replica")
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "llasa-1b"],
+                    help="tiny: the tiny model's width at --layers layers (default); llasa-1b: the random replica")
+    ap.add_argument("--layers", type=int, default=16, help="the tiny shape's layers (default 16, Llasa-1B's)")
     ap.add_argument("--samples", type=int, default=96)
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12)")
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the steady figures (default 2)")
@@ -239,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-syncs-"))
     data = write_dataset(tmp / "data", args.samples)
-    model = (str(tiny_deep_model(tmp / "model", 16)) if args.shape == "tiny16" else "llasa-1b-random")
+    model = (str(tiny_deep_model(tmp / "model", args.layers)) if args.shape == "tiny" else "llasa-1b-random")
     sets = [*GUIDE, f"training.bf16={str(args.precision == 'bf16').lower()}", "training.fp16=false",
             *args.sets]
     train_argv = ["--data", str(data), "--model", model, "--codec", "tiny", "--output-dir", str(tmp / "run"),
@@ -251,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         train_argv += ["--set", s]
     steps = probe_pipeline(train_argv, "cuda:0" if args.device == "cuda" else "cpu")
     report = {"command": "python bench/syncs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": platform.node(), "device": args.device, "shape": args.shape, "plan_sets": sets,
+              "machine": platform.node(), "device": args.device, "shape": args.shape,
+              "layers": args.layers if args.shape == "tiny" else None, "plan_sets": sets,
               "steady": steady(steps, args.warmup), "steps": steps,
               "recompiles": count_recompiles(args.recompiles) if args.recompiles else None,
               "wall_seconds": round(time.perf_counter() - started, 1)}

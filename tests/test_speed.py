@@ -127,31 +127,36 @@ def test_token_budget_steps_train_what_fixed_micro_batches_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compiled_step_gives_the_same_loss_and_recompiles_stay_within_the_buckets():
-    import torch._dynamo
-
+def test_a_compiled_step_gives_the_same_loss_on_packed_bucketed_rows():
+    from autotune.batches import TokenBudgetCollator, make_collator, with_4d_mask
     from autotune.loss import compute_lean_loss
+    from bench.syncs import mix_examples
 
     torch._dynamo.reset()
-    builder = PromptBuilder(build_tiny_tokenizer())
+    builder, examples = mix_examples(16)
+    rows = make_collator(builder.tokens.pad, True, builder.tokens.hidden_from_attention, compiled=True)
+    step = TokenBudgetCollator(rows, 4 * rows.width([max(len(e["input_ids"]) for e in examples)]))
     model = build_tiny_model()
     compiled = torch.compile(model, backend="aot_eager")
-    rng = np.random.default_rng(1)
-    # A realistic mix: 1-20 s of speech at 50 codes per second, log-normal around 5 s.
-    lengths = np.clip(rng.lognormal(np.log(250), 0.6, 24), 50, 1000).astype(int).tolist()
-    examples = build_examples(samples(lengths), builder)
-    collator = LlasaCollator(builder.tokens.pad, bucket_tokens=BUCKET_TOKENS)
-    widths = set()
-    for start in range(0, len(examples), 4):
-        batch = collator(examples[start:start + 4])
-        widths.add(batch["input_ids"].shape[1])
-        eager_loss, _ = compute_lean_loss(model, batch)
-        compiled_loss, _ = compute_lean_loss(compiled, batch)
-        assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
-    assert all(w % BUCKET_TOKENS == 0 for w in widths)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert 1 <= graphs <= len(widths), (graphs, widths)
+    for start in (0, 8):
+        for part in step(examples[start:start + 8])["micro_batches"]:
+            assert part["input_ids"].shape[1] % BUCKET_TOKENS == 0
+            inputs = with_4d_mask({k: v for k, v in part.items() if k not in ("num_tokens", "num_labels")})
+            eager_loss, _ = compute_lean_loss(model, inputs)
+            compiled_loss, _ = compute_lean_loss(compiled, inputs)
+            assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_recompiles_over_50_micro_batches_of_a_realistic_mix_stay_within_the_buckets():
+    """Static shapes (what CUDA graphs need): one compile per distinct shape, and packed rows padded
+    to multiples of BUCKET_TOKENS have at most budget / BUCKET_TOKENS of them, however long the run."""
+    from bench.syncs import count_recompiles
+
+    counted = count_recompiles(50)
+    assert counted["micro_batches"] == 50
+    assert counted["compiles"] == counted["distinct_shapes"] <= counted["buckets"]
 
 
 def test_steady_tokens_per_second_leaves_out_the_warm_up_and_counts_the_final_restart(monkeypatch):
@@ -208,3 +213,36 @@ def test_the_benchmark_reports_steady_timed_steps_on_the_cpu(tmp_path):
         assert r["mfu"] is None   # no dense-bf16 peak for a CPU
     assert runs["stock-auto-find-batch-size"]["start_batch"] == 4
     assert runs["ours"]["dry_run"]["attempts"] >= 1
+
+
+def test_the_length_grouped_order_is_a_function_of_the_epoch_and_accelerate_sets_it():
+    """A resumed run's data order must not depend on the global RNG: the dataset draws each epoch's
+    length-grouped order from (seed, epoch), and accelerate's dataloader hands it the epoch."""
+    from accelerate import Accelerator
+
+    from autotune.batches import ExampleDataset, LengthGroupedOrder
+
+    rng = np.random.default_rng(0)
+    examples = ExampleDataset([{"input_ids": [0] * int(n), "labels": [0] * int(n)} for n in rng.integers(5, 400, 64)])
+    order = LengthGroupedOrder(examples, group=8, seed=3)
+    first = list(order.order)
+    torch.manual_seed(123)   # the global RNG changes nothing
+    order.set_epoch(0)
+    assert order.order == first and sorted(first) == list(range(64))
+    order.set_epoch(1)
+    second = list(order.order)
+    assert second != first
+    again = LengthGroupedOrder(examples, group=8, seed=3)
+    again.set_epoch(1)
+    assert again.order == second
+    # grouped: steps of 8 hold similar lengths (less padding than the data's own order)
+    lengths = examples.lengths
+
+    def padding(indices):
+        steps = [[lengths[i] for i in indices[k:k + 8]] for k in range(0, 64, 8)]
+        return sum(max(s) * len(s) - sum(s) for s in steps)
+
+    assert padding(second) < padding(list(range(64)))
+    loader = Accelerator(cpu=True).prepare(torch.utils.data.DataLoader(order, batch_size=8, collate_fn=lambda f: f))
+    loader.set_epoch(1)
+    assert [len(e["input_ids"]) for batch in loader for e in batch] == [lengths[i] for i in second]
