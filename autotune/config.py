@@ -143,6 +143,10 @@ class TrainingSection(_Section):
     torch_compile: bool = Field(
         False, description="Compile the model's step with `torch.compile` (HF's key); rows are padded to a few fixed "
                            "widths so recompiles stay bounded. The dry run tries it on a GPU and keeps it when it pays.")
+    torch_compile_mode: Literal["reduce-overhead", "max-autotune"] | None = Field(
+        None, description="`torch.compile`'s mode (HF's key); none is its default. `reduce-overhead` replays the "
+                          "compiled step as CUDA graphs, which pays once rows are packed into a few bucketed "
+                          "shapes: the dry run tries it on a GPU and keeps it when it pays.")
     use_liger_kernel: bool = Field(
         False, description="Liger's Llama kernels (RMSNorm, RoPE, SwiGLU) through HF's `use_liger_kernel`; needs "
                            "liger-kernel and CUDA. The dry run tries it when installed.")
