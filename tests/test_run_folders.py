@@ -65,6 +65,7 @@ def test_a_folder_that_only_looks_like_a_run_is_never_replaced(tmp_path, capsys,
     assert contents(folder) == before
 
 
+@pytest.mark.slow
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -83,6 +84,7 @@ def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, 
 
 # ------------------------------------------------- the user's files are safe ---
 
+@pytest.mark.slow
 def test_data_inside_the_folder_being_replaced_is_refused_and_kept(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -118,6 +120,7 @@ def test_the_default_output_folder_stays_out_of_the_data_folder(tmp_path, monkey
 SWEEP = ["--sweep", "training.learning_rate=1e-4,2e-4"]
 
 
+@pytest.mark.slow
 def test_a_sweep_replaced_by_one_that_fails_before_training_comes_back_whole(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     assert train("--data", str(DATA), *FAST, *SWEEP, "--output-dir", str(out)) == 0
@@ -137,6 +140,7 @@ def test_a_sweep_replaced_by_one_that_fails_before_training_comes_back_whole(tmp
     assert not list(tmp_path.glob(".replaced-*"))
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_before_training_puts_back_the_run_it_replaced(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -154,6 +158,7 @@ def test_a_sweep_stopped_before_training_puts_back_the_run_it_replaced(tmp_path,
 
 # ----------------------------------------------------------- a run's kind ---
 
+@pytest.mark.slow
 def test_a_plain_resume_of_a_sweep_is_refused_and_the_sweep_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert train("--data", str(DATA), *FAST, *SWEEP, "--output-dir", str(out)) == 0
@@ -165,6 +170,7 @@ def test_a_plain_resume_of_a_sweep_is_refused_and_the_sweep_resumes(tmp_path, ca
     assert train("--data", str(DATA), *FAST, *SWEEP, "--output-dir", str(out), "--resume") == 0
 
 
+@pytest.mark.slow
 def test_a_sweep_resume_of_a_single_run_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -172,6 +178,7 @@ def test_a_sweep_resume_of_a_single_run_is_refused(tmp_path, capsys):
     assert "holds a single run" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_a_sweep_resumed_after_its_config_file_changed_is_refused(tmp_path, capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text("lora:\n  r: 4\n")
@@ -190,6 +197,7 @@ def test_a_sweep_resumed_after_its_config_file_changed_is_refused(tmp_path, caps
 
 # ------------------------------------------------ a kill between aside and training ---
 
+@pytest.mark.slow
 def test_an_old_run_left_aside_by_a_kill_is_put_back_at_the_next_start(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -207,6 +215,7 @@ def test_an_old_run_left_aside_by_a_kill_is_put_back_at_the_next_start(tmp_path,
     assert after == before and not aside.exists()
 
 
+@pytest.mark.slow
 def test_an_old_run_left_aside_beside_a_trained_one_is_named_with_how_to_restore_it(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -220,6 +229,7 @@ def test_an_old_run_left_aside_beside_a_trained_one_is_named_with_how_to_restore
 
 # ---------------------------------------------------- a finished run, resumed ---
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_trains_nothing_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert train("--data", str(DATA), *FAST, "--output-dir", str(out)) == 0
@@ -238,6 +248,7 @@ def test_a_finished_run_resumed_trains_nothing_and_changes_nothing(tmp_path, cap
     assert json.loads((out / rundir.RUN_SUMMARY).read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_a_kill_while_a_sweep_resumes_keeps_its_finished_trials_times(tmp_path, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["--data", str(DATA), *FAST, *SWEEP, "--output-dir", str(out)]
@@ -268,6 +279,7 @@ def test_a_kill_while_a_sweep_resumes_keeps_its_finished_trials_times(tmp_path, 
 
 # --------------------------------------------------------- a read-only folder ---
 
+@pytest.mark.slow
 def test_a_folder_that_turns_read_only_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
                                                                                           capsys):
     import errno
@@ -300,6 +312,7 @@ def test_a_folder_that_turns_read_only_at_a_save_is_one_line_and_keeps_the_last_
 
 # ------------------------------------------------------ the split on resume ---
 
+@pytest.mark.slow
 def test_resume_keeps_the_recorded_split_when_the_data_grew(tmp_path, capsys):
     data = data_copy(tmp_path)
     out = tmp_path / "run"

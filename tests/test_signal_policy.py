@@ -32,6 +32,7 @@ def train(*argv: str) -> int:
     return exit_info.value.code
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_gap_after_the_last_step_lets_the_run_finish_its_files(tmp_path, monkeypatch, capsys):
     from autotune.training import recovery
 
@@ -52,6 +53,7 @@ def test_a_signal_in_the_gap_after_the_last_step_lets_the_run_finish_its_files(t
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_last_evaluation_exits_with_its_code(tmp_path, monkeypatch, capsys):
     from transformers.trainer_callback import CallbackHandler
 
@@ -74,6 +76,7 @@ def test_a_signal_during_the_last_evaluation_exits_with_its_code(tmp_path, monke
     assert code == 0 and (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_second_signal_while_finishing_stops_at_once_with_the_code(tmp_path, monkeypatch, capsys):
     from autotune import pipeline
 
