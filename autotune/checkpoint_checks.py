@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from autotune.rundir import CHECKPOINT_PREFIX, checkpoint_step  # noqa: F401 - checkpoint_step: callers name it here
+from autotune.rundir import CHECKPOINT_PREFIX, checkpoint_step
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -19,23 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from autotune.config import EIGHT_BIT_OPTIMIZERS, Config, TrainingSection, precision_of, precision_settings, validate
+from autotune.config import EIGHT_BIT_OPTIMIZERS, Config, precision_of, precision_settings, validate
 from autotune.dotted import get_dotted, set_dotted
 
 # `torch.compile`'s mode: "reduce-overhead" replays the compiled step as CUDA graphs, which pays
-# once the shapes are few (packed rows padded to buckets). A plan key once the config schema has
-# `training.torch_compile_mode` (None: the default mode, or "reduce-overhead"); until then
-# compiled plans use the default mode and the tuner does not offer it.
+# once the shapes are few (packed rows padded to buckets). None is the default mode.
 COMPILE_MODE = "training.torch_compile_mode"
-HAS_COMPILE_MODE = "torch_compile_mode" in TrainingSection.model_fields
 
 # The keys the tuner owns (unless the user pinned them): what decides memory and speed.
 PLAN_KEYS: tuple[str, ...] = (
     "training.per_device_train_batch_size", "training.gradient_accumulation_steps",
     "training.bf16", "training.fp16", "training.gradient_checkpointing", "training.lean_loss", "training.optim",
     "lora.r", "lora.lora_alpha", "lora.target_modules", "model.load_in_4bit", "data.max_length",
-    "training.torch_compile", "training.use_liger_kernel", "data.packing",
-) + ((COMPILE_MODE,) if HAS_COMPILE_MODE else ())
+    "training.torch_compile", "training.use_liger_kernel", "data.packing", COMPILE_MODE,
+)
 MICRO_BATCH = "training.per_device_train_batch_size"
 ACCUMULATION = "training.gradient_accumulation_steps"
 
@@ -150,7 +147,7 @@ class Plan:
             raise ValueError("not a recorded plan")
         # Keys that came later (compile, liger, packing) were off when an older plan was measured.
         values = {"training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False,
-                  **({COMPILE_MODE: None} if HAS_COMPILE_MODE else {}), **values}
+                  COMPILE_MODE: None, **values}
         if set(values) != set(PLAN_KEYS):
             raise ValueError("not a recorded plan")
         tree: dict[str, Any] = {}
@@ -292,7 +289,7 @@ def faster_candidates(plan: Plan, pinned: set[str], ctx: dict | None = None) -> 
         out.append(("compile on", plan.with_values({"training.torch_compile": True, **packed})))
     # CUDA graphs replay one recorded step per shape: offered once a compiled step's shapes are the
     # few buckets of packed rows, and measured with its warm-up (the recordings) like the rest.
-    if (ctx.get("cuda_graphs") and HAS_COMPILE_MODE and plan["training.torch_compile"] and plan["data.packing"]
+    if (ctx.get("cuda_graphs") and plan["training.torch_compile"] and plan["data.packing"]
             and plan[COMPILE_MODE] != "reduce-overhead" and COMPILE_MODE not in pinned):
         out.append(("CUDA graphs", plan.with_values({COMPILE_MODE: "reduce-overhead"})))
     return out

@@ -7,7 +7,7 @@ import torch
 
 from autotune.errors import AutotuneError
 from autotune.memory import is_oom
-from autotune.plan import COMPILE_MODE, HAS_COMPILE_MODE, PLAN_KEYS, Plan, faster_candidates, next_rung
+from autotune.plan import COMPILE_MODE, Plan, faster_candidates, next_rung
 from autotune.tuning.ladder import Measurement, search
 
 GIB = 2 ** 30
@@ -29,7 +29,7 @@ def plan(precision: str = "bf16", **changes) -> Plan:
               "training.optim": "adamw_torch_fused", "lora.r": 64, "lora.lora_alpha": 128,
               "lora.target_modules": ["q_proj", "v_proj"], "model.load_in_4bit": False, "data.max_length": 2048,
               "training.torch_compile": False, "training.use_liger_kernel": False, "data.packing": False,
-              **({COMPILE_MODE: None} if HAS_COMPILE_MODE else {})}
+              COMPILE_MODE: None}
     values.update({KEYS[name]: value for name, value in changes.items()})
     return Plan.of(values)
 
@@ -252,14 +252,11 @@ def test_a_plan_is_applied_as_set_would_be_and_its_values_are_validated():
 
 def test_cuda_graphs_are_offered_once_a_compiled_step_packs_its_rows():
     """reduce-overhead replays one recorded graph per shape: only for packed rows (a few bucketed
-    shapes), on CUDA, and only where the config has the key."""
+    shapes), and only on CUDA."""
     def names(p, ctx):
         return [n for n, _ in faster_candidates(p, set(), ctx)]
 
     packed_compiled = plan(torch_compile=True, packing=True)
-    if not HAS_COMPILE_MODE:
-        assert COMPILE_MODE not in PLAN_KEYS and "CUDA graphs" not in names(packed_compiled, {"cuda_graphs": True})
-        return
     assert "CUDA graphs" in names(packed_compiled, {"cuda_graphs": True})
     assert "CUDA graphs" not in names(plan(torch_compile=True), {"cuda_graphs": True})   # padded rows: many shapes
     assert "CUDA graphs" not in names(packed_compiled, {})                            # no CUDA here

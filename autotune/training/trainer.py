@@ -25,6 +25,7 @@ from autotune.batches import LengthGroupedOrder, TokenBudgetCollator, with_4d_ma
 from autotune.config import Config, config_rule_problems
 from autotune.console import say, warn
 from autotune.errors import AutotuneError
+from autotune.rundir import checkpoint_step
 from autotune.training.callbacks import (InterruptCallback, NonFiniteGuard, PublishCheckpoints,
                                          RefuseNonFiniteSaves)
 
@@ -328,7 +329,7 @@ class LlasaTrainer(Trainer):
                 raise AutotuneError(f"cannot resume from `{path}`: {problem}; pass another `checkpoint-N`, "
                                     f"or `--resume` alone for the newest one that fits")
             folder = path.parent
-            found, skipped = C.newest_verified_checkpoint(folder, expected, below_step=C.checkpoint_step(path))
+            found, skipped = C.newest_verified_checkpoint(folder, expected, below_step=checkpoint_step(path))
             skipped = [(path, problem), *skipped]
         for bad, why in skipped:
             warn(self.console, f"--resume: skipping {bad.name}: {why}")
