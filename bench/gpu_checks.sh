@@ -14,7 +14,8 @@
 # carry the rest as wheels for its Python, made here with e.g.
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl \
 #       pydantic pydantic-core annotated-types typing-inspection rich markdown-it-py mdurl pygments \
-#       nvidia-ml-py tiktoken regex llama-models bitsandbytes
+#       nvidia-ml-py tiktoken regex llama-models bitsandbytes \
+#       fastapi starlette uvicorn h11 click anyio sniffio soxr
 # (`.whl/` is git-ignored: name it in the device call's `carry`); this script installs them.
 #
 # Targets (bench/targets.py reads them from the JSON):
@@ -24,6 +25,7 @@
 #   Llasa-1B at 2,048 tokens in 8 GiB, 3B in 12 GiB, 3B 4-bit in 8 GiB: no OOM, peak <= 90% of the cap
 #   memory estimate within +-5% without checkpointing (batch 4 and 8), +-2% with (batch 16)
 #   no host sync in a steady non-logging step; kernel launches per 1,000 tokens (syncs.json)
+#   the speech server at 16 concurrent clients: batched >= 3x one request at a time (serve.json)
 #
 # CHECKS="syncs caps" runs only the named steps (default: all, in the order below). In the CPU
 # rehearsal the script exits 1 if a step failed or a JSON is missing, so a script error is found
@@ -52,7 +54,8 @@ if [[ $DEVICE == cuda ]]; then
     AUTO=(--device cuda); FOUR_BIT=(--set model.load_in_4bit=true)
     # Most important first; on an 80 GB card batch 8 and 16 run out of memory within seconds.
     PLAN=(memory-b4-nockpt:40 whole-card:120 caps:150 target-1b-8gib:35 target-3b-12gib:45 target-3b-4bit-8gib:60
-          syncs:40 memory-b8-nockpt:25 memory-b16-ckpt:25 afbs:90 sweep:240)
+          syncs:40 memory-b8-nockpt:25 memory-b16-ckpt:25 serve:120 afbs:90 sweep:240)
+    SERVE=(--device cuda --model llasa-1b-random --codec tiny --clients 1,16 --max-new-tokens 200)
 else
     echo "device cpu" > "$OUT/gpu.csv"
     # Tiny shapes and a few steps: the same scripts, flags and files, in minutes.
@@ -64,7 +67,8 @@ else
            --recompiles 6)
     AUTO=(--device cpu); FOUR_BIT=()   # 4-bit weights need a real checkpoint on CUDA: the plain tiny run
     PLAN=(memory-b4-nockpt:150 whole-card:300 caps:300 target-1b-8gib:200 target-3b-12gib:200
-          target-3b-4bit-8gib:200 syncs:300 memory-b8-nockpt:90 memory-b16-ckpt:90 afbs:200 sweep:300)
+          target-3b-4bit-8gib:200 syncs:300 memory-b8-nockpt:90 memory-b16-ckpt:90 serve:200 afbs:200 sweep:300)
+    SERVE=(--device cpu --model tiny --codec tiny --clients 1,4 --requests-per-client 2 --max-new-tokens 16)
 fi
 
 planned() {   # planned seconds of a step
@@ -139,7 +143,13 @@ step syncs python3 bench/syncs.py "${SYNCS[@]}" --out "$OUT/syncs.json"
 # 6. The estimator's larger batches (stock loss; "oom" where the card is too small).
 step memory-b8-nockpt bash -c "python3 bench/memory.py --json ${MEM[*]} --seq $SEQ --batch 8 --no-checkpointing --modes stock > '$OUT/memory-b8-nockpt.json'"
 step memory-b16-ckpt bash -c "python3 bench/memory.py --json ${MEM[*]} --seq $SEQ --batch 16 --modes stock > '$OUT/memory-b16-ckpt.json'"
-# 7. Stock auto_find_batch_size (its final run only), then sweep trials per hour.
+# 7. The speech server: batched requests against one at a time, at 1 and 16 clients.
+if python3 -c "import fastapi, uvicorn" 2>/dev/null; then
+    step serve python3 bench/serve.py "${SERVE[@]}" --out "$OUT/serve.json"
+else
+    echo "== serve skipped: no fastapi/uvicorn (carry their wheels)"
+fi
+# 8. Stock auto_find_batch_size (its final run only), then sweep trials per hour.
 step afbs python3 bench/autotune.py "${AUTO[@]}" --out "$OUT/afbs.json" --shape $ONE --limits 0 --runs afbs \
     "${CAPS[@]}"
 if [[ $DEVICE == cuda ]]; then

@@ -16,6 +16,7 @@ Targets:
                         bench/memory.py --estimate within +-5% of the measured peak (no checkpointing)
   estimate_b16_ckpt     within +-2% with checkpointing
   syncs_non_logging     host syncs in a steady step that does not log: 0
+  serve_batched_speedup the speech server at its most clients: batched >= 3x one request at a time
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 FILES = ["memory-b4-nockpt.json", "memory-b8-nockpt.json", "memory-b16-ckpt.json", "estimate-b4-nockpt.json",
          "estimate-b8-nockpt.json", "estimate-b16-ckpt.json",
          "whole-card.json", "caps.json", "target-1b-8gib.json", "target-3b-12gib.json", "target-3b-4bit-8gib.json",
-         "syncs.json"]
+         "syncs.json", "serve.json"]
 
 
 def load(folder: Path, name: str) -> Any:
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     out["syncs_non_logging"] = target(syncs, "== 0", None if syncs is None else syncs == 0,
                                       launches_per_1000_tokens=steady.get("launches_per_1000_tokens"),
                                       recompiles=(got["syncs.json"] or {}).get("recompiles"))
+    serve = got["serve.json"] or {}
+    wanted = serve.get("target") or {}
+    speedup = (serve.get("speedup_batched_vs_one_at_a_time") or {}).get(str(wanted.get("clients")))
+    out["serve_batched_speedup"] = target(speedup, f">= {wanted.get('speedup_at_least', 3.0)} at {wanted.get('clients')} clients",
+                                          None if speedup is None else speedup >= wanted.get("speedup_at_least", 3.0),
+                                          device=(serve.get("machine") or {}).get("gpu") or (serve.get("machine") or {}).get("device"))
     print(json.dumps(out, indent=2))
     return 1 if args.require_files and out["missing"] else 0
 

@@ -108,6 +108,7 @@ def test_a_base_model_that_is_not_on_disk_is_a_message(tmp_path):
         studio.speak("elsewhere", "adapter", None, "hello", None, None, SAMPLING)
 
 
+@pytest.mark.slow
 def test_guarded_handlers_turn_every_error_into_one_gradio_message():
     import gradio as gr
 

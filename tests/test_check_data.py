@@ -144,6 +144,7 @@ def test_without_any_tokenizer_lengths_are_estimated_and_say_so(data_dir, monkey
     assert out["max_tokens"] == longest_codes_and_bytes() + 64 + 1
 
 
+@pytest.mark.slow
 def test_default_model_table_says_how_lengths_were_counted(tmp_path, data_dir):
     proc, modules = check_data(tmp_path, "--data", str(data_dir))
     assert proc.returncode == 0, proc.stderr
@@ -163,6 +164,7 @@ def test_val_flag_overrides_the_split(tmp_path, data_dir):
     assert (out["train_samples"], out["val_samples"], out["val_source"]) == (19, 3, "eval_data_dir")
 
 
+@pytest.mark.slow
 def test_audio_is_encoded_with_the_cache_next_to_the_run(tmp_path):
     sys.path.insert(0, str(REPO))
     import numpy as np
@@ -243,6 +245,7 @@ def _voice_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_without_the_codec_the_data_is_still_checked_in_full(tmp_path):
     """#28: the codec error was all --check-data said. Now the layout, counts, exact lengths
     (decoded), copies and the normalisation come, with the codec problem as one line."""
@@ -271,6 +274,7 @@ def test_without_the_codec_the_data_is_still_checked_in_full(tmp_path):
     assert "text normalisation `llasa-trainer`: changes 2 of 2 transcripts" in text
 
 
+@pytest.mark.slow
 def test_without_the_codec_transcript_problems_come_with_the_codec_line(tmp_path):
     data = _voice_folder(tmp_path / "voice")
     (data / "b.txt").write_text("  \n", encoding="utf-8")

@@ -416,6 +416,7 @@ def test_a_deferred_codec_names_an_unknown_hub_id_like_load_codec(offline: None)
     assert str(deferred.value).rsplit("): ", 1)[1] == str(direct.value).rsplit("): ", 1)[1]
 
 
+@pytest.mark.slow
 def test_a_hub_codec_is_keyed_by_its_commit(codec: Codec, tmp_path: Path) -> None:
     """A hub codec in the local hub cache (offline): the key names the snapshot's commit,
     the same before the weights load (DeferredCodec) and after (load_codec)."""
@@ -465,7 +466,7 @@ def _no_hub_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("hub", ["refusing", "silent", "offline"])
+@pytest.mark.parametrize("hub", ["refusing", pytest.param("silent", marks=pytest.mark.slow), "offline"])
 def test_a_codec_not_on_disk_without_a_hub_fails_within_5_s_saying_what_to_do(tmp_path: Path, hub: str) -> None:
     """Before, the hub client retried a refused connection for 25-50 s before saying so.
     `silent` accepts the connection and never answers, like a black-holed proxy."""

@@ -106,6 +106,7 @@ def test_full_fine_tuning_is_refused_with_the_reason(tmp_path):
         resolve_config(None, load_yaml_file(path))
 
 
+@pytest.mark.slow
 def test_their_file_trains_unchanged_and_flags_win(tmp_path, monkeypatch):
     """`python train.py --config their.yaml --auto`: the file names the data, output and model.
     `--output-dir` on the command line wins over the file's `output_dir`."""
@@ -251,6 +252,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused_not_given_a_guess():
     assert PromptBuilder(build_tiny_tokenizer()).prompt_ids("今日は")
 
 
+@pytest.mark.slow
 def test_the_replicas_llama32_template_gives_the_system_block_and_without_it_nothing():
     import copy
 

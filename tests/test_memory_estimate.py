@@ -57,7 +57,7 @@ def test_fake_estimate_equals_real_tensors_on_the_tiny_shape(mode):
     assert estimate["peak_bytes"] == pytest.approx(tracker.peak_bytes, rel=0.01)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
+@pytest.mark.parametrize("padded", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["no-padding", "padded"])
 def test_each_phase_of_the_estimate_is_what_real_tensors_hold(padded, monkeypatch):
     """Forward-live, forward-peak and step-peak bytes, fake against real, where the attention's
     path matters (a long row next to a small vocabulary): without padding transformers reads the
@@ -84,6 +84,7 @@ def test_each_phase_of_the_estimate_is_what_real_tensors_hold(padded, monkeypatc
         assert estimate[phase] == pytest.approx(real["bytes"][phase], rel=1e-3), phase
 
 
+@pytest.mark.slow
 def test_lean_peak_is_at_most_a_quarter_of_stock_at_batch_16():
     entry = bench_memory.estimate_shape("llasa-1b", _args("llasa-1b", batch=16))
     # The stock loss keeps at least the fp32 logits of every position: a floor
@@ -95,7 +96,7 @@ def test_lean_peak_is_at_most_a_quarter_of_stock_at_batch_16():
 
 @pytest.mark.parametrize(
     "shape, load_in_4bit, card_gib",
-    [("llasa-1b", False, 8), pytest.param("llasa-3b", False, 12, marks=pytest.mark.slow),
+    [pytest.param("llasa-1b", False, 8, marks=pytest.mark.slow), pytest.param("llasa-3b", False, 12, marks=pytest.mark.slow),
      pytest.param("llasa-3b", True, 8, marks=pytest.mark.slow)],
     ids=["1b-in-8gib", "3b-in-12gib", "3b-4bit-in-8gib"],
 )
@@ -108,6 +109,7 @@ def test_targets_fit_with_the_lean_loss_where_stock_does_not(shape, load_in_4bit
         assert entry["stock"]["peak_with_adamw_gib"] > budget_gib
 
 
+@pytest.mark.slow
 def test_four_bit_stand_in_holds_half_a_byte_per_projection_weight():
     full = bench_memory.estimate_shape("llasa-1b", _args("llasa-1b", batch=1, modes=("lean",)))
     packed = bench_memory.estimate_shape("llasa-1b", _args("llasa-1b", batch=1, load_in_4bit=True, modes=("lean",)))

@@ -43,7 +43,7 @@ def test_packed_rows_do_not_attend_across_samples():
     assert packed["input_ids"].numel() == sum(len(e["input_ids"]) for e in ex)
 
 
-@pytest.mark.parametrize("bucket", [None, 256])
+@pytest.mark.parametrize("bucket", [pytest.param(None, marks=pytest.mark.slow), 256])
 def test_a_packed_row_attends_as_padded_rows_do_with_the_eot_rule(bucket):
     """Token for token the same attention, so packing (a speed choice the tuner makes) never
     changes what the model learns."""
@@ -98,6 +98,7 @@ def test_a_token_budget_packs_a_steps_samples_into_few_rows():
         assert rows.cost([lengths[i] for i in group + after[:1]]) > step.budget
 
 
+@pytest.mark.slow
 def test_training_with_packing(tmp_path: Path):
     from train import main
 

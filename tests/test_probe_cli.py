@@ -167,6 +167,7 @@ def test_probe_does_not_import_torch_importtime(args):
     assert heavy == []
 
 
+@pytest.mark.slow
 def test_probe_wall_time(capsys):
     runs = 7
     times = []

@@ -67,6 +67,7 @@ def test_lora_sits_on_4bit_linear_layers(tiny_folder: Path):
     assert lora_b_grads and all(g is not None and g.abs().sum() > 0 for g in lora_b_grads)
 
 
+@pytest.mark.slow
 def test_training_with_4bit_weights_writes_an_adapter_for_the_full_precision_base(tmp_path: Path, tiny_folder: Path):
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -176,6 +176,7 @@ def test_sighup_mid_training_saves_and_says_how_to_resume(tmp_path, monkeypatch,
     assert "--resume --output-dir" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_dry_run_leaves_a_folder_resume_can_use(tmp_path, monkeypatch, capsys):
     from autotune.tuning import dryrun
 
@@ -304,6 +305,7 @@ def test_a_data_folder_whose_name_is_not_utf8_trains(tmp_path):
 
 
 @pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "LANG": "C"}])
+@pytest.mark.slow
 def test_odd_console_encodings_and_a_japanese_path_print_without_a_traceback(tmp_path, env):
     folder = tmp_path / "音声データ"
     folder.mkdir()

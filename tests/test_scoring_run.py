@@ -106,6 +106,7 @@ def test_the_report_plays_every_clip_next_to_a_real_one(scored_run: Path):
     assert page.index('id="listen"') < page.index("<svg") < page.index('id="what-ran"') < page.index("<details")
 
 
+@pytest.mark.slow
 def test_the_dry_run_times_the_scorers(tmp_path: Path):
     out = tmp_path / "out"
     assert train(*TINY_SCORERS, "--set", "training.max_steps=2", "--auto", "--output-dir", str(out)) == 0
@@ -116,6 +117,7 @@ def test_the_dry_run_times_the_scorers(tmp_path: Path):
     assert summary["scores"]["dry_run"] == record
 
 
+@pytest.mark.slow
 def test_a_scorer_that_cannot_load_warns_once_and_training_goes_on(tmp_path: Path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "no-such-whisper"

@@ -53,6 +53,7 @@ def test_a_training_step_waits_for_the_device_only_at_logging_steps(tmp_path):
         "the check itself must see the logging steps' reads"
 
 
+@pytest.mark.slow
 def test_a_nan_step_is_skipped_on_the_device_and_rolled_back_after_patience(tmp_path, monkeypatch):
     """The fused optimizer's device-side skip: a NaN step moves no weight, and `nan_patience`
     of them in a row still roll back, found at the next logging step."""
@@ -107,6 +108,7 @@ def test_host_counts_are_the_labelled_positions_the_loss_would_find():
     assert counts["num_labels"] == 3 and counts["num_tokens"] == 7
 
 
+@pytest.mark.slow
 def test_token_budget_steps_train_what_fixed_micro_batches_do(tmp_path):
     """The same samples per step and the same loss normalisation: the adapters agree."""
     from safetensors.torch import load_file

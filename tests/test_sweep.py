@@ -245,6 +245,7 @@ def fake_run(outcomes: dict[str, object], calls: list[str]):
     return run
 
 
+@pytest.mark.slow
 def test_nan_crash_and_no_plan_are_failures_ranked_last(tmp_path, monkeypatch, capsys):
     calls: list[str] = []
     monkeypatch.setattr(run_module, "run", fake_run({
@@ -273,6 +274,7 @@ def test_every_trial_failing_exits_1(tmp_path, monkeypatch):
     assert record["best"] is None and [t["status"] for t in record["trials"]] == ["failed", "failed"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_what_is_done_and_resume_finishes(tmp_path, monkeypatch):
     calls: list[str] = []
     outcomes = {"r=1": (1.0, 1.0), "r=2": KeyboardInterrupt(), "r=3": (1.0, 0.5)}

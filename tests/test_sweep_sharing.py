@@ -118,6 +118,7 @@ def test_two_per_gpu_runs_two_children_at_once_each_capped(fake_train, one_h100,
     assert "2 at a time on GPU 0, each capped at 39.07 GiB" in text and "trials/hour" in text
 
 
+@pytest.mark.slow
 def test_auto_shares_the_gpu_as_the_measured_peak_allows(fake_train, one_h100, tmp_path, capsys):
     fake_train(20.0)   # 20 GiB fits three times under 0.9 of a third of an H100
     out = tmp_path / "sweep"
@@ -137,6 +138,7 @@ def test_auto_shares_the_gpu_as_the_measured_peak_allows(fake_train, one_h100, t
     assert "its trials run 3 at a time on a GPU" in " ".join("".join(capsys.readouterr()).split())
 
 
+@pytest.mark.slow
 def test_auto_runs_one_at_a_time_when_the_peak_fills_the_card(fake_train, one_h100, tmp_path):
     fake_train(60.0)
     out = tmp_path / "sweep"
@@ -146,6 +148,7 @@ def test_auto_runs_one_at_a_time_when_the_peak_fills_the_card(fake_train, one_h1
     assert all(vram_flags(env) == [] for env in children(out, LR4_NAMES[:2]).values())
 
 
+@pytest.mark.slow
 def test_auto_without_a_measured_peak_runs_one_at_a_time(fake_train, one_h100, tmp_path):
     fake_train(None)   # what a dry run on a CPU records
     out = tmp_path / "sweep"
@@ -153,6 +156,7 @@ def test_auto_without_a_measured_peak_runs_one_at_a_time(fake_train, one_h100, t
     assert json.loads((out / "sweep.json").read_text())["most_at_once"] == {one_h100.uuid: 1}
 
 
+@pytest.mark.slow
 def test_n_per_gpu_plans_the_dry_run_for_the_share_and_resume_reuses_it(fake_train, one_h100, tmp_path):
     fake_train(30.0)
     out = tmp_path / "sweep"
@@ -186,6 +190,7 @@ def test_trials_per_gpu_is_refused_without_a_sweep_and_out_of_range(tmp_path, ca
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_flag_says_it_does_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pool, "visible_gpus", lambda: [])
     out = tmp_path / "sweep"

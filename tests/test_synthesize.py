@@ -50,12 +50,31 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_one_text_to_a_wav_of_codes_times_320_samples(run_dir, tmp_path):
+def test_one_text_to_a_wav_of_codes_times_320_samples(run_dir, tmp_path, capsys, monkeypatch):
+    """In-process through the console script's `run_main`; the slow tier runs it as a process."""
+    from autotune.cli import run_main
+    from synthesize import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    wav = tmp_path / "out.wav"
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, ["--adapter", str(run_dir), "--text", "こんにちは", "-o", str(wav), "--codec", "tiny",
+                        "--max-new-tokens", "40", "--seed", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err
+    check_one_text(json.loads(out), err, wav)
+
+
+@pytest.mark.slow
+def test_one_text_as_a_process(run_dir, tmp_path):
     wav = tmp_path / "out.wav"
     proc = synth("--adapter", str(run_dir), "--text", "こんにちは", "-o", str(wav), "--codec", "tiny",
                  "--max-new-tokens", "40", "--seed", "0", "--json")
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    check_one_text(json.loads(proc.stdout), proc.stderr, wav)
+
+
+def check_one_text(report: dict, stderr: str, wav: Path) -> None:
     info = sf.info(str(wav))
     assert (info.samplerate, info.channels) == (16000, 1)
     assert report["codes"] > 0
@@ -63,8 +82,8 @@ def test_one_text_to_a_wav_of_codes_times_320_samples(run_dir, tmp_path):
     assert report["seconds"] == pytest.approx(report["codes"] / 50)
     assert report["generated"] == report["codes"] + report["dropped"] <= 40
     assert report["files"][0]["output"] == str(wav)
-    assert "generated tokens" in proc.stderr and "s of audio" in proc.stderr  # the human lines go to stderr
-    assert "Traceback" not in proc.stderr
+    assert "generated tokens" in stderr and "s of audio" in stderr  # the human lines go to stderr
+    assert "Traceback" not in stderr
 
 
 def test_text_file_to_numbered_files_from_a_checkpoint_with_the_runs_codec(run_dir, tmp_path, capsys, monkeypatch):
@@ -133,7 +152,28 @@ def bad_inputs(run_dir, tmp_path) -> dict[str, list[str]]:
     }
 
 
-def test_errors_are_one_line_with_exit_code_2(bad_inputs, tmp_path):
+def test_errors_are_one_line_with_exit_code_2(bad_inputs, tmp_path, capsys, monkeypatch):
+    """In-process, through the same `run_main` the console script uses."""
+    from autotune.cli import run_main
+    from synthesize import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, (args, needle) in bad_inputs.items():
+        with pytest.raises(SystemExit) as exited:
+            run_main(main, list(args))
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert exited.value.code == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert needle in lines[0], (name, lines[0])
+        assert "Traceback" not in err and out == "", name
+    assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.slow
+def test_errors_are_one_line_with_exit_code_2_as_a_process(bad_inputs, tmp_path):
+    """The same cases as separate processes: nothing else (a library's warning, an import-time
+    traceback) reaches stderr."""
     for name, (args, needle) in bad_inputs.items():
         proc = synth(*args)
         lines = proc.stderr.strip().splitlines()

@@ -102,6 +102,7 @@ def test_resume_continues_the_step_count(tmp_path: Path, capsys):
     assert steps[0] <= 1 and steps[-1] == 8 and 5 in steps
 
 
+@pytest.mark.slow
 def test_oom_mid_training_recovers_from_the_newest_checkpoint(tmp_path: Path, monkeypatch, capsys):
     from autotune.training import trainer as T
 
@@ -218,7 +219,7 @@ def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     pytest.param([], 'training.bf16="maybe"', "holds no valid dry-run plan", marks=pytest.mark.slow),
     pytest.param([], "lora.target_modules=[]", "holds no valid dry-run plan", marks=pytest.mark.slow),
     pytest.param([], "training.per_device_train_batch_size=0", "holds no valid dry-run plan", marks=pytest.mark.slow),
-    ([], "processes=2", "measured for 2 process(es)"),
+    pytest.param([], "processes=2", "measured for 2 process(es)", marks=pytest.mark.slow),
     pytest.param([], "training.bf16=true", "measured on other hardware (bf16, and this machine runs fp32)", marks=pytest.mark.slow),
     pytest.param([], '"training.optim"="adamw_8bit"', "measured on other hardware (adamw_8bit, which cannot run here)", marks=pytest.mark.slow),
     pytest.param(["--set", "training.lean_loss_chunk_size=4096"], "dry",
