@@ -8,8 +8,8 @@
 #                                                       # steps, every step end to end, every JSON
 #
 # It prints the planned seconds of each step first; each step is cut at its plan or at DEADLINE
-# seconds from the start (default 540: an H100 call of 9 minutes leaves a minute for start-up
-# and the copy back), whichever comes first, the most important first. The memory estimates run
+# seconds from the start (default 540 on a GPU: an H100 call of 9 minutes leaves a minute for start-up
+# and the copy back; 3600 for DEVICE=cpu), whichever comes first, the most important first. The memory estimates run
 # on the CPU alongside the GPU steps. The device image has torch, transformers, peft and accelerate;
 # carry the rest as wheels for its Python, made here with e.g.
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl \
@@ -33,10 +33,11 @@
 set -u
 OUT=$(realpath -m "${OUT:-gpu-out}")   # before the cd: a relative OUT is the caller's
 cd "$(dirname "$0")/.." || exit 1
-DEADLINE=${DEADLINE:-540}
+DEVICE=${DEVICE:-cuda}
+# A GPU call is cut at 9 minutes; the CPU rehearsal runs every step to its end (an hour at most).
+DEADLINE=${DEADLINE:-$([[ $DEVICE == cpu ]] && echo 3600 || echo 540)}
 [[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "DEADLINE must be whole seconds, got '$DEADLINE'" >&2; exit 2; }
 DEADLINE=$((10#$DEADLINE))   # "090" is ninety, not octal
-DEVICE=${DEVICE:-cuda}
 [[ $DEVICE == cuda || $DEVICE == cpu ]] || { echo "DEVICE must be cuda or cpu, got '$DEVICE'" >&2; exit 2; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
