@@ -21,11 +21,12 @@ from autotune import signals as S
 from autotune.training import callbacks as CB
 from autotune.training import recovery as RC
 from autotune.errors import AutotuneError
+from tests.tiny_runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ROOT / "examples" / "tiny" / "train.jsonl"
 # One sample per micro-batch, two per step: 11 training samples make 6 steps an epoch.
-FAST = ["--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0", "--set", "training.logging_steps=1",
+FAST = [*TINY, "--set", "training.logging_steps=1",
         "--set", "training.learning_rate=5e-3", "--set", "training.eval_strategy=no", "--set", "training.report_to=none",
         "--set", "training.per_device_train_batch_size=1", "--set", "training.gradient_accumulation_steps=2",
         "--set", "training.use_early_stopping=false"]

@@ -14,23 +14,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.tiny_runs import DATA, run_train as train
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "tiny"
 ARGS = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=1",
         "--set", "samples.max_new_tokens=12", "--set", "training.logging_steps=1", "--set", "training.max_steps=6",
         "--set", "training.eval_steps=2", "--set", "training.save_steps=2", "--set", "training.report_to=none",
         "--set", "lora.lora_dropout=0.3", "--set", "scores.asr_model=none", "--set", "scores.speaker_model=none",
         "--set", "training.use_early_stopping=false"]
-
-
-def train(*argv: str) -> int:
-    from autotune.cli import run_main
-    from train import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, list(argv))
-    return exit_info.value.code
 
 
 def eval_losses(out: Path) -> dict[int, float]:

@@ -15,21 +15,11 @@ import pytest
 
 from autotune import rundir
 from autotune.errors import AutotuneError
+from tests.tiny_runs import DATA, TINY, run_train as train
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "tiny"
-FAST = ["--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0", "--set", "training.logging_steps=1",
+FAST = [*TINY, "--set", "training.logging_steps=1",
         "--set", "training.max_steps=2", "--set", "training.eval_steps=2", "--set", "training.save_steps=2",
         "--set", "training.report_to=none"]
-
-
-def train(*argv: str) -> int:
-    from autotune.cli import run_main
-    from train import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, list(argv))
-    return exit_info.value.code
 
 
 def contents(folder: Path) -> dict[str, bytes]:

@@ -15,11 +15,12 @@ import torch
 from autotune.batches import BUCKET_TOKENS, LlasaCollator, TokenBudgetCollator, build_examples, host_counts
 from autotune.llasa import PromptBuilder, build_tiny_model, build_tiny_tokenizer
 from autotune.reading import Sample
+from tests.tiny_runs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "examples" / "tiny"
-FAST = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0",
+FAST = ["--data", str(DATA), *TINY,
         "--set", "training.eval_strategy=no", "--set", "training.report_to=none"]
 
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from autotune.errors import AutotuneError
+from tests.tiny_runs import DATA, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "examples" / "tiny"
-FAST = ["--data", str(DATA), "--model", "tiny", "--codec", "tiny", "--set", "samples.num_texts=0",
+FAST = ["--data", str(DATA), *TINY,
         "--set", "training.logging_steps=1", "--set", "training.learning_rate=5e-3"]
 
 
