@@ -341,9 +341,8 @@ def measure(samples: list[Sample], prompt_builder=None, text_normalization: str 
             text = normalize(s.text, text_normalization)
             s.num_tokens = ESTIMATED_TEMPLATE_TOKENS + estimate_text_tokens(text) + s.code_count + 1
         return
-    texts = [s.text for s in samples]
-    # Counting needs no id lists; `text_lengths` skips building them where the tokenizer allows.
-    lengths = prompt_builder.text_lengths(texts)
+    # The ids are kept: the dry run and the training build their examples without tokenizing again.
+    lengths = prompt_builder.keep_text_ids([s.text for s in samples])
     for s, n in zip(samples, lengths):
         s.num_tokens = prompt_builder.overhead_for(s.prompt_speaker) + n + s.code_count + 1
 

@@ -7,6 +7,7 @@ map to ids by offset from `<|s_0|>`, never by tokenizing 65k strings.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -147,6 +148,7 @@ class PromptBuilder:
         normalize("", text_normalization)   # an unknown choice fails here, not at the first text
         self._normalize = lambda text: normalize(text, text_normalization)
         self.tokens = LlasaTokens.from_tokenizer(tokenizer)
+        self._kept_ids: dict[str, array] = {}
         if not getattr(tokenizer, "chat_template", None):
             # Guessing one would train on a prompt the model never saw: Llasa-1B and -3B were
             # trained with Llama 3.2's template (46 prompt tokens with its system block), a
@@ -186,9 +188,14 @@ class PromptBuilder:
         return [self._normalize(t) for t in texts]
 
     def text_ids(self, texts: list[str]) -> list[list[int]]:
+        """The transcripts' token ids; those `keep_text_ids` kept are not tokenized again."""
         if not texts:
             return []
-        return self.tokenizer(self.normalized(texts), add_special_tokens=False)["input_ids"]
+        kept = self._kept_ids
+        missing = [t for t in dict.fromkeys(texts) if t not in kept]
+        fresh = dict(zip(missing, self.tokenizer(self.normalized(missing), add_special_tokens=False)["input_ids"])) \
+            if missing else {}
+        return [list(kept[t]) if t in kept else fresh[t] for t in texts]
 
     def text_lengths(self, texts: list[str]) -> list[int]:
         """`[len(ids) for ids in text_ids(texts)]`, without building the id lists.
@@ -198,10 +205,31 @@ class PromptBuilder:
         the cost for short transcripts (no BatchEncoding, no Python lists)."""
         if not texts:
             return []
-        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
-        if backend is None or backend.truncation is not None or backend.padding is not None:
+        backend = self._plain_backend()
+        if backend is None:
             return [len(ids) for ids in self.text_ids(texts)]
         return [len(e) for e in backend.encode_batch(self.normalized(texts), add_special_tokens=False)]
+
+    def keep_text_ids(self, texts: list[str]) -> list[int]:
+        """Tokenize a dataset's transcripts once: their lengths now, their ids kept (4 bytes a token)
+        for the examples built later (the dry run's and the training's). Only the data is kept,
+        never what a server or a synthesis asks for."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._kept_ids]
+        if missing:
+            backend = self._plain_backend()
+            normalized = self.normalized(missing)
+            encoded = ([e.ids for e in backend.encode_batch(normalized, add_special_tokens=False)] if backend is not None
+                       else self.tokenizer(normalized, add_special_tokens=False)["input_ids"])
+            for text, ids in zip(missing, encoded):
+                self._kept_ids[text] = array("i", ids)
+        return [len(self._kept_ids[t]) for t in texts]
+
+    def _plain_backend(self):
+        """The fast tokenizer's Rust backend, where it encodes exactly as `__call__` does."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            return None
+        return backend
 
     def prompt_ids(self, text: str, speaker: str | None = None) -> list[int]:
         return self.prefix_ids + self.text_ids([text])[0] + self.suffix_for(speaker)

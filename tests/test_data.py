@@ -386,6 +386,27 @@ def test_text_lengths_equal_text_ids(builder):
     assert builder.text_lengths([]) == []
 
 
+def test_a_datasets_transcripts_are_tokenized_once(tok, monkeypatch):
+    """#23: measuring the data keeps the ids; the dry run's and the training's examples reuse
+    them, equal to a fresh tokenization, and text nobody kept is still tokenized."""
+    from autotune.batches import build_examples
+
+    builder, fresh = PromptBuilder(tok, "nfkc"), PromptBuilder(tok, "nfkc")
+    samples = [Sample(text=t, source=f"s{i}", codes=np.arange(5 + i, dtype=np.int32)) for i, t in enumerate(TEXTS + TEXTS[:2])]
+    measure(samples, builder)
+    assert [s.num_tokens for s in samples] == [fresh.overhead + len(fresh.text_ids([s.text])[0]) + len(s.codes) + 1
+                                                for s in samples]
+
+    expected = build_examples(samples, fresh)
+    calls = []
+    real = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: (calls.append(a), real(self, *a, **k))[1])
+    twice = [build_examples(samples, builder) for _ in range(2)]
+    assert calls == []                                            # built twice, tokenized never
+    assert twice[0] == twice[1] == expected
+    assert builder.text_ids(["not in the data"]) == fresh.text_ids(["not in the data"]) and len(calls) == 2
+
+
 # ------------------------------------------------------------ empty data ---
 
 def test_empty_dataset_is_an_error(tmp_path):
