@@ -1,5 +1,5 @@
 """The real training run the end-to-end tests share, on the tiny model and codec: one place for
-the flags that keep it offline and fast, and the two ways a test starts it."""
+the flags that keep it offline and fast, and train.py started as its console script."""
 
 from __future__ import annotations
 
@@ -23,9 +23,3 @@ def run_train(*argv: str) -> int:
         run_main(main, list(argv))
     return exit_info.value.code
 
-
-def call_train(*argv: str) -> int:
-    """train.py's `main` called directly: an `AutotuneError` reaches the test as an exception."""
-    from train import main
-
-    return main(list(argv))
