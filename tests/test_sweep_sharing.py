@@ -112,8 +112,6 @@ def test_two_per_gpu_runs_two_children_at_once_each_capped(fake_train, one_h100,
     for name, env in children(out, ["r=1", "r=2", "r=3", "r=4"]).items():
         assert env["gpu"] == one_h100.uuid and vram_flags(env) == ["--vram-limit=39.07"]
     assert record["trials_per_hour"] > 0 and record["wall_seconds"] > 0
-    # 4 trials of 0.8 s two at a time: two rounds, not four
-    assert record["wall_seconds"] < 4 * 0.8 + 2.5
     text = " ".join("".join(capsys.readouterr()).split())
     assert "2 at a time on GPU 0, each capped at 39.07 GiB" in text and "trials/hour" in text
 
