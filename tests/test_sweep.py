@@ -306,7 +306,7 @@ def in_trial_r4(action):
     real_step = T.LlasaTrainer.training_step
 
     def step(self, model, inputs, num_items_in_batch=None):
-        if self.args.output_dir.endswith("r=4"):
+        if self.run_dir.name == "r=4":   # args.output_dir is the run's staging folder
             action(self.state.global_step)
         return real_step(self, model, inputs, num_items_in_batch)
 
@@ -494,7 +494,7 @@ def test_parallel_trials_run_one_per_gpu_two_at_a_time(parallel_sweep):
         folder = out / t["name"]
         assert json.loads((folder / "run_summary.json").read_text())["steps"] == 2
         header = (folder / "console.log").read_text().splitlines()[0]
-        assert header.startswith(f"# CUDA_VISIBLE_DEVICES={t['gpu']} ") and "train.py" in header
+        assert header.startswith(f"# CUDA_VISIBLE_DEVICES={t['gpu']} ") and "-m autotune.commands.train " in header
     assert not (out / ".logs").exists()
     text = parallel_sweep["text"]
     assert "2 at a time" in text and "--set training.learning_rate=" in text
