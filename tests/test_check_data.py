@@ -75,6 +75,7 @@ def longest_codes_and_bytes() -> int:
                for i in range(20) if i != 7)
 
 
+@pytest.mark.slow
 def test_tiny_model_counts_exactly_and_is_deterministic(tmp_path, data_dir):
     runs = [check_data(tmp_path, "--data", str(data_dir), "--json", "--model", "tiny") for _ in range(2)]
     (first, modules), (second, _) = runs
@@ -154,6 +155,7 @@ def test_default_model_table_says_how_lengths_were_counted(tmp_path, data_dir):
     assert not [m for m in modules["heavy"] if "modeling_llama" in m]
 
 
+@pytest.mark.slow
 def test_val_flag_overrides_the_split(tmp_path, data_dir):
     val = tmp_path / "held-out.jsonl"
     val.write_text("\n".join(json.dumps({"text": t, "code": [1, 2, 3 + i]}, ensure_ascii=False)

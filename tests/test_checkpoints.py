@@ -267,6 +267,7 @@ BEST_FIRST = [*SHORT, "--set", "training.eval_strategy=steps", "--set", "trainin
               "--set", "training.load_best_model_at_end=true", "--set", "training.greater_is_better=true"]
 
 
+@pytest.mark.slow
 def test_a_verified_best_checkpoint_is_loaded_at_the_end(data_with_validation, tmp_path):
     out = tmp_path / "out"
     assert train(args_for(data_with_validation, out, *BEST_FIRST)) == 0

@@ -81,7 +81,7 @@ def test_a_logging_dir_that_cannot_be_a_folder_is_one_line(tmp_path, where):
     assert code == 2 and "training.logging_dir" in one_line(err)
 
 
-@pytest.mark.parametrize("script", ["probe.py", "train.py"])
+@pytest.mark.parametrize("script", ["probe.py", pytest.param("train.py", marks=pytest.mark.slow)])
 def test_a_reader_that_goes_away_is_no_traceback(tmp_path, script):
     """`probe.py --json | head`: the reader is gone before the output is written."""
     err = tmp_path / "stderr"

@@ -214,7 +214,7 @@ def test_a_plan_in_the_output_folder_survives_overwrite(tmp_path: Path):
     ([], "missing", "cannot read"),
     ([], "not json", "is not JSON"),
     ([], '{"plan": {"per_device_train_batch_size": 2}}', "holds no valid dry-run plan"),
-    (["--set", "lora.r=4"], "dry", "`lora.r` is set to 4"),
+    pytest.param(["--set", "lora.r=4"], "dry", "`lora.r` is set to 4", marks=pytest.mark.slow),
     pytest.param([], 'training.bf16="maybe"', "holds no valid dry-run plan", marks=pytest.mark.slow),
     pytest.param([], "lora.target_modules=[]", "holds no valid dry-run plan", marks=pytest.mark.slow),
     pytest.param([], "training.per_device_train_batch_size=0", "holds no valid dry-run plan", marks=pytest.mark.slow),
