@@ -55,7 +55,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     """Run `main` under the process's one signal policy (`signals.RunSignals`): an `AutotuneError`
     becomes one line on stderr and exit code 2; SIGINT, SIGTERM and SIGHUP at any moment end in
     130, 143 or 129 with one line, never a traceback; a closed pipe on stdout (`| head`) ends quietly."""
-    from autotune.signals import process_signals
+    from autotune.signals import hold_stop_signals_until_exit, process_signals
 
     _safe_console_streams()
     policy = process_signals()
@@ -67,7 +67,8 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         if argv is not None:
             policy.uninstall()   # called in-process (tests, tools): give the handlers back
         else:
-            policy.phase = "exiting"   # the process entry: a late signal no longer changes anything
+            policy.phase = "exiting"   # the process entry: a late signal no longer changes anything,
+            hold_stop_signals_until_exit()   # not even in Python's own teardown
     sys.exit(code)
 
 

@@ -180,6 +180,15 @@ def command_line(args: Any) -> tuple[list[str] | None, str]:
     return (sys.argv[1:] if script else None), program
 
 
+def hold_stop_signals_until_exit() -> None:
+    """The command has ended and its exit code is decided: a stop signal from now on stays
+    pending and dies with the process. Python's own teardown puts the default handlers back
+    before it frees the modules (which takes a second or more with torch loaded), and a
+    signal in that window would kill the process instead of letting it exit with its code."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 @contextmanager
 def stop_signals_handled_by(handler) -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP go to `handler` inside the block; the previous handlers come back after."""

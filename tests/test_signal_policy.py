@@ -108,3 +108,32 @@ def test_a_real_process_signalled_while_it_starts_exits_with_the_code(tmp_path, 
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, (out, err)
     assert "Traceback" not in err
+
+
+LATE_SIGNAL = r"""
+import os, signal, sys, time
+from autotune.cli import run_main
+
+class SignalInTeardown:
+    # Freed while Python tears the modules down, after it has put the default handlers back.
+    def __del__(self):
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.2)
+
+keep = SignalInTeardown()
+run_main(lambda argv: {code})
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_in_pythons_own_teardown_leaves_the_exit_code_decided(sig):
+    """A chaos run found it: a signal after the command ended, while Python freed its modules
+    (its default handlers back by then), killed the process (-2, -1) instead of its exit code."""
+    import subprocess
+    import sys
+
+    for code in (0, 2):
+        done = subprocess.run([sys.executable, "-c", LATE_SIGNAL.replace("{sig}", sig).replace("{code}", str(code))],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == code, (sig, done.returncode, done.stderr)
+        assert "Traceback" not in done.stderr
